@@ -1,0 +1,125 @@
+"""The ``pipeline`` flow: every stage a Prefect task with retries and a cache key equal to its fingerprint.
+
+Results (the stage manifests, small JSON) are persisted under ``<root>/.prefect-results``, so rerunning the
+flow serves finished stages from cache and a changed parameter reruns exactly the stages downstream of it.
+The flow process alone writes the lineage DuckDB file.
+"""
+
+from __future__ import annotations
+
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
+from prefect.states import State
+
+from storage.artifacts import ArtifactStore, Manifest
+from storage.lineage import LineageStore
+from tasks.config import PipelineConfig
+from tasks.stages import STAGES, UPSTREAM, cache_key, run_stage
+
+
+def _manifests(inputs: dict[str, dict]) -> dict[str, Manifest]:
+    return {k: Manifest.model_validate(v) for k, v in inputs.items()}
+
+
+def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    cfg = parameters["cfg"]
+    cfg = cfg if isinstance(cfg, PipelineConfig) else PipelineConfig.model_validate(cfg)
+    return cache_key(parameters["name"], cfg, _manifests(parameters["inputs"]))
+
+
+def stage_summary_markdown(manifest: Manifest, reused: bool) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in manifest.counts.items() if not isinstance(v, dict | list))
+    dropped = manifest.counts.get("dropped") or {}
+    drops = "\n".join(f"| {reason} | {n} |" for reason, n in dropped.items()) or "| (none) | 0 |"
+    return (
+        f"# {manifest.stage} {'(reused)' if reused else ''}\n\n`{manifest.path}`\n\n"
+        f"fingerprint `{manifest.fingerprint}`, content hash `{manifest.content_hash[:16]}…`, "
+        f"{len(manifest.files)} files, {manifest.elapsed_s:.1f} s\n\n| count | value |\n|---|---|\n{rows}\n\n"
+        f"| drop reason | documents |\n|---|---|\n{drops}\n"
+    )
+
+
+@task(retries=1, retry_delay_seconds=1, cache_key_fn=_stage_cache_key, persist_result=True, result_serializer="json")
+def stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict], run_id: str, force: bool = False) -> dict:
+    """Run one stage through the artifact store and publish a markdown summary to Prefect."""
+    logger = get_run_logger()
+    manifest, reused = run_stage(name, cfg, _manifests(inputs), run_id=run_id, force=force, log=logger.info)
+    logger.info(f"{name}: {'reused' if reused else 'built'} {manifest.path}")
+    create_markdown_artifact(
+        key=f"{name}-summary", markdown=stage_summary_markdown(manifest, reused), description=f"{name} stage"
+    )
+    return manifest.model_dump()
+
+
+def _run_id() -> str:
+    flow_run_id = flow_run.get_id() or "local"
+    return f"{datetime.now(UTC):%Y%m%d}-{str(flow_run_id)[:8]}"
+
+
+def _flow_run_name() -> str:
+    config = flow_run.get_parameters().get("config") or {}
+    name = config.get("name", "pipeline") if isinstance(config, dict) else config.name
+    return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+
+
+def run_stages(
+    cfg: PipelineConfig, stages: tuple[str, ...], run_id: str, force: list[str], lineage: LineageStore,
+    manifests: dict[str, dict] | None = None,
+) -> dict[str, dict]:
+    """Run ``stages`` in order as Prefect tasks, recording each outcome in lineage."""
+    manifests = dict(manifests or {})
+    store = ArtifactStore(cfg.root)
+    for name in stages:
+        started = datetime.now(UTC)
+        task_fn = stage_task.with_options(
+            name=name,
+            task_run_name=name,
+            result_storage=store.results_dir,
+            refresh_cache=name in force or None,
+        )
+        inputs = {u: manifests[u] for u in UPSTREAM[name]}
+        state: State = task_fn(name, cfg, inputs, run_id, name in force, return_state=True)
+        if state.is_failed() or state.is_crashed():
+            error = "".join(traceback.format_exception_only(_exception_of(state))).strip()
+            lineage.record_stage(run_id, name, "failed", started, error=error)
+            lineage.finish_run(run_id, "failed", f"{name}: {error}")
+            state.result()  # re-raises the stage's exception and fails the flow
+        manifest = Manifest.model_validate(state.result())
+        status = "cached" if state.name == "Cached" or manifest.run_id != run_id else "completed"
+        lineage.record_stage(run_id, name, status, started, manifest=manifest)
+        manifests[name] = manifest.model_dump()
+    return manifests
+
+
+def _exception_of(state: State) -> BaseException:
+    try:
+        state.result()
+    except BaseException as err:  # noqa: BLE001 - we report whatever the stage raised
+        return err
+    return RuntimeError(f"stage ended in state {state.name}")
+
+
+@flow(name="pipeline", flow_run_name=_flow_run_name, persist_result=True, log_prints=True)
+def pipeline(config: PipelineConfig = PipelineConfig(), force: list[str] | None = None) -> dict[str, Any]:
+    """Raw text → cleaned, deduplicated corpus → tokenizer → token shards → trained and evaluated model."""
+    force = force or []
+    unknown = sorted(set(force) - set(STAGES))
+    if unknown:
+        raise ValueError(f"force names unknown stages {unknown}; stages are {list(STAGES)}")
+    store = ArtifactStore(config.root)
+    lineage = LineageStore(store.lineage_path)
+    run_id = _run_id()
+    lineage.start_run(run_id, config.name, config.model_dump(), config.seed, str(flow_run.get_id()))
+    manifests = run_stages(config, STAGES, run_id, force, lineage)
+    lineage.finish_run(run_id, "completed")
+    report = Path(manifests["evaluate"]["path"]) / "report.md"
+    create_markdown_artifact(key="evaluation-report", markdown=report.read_text(), description="evaluation report")
+    return {"run_id": run_id, "root": str(store.root), "lineage": str(store.lineage_path),
+            "artifacts": {k: v["path"] for k, v in manifests.items()}}

@@ -1,0 +1,1 @@
+"""Artifact layout, atomic publishing, shard I/O and the DuckDB lineage store."""

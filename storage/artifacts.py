@@ -1,0 +1,268 @@
+"""Content-addressed artifacts with manifests, published atomically.
+
+Layout: ``<root>/<stage>/<fingerprint>/`` holds a stage's output files and ``manifest.json``. A stage writes
+into a hidden temporary sibling (``.<fingerprint>.tmp-<pid>-<nonce>``), every file is fsynced, the manifest
+is written last, and the folder is renamed into place: readers see a whole artifact or none. Resumable stages
+(training) also get a persistent work folder ``.<fingerprint>.work`` that survives retries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from storage.hashing import canonical_json, file_sha256, fingerprint
+
+MANIFEST = "manifest.json"
+
+
+class FileEntry(BaseModel):
+    path: str
+    bytes: int
+    sha256: str
+
+
+class InputRef(BaseModel):
+    stage: str
+    fingerprint: str
+    content_hash: str
+
+
+class Manifest(BaseModel):
+    """What a stage produced: files with hashes, counts, and what it was made from."""
+
+    stage: str
+    version: str
+    fingerprint: str
+    params: dict[str, Any]
+    inputs: list[InputRef]
+    files: list[FileEntry]
+    content_hash: str
+    counts: dict[str, Any]
+    path: str
+    created_at: str
+    elapsed_s: float
+    run_id: str | None = None
+
+    def file(self, name: str) -> Path:
+        return Path(self.path) / name
+
+    def files_under(self, prefix: str, suffix: str = "") -> list[Path]:
+        """Paths of this artifact's files whose relative path starts with ``prefix`` (sorted)."""
+        return [
+            Path(self.path) / f.path
+            for f in self.files
+            if f.path.startswith(prefix) and f.path.endswith(suffix)
+        ]
+
+    def ref(self) -> InputRef:
+        return InputRef(stage=self.stage, fingerprint=self.fingerprint, content_hash=self.content_hash)
+
+
+class CorruptArtifactError(RuntimeError):
+    """An artifact's files no longer match its manifest."""
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: where to write, where to keep resumable state, and how to report."""
+
+    out_dir: Path
+    work_dir: Path
+    log: Callable[[str], None] = print
+    progress: Callable[[float, str], None] = field(default=lambda fraction, message: None)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def content_hash_of(files: list[FileEntry]) -> str:
+    """The artifact's content hash: a hash over its files' relative paths and SHA-256 digests."""
+    import hashlib
+
+    listing = canonical_json(sorted((f.path, f.sha256) for f in files))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON next to ``path`` and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(value, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class ArtifactStore:
+    """The one place that knows the folder layout of a data root."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def artifact_dir(self, stage: str, fp: str) -> Path:
+        return self.root / stage / fp
+
+    def work_dir(self, stage: str, fp: str) -> Path:
+        return self.root / stage / f".{fp}.work"
+
+    @property
+    def lineage_path(self) -> Path:
+        return self.root / "lineage.duckdb"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.root / ".prefect-results"
+
+    def load(self, stage: str, fp: str) -> Manifest | None:
+        path = self.artifact_dir(stage, fp) / MANIFEST
+        if not path.exists():
+            return None
+        return Manifest.model_validate_json(path.read_text())
+
+    def verify(self, manifest: Manifest, deep: bool = True) -> None:
+        """Raise CorruptArtifactError if a file is missing, resized or (deep) rehashes differently."""
+        base = Path(manifest.path)
+        for entry in manifest.files:
+            path = base / entry.path
+            if not path.is_file():
+                raise CorruptArtifactError(f"{manifest.stage} artifact {manifest.fingerprint}: missing {path}")
+            if path.stat().st_size != entry.bytes:
+                raise CorruptArtifactError(
+                    f"{manifest.stage} artifact {manifest.fingerprint}: {path} has {path.stat().st_size} "
+                    f"bytes, manifest says {entry.bytes}"
+                )
+            if deep and file_sha256(path) != entry.sha256:
+                raise CorruptArtifactError(
+                    f"{manifest.stage} artifact {manifest.fingerprint}: {path} does not match its SHA-256"
+                )
+
+    def _quarantine(self, folder: Path) -> Path:
+        target = folder.with_name(f".{folder.name}.corrupt-{int(time.time())}")
+        os.rename(folder, target)
+        return target
+
+    def _remove_stale_temporaries(self, stage: str, fp: str) -> None:
+        stage_dir = self.root / stage
+        if not stage_dir.exists():
+            return
+        for tmp in stage_dir.glob(f".{fp}.tmp-*"):
+            pid = int(tmp.name.split(".tmp-")[1].split("-")[0])
+            if not _pid_alive(pid) or pid == os.getpid():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(
+        self,
+        stage: str,
+        version: str,
+        params: dict[str, Any],
+        inputs: list[Manifest],
+        produce: Callable[[StageContext], dict[str, Any]],
+        *,
+        run_id: str | None = None,
+        force: bool = False,
+        log: Callable[[str], None] = print,
+        progress: Callable[[float, str], None] | None = None,
+    ) -> tuple[Manifest, bool]:
+        """Return the artifact for these inputs and parameters, producing it unless it already exists.
+
+        Returns ``(manifest, reused)``. An existing artifact that fails verification is quarantined and
+        rebuilt. ``produce`` writes its files into ``ctx.out_dir`` and returns the counts for the manifest.
+        """
+        fp = fingerprint(stage, version, params, [m.content_hash for m in inputs])
+        final = self.artifact_dir(stage, fp)
+        existing = self.load(stage, fp)
+        if existing is not None and not force:
+            try:
+                self.verify(existing)
+                return existing, True
+            except CorruptArtifactError as err:
+                moved = self._quarantine(final)
+                log(f"{err}; moved it to {moved} and rebuilding")
+        elif existing is not None and force:
+            self._quarantine(final)
+
+        self._remove_stale_temporaries(stage, fp)
+        tmp = final.parent / f".{fp}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        work = self.work_dir(stage, fp)
+        work.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        try:
+            ctx = StageContext(out_dir=tmp, work_dir=work, log=log)
+            if progress is not None:
+                ctx.progress = progress
+            counts = produce(ctx)
+            files = [
+                FileEntry(path=str(p.relative_to(tmp)), bytes=p.stat().st_size, sha256=file_sha256(p))
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            ]
+            manifest = Manifest(
+                stage=stage,
+                version=version,
+                fingerprint=fp,
+                params=params,
+                inputs=[m.ref() for m in inputs],
+                files=files,
+                content_hash=content_hash_of(files),
+                counts=counts,
+                path=str(final),
+                created_at=datetime.now(UTC).isoformat(),
+                elapsed_s=round(time.perf_counter() - started, 3),
+                run_id=run_id,
+            )
+            (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            _fsync_tree(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                # Another process published the same fingerprint first: identical content by construction.
+                shutil.rmtree(tmp, ignore_errors=True)
+                published = self.load(stage, fp)
+                if published is None:
+                    raise
+                return published, True
+            _fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+        return manifest, False

@@ -1,0 +1,1 @@
+"""Pipeline stages as plain functions (no Prefect import), the model, and the configuration."""

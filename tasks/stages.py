@@ -1,0 +1,168 @@
+"""The seven stages bound to the artifact store: parameters, inputs and the function that produces each.
+
+This is the one place that knows which configuration section and which upstream artifacts each stage
+reads. It has no Prefect import: the CLI, the Prefect tasks and tests all call ``run_stage``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from storage.artifacts import ArtifactStore, Manifest, StageContext
+from storage.faults import maybe_fail
+from storage.hashing import canonical_json, fingerprint
+from tasks import clean, dedup, evaluate, ingest, tokenize, tokenizer, train
+from tasks.config import PipelineConfig
+
+STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate")
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "clean": ("ingest",),
+    "dedup": ("clean",),
+    "tokenizer": ("dedup",),
+    "tokenize": ("dedup", "tokenizer"),
+    "train": ("tokenize",),
+    "evaluate": ("train", "tokenizer", "tokenize"),
+}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    version: str
+    params: Callable[[PipelineConfig], dict[str, Any]]
+    produce: Callable[[PipelineConfig, dict[str, Manifest], StageContext], dict[str, Any]]
+
+
+def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
+    """What ingest reads, cheaply: every listed file's relative path, size and mtime. Changes rerun ingest."""
+    import hashlib
+
+    snapshot = {}
+    for source in cfg.sources:
+        digest = hashlib.sha256()
+        for path, rel in ingest.list_files(source):
+            try:
+                st = path.stat()
+                digest.update(f"{rel}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{rel}\x1funreadable\n".encode())
+        snapshot[source.name] = digest.hexdigest()
+    return snapshot
+
+
+def _splits(m: Manifest, split: str) -> list:
+    return m.files_under(f"tokens/{split}-", ".arrow")
+
+
+SPECS: dict[str, StageSpec] = {
+    "ingest": StageSpec(
+        "ingest",
+        ingest.VERSION,
+        lambda c: {"sources": [s.model_dump() for s in c.sources], "snapshot": _source_snapshot(c)},
+        lambda c, i, ctx: ingest.ingest(c.sources, ctx),
+    ),
+    "clean": StageSpec(
+        "clean",
+        clean.VERSION,
+        lambda c: c.clean.model_dump(),
+        lambda c, i, ctx: clean.clean(i["ingest"].files_under("docs/"), c.clean, ctx),
+    ),
+    "dedup": StageSpec(
+        "dedup",
+        dedup.VERSION,
+        lambda c: c.dedup.model_dump(),
+        lambda c, i, ctx: dedup.dedup(i["clean"].files_under("docs/"), c.dedup, ctx),
+    ),
+    "tokenizer": StageSpec(
+        "tokenizer",
+        tokenizer.VERSION,
+        lambda c: c.tokenizer.model_dump(),
+        lambda c, i, ctx: tokenizer.train_tokenizer(i["dedup"].files_under("docs/"), c.tokenizer, ctx),
+    ),
+    "tokenize": StageSpec(
+        "tokenize",
+        tokenize.VERSION,
+        lambda c: c.tokenize.model_dump() | {"eot": c.tokenizer.special_tokens[0]},
+        lambda c, i, ctx: tokenize.tokenize(
+            i["dedup"].files_under("docs/"), i["tokenizer"].file(""), c.tokenizer, c.tokenize, ctx
+        ),
+    ),
+    "train": StageSpec(
+        "train",
+        train.VERSION,
+        lambda c: {"model": c.model.model_dump(), "train": c.train.model_dump(exclude={"threads"}), "seed": c.seed},
+        lambda c, i, ctx: train.train(
+            _splits(i["tokenize"], "train"), _splits(i["tokenize"], "val"), i["tokenize"].counts["vocab_size"],
+            c.model, c.train, c.seed, ctx,
+        ),
+    ),
+    "evaluate": StageSpec(
+        "evaluate",
+        evaluate.VERSION,
+        lambda c: c.evaluate.model_dump() | {"seed": c.seed},
+        lambda c, i, ctx: evaluate.evaluate(
+            i["train"].file(""), i["tokenizer"].file(""),
+            {s: _splits(i["tokenize"], s) for s in ("train", "val", "test")}, i["tokenize"].counts["eot_id"],
+            c.evaluate, c.seed, ctx,
+        ),
+    ),
+}
+
+
+def stage_fingerprint(name: str, cfg: PipelineConfig, inputs: dict[str, Manifest]) -> str:
+    spec = SPECS[name]
+    return fingerprint(name, spec.version, spec.params(cfg), [inputs[u].content_hash for u in UPSTREAM[name]])
+
+
+def cache_key(name: str, cfg: PipelineConfig, inputs: dict[str, Manifest]) -> str:
+    """The Prefect cache key: the stage fingerprint, scoped to the data root (other roots don't share it)."""
+    import hashlib
+
+    root = hashlib.sha256(canonical_json(str(ArtifactStore(cfg.root).root)).encode()).hexdigest()[:8]
+    return f"tokenmill-{name}-{stage_fingerprint(name, cfg, inputs)}-{root}"
+
+
+def run_stage(
+    name: str,
+    cfg: PipelineConfig,
+    inputs: dict[str, Manifest],
+    *,
+    run_id: str | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    progress: Callable[[float, str], None] | None = None,
+) -> tuple[Manifest, bool]:
+    """Produce (or reuse) one stage's artifact. Returns ``(manifest, reused)``."""
+    if name not in SPECS:
+        raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    missing = [u for u in UPSTREAM[name] if u not in inputs]
+    if missing:
+        raise ValueError(f"stage {name!r} needs the artifacts of {missing}")
+    spec = SPECS[name]
+    store = ArtifactStore(cfg.root)
+    for upstream in UPSTREAM[name]:
+        store.verify(inputs[upstream], deep=False)
+
+    def produce(ctx: StageContext) -> dict[str, Any]:
+        maybe_fail(name, "start")
+        counts = spec.produce(cfg, inputs, ctx)
+        maybe_fail(name, "end")
+        return counts
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    return store.build(
+        name, spec.version, spec.params(cfg), [inputs[u] for u in UPSTREAM[name]], produce,
+        run_id=run_id, force=force, log=log, progress=progress,
+    )
+
+
+def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, Manifest]:
+    """Run every stage in order in this process (no Prefect): the reference for tests and debugging."""
+    manifests: dict[str, Manifest] = {}
+    for name in STAGES:
+        manifests[name], _ = run_stage(name, cfg, {u: manifests[u] for u in UPSTREAM[name]}, log=log)
+    return manifests

@@ -1,0 +1,61 @@
+"""Tokenizer: train a byte-level BPE tokenizer with HF ``tokenizers`` on a deterministic sample of kept docs."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from storage.artifacts import StageContext
+from storage.hashing import unit_interval
+from storage.shards import iter_batches
+from tasks.config import TokenizerConfig
+
+VERSION = "1"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _sample_texts(doc_paths: list[Path], fraction: float) -> Iterator[str]:
+    for batch in iter_batches(doc_paths, columns=["doc_id", "text"]):
+        for doc_id, text in zip(batch.column("doc_id").to_pylist(), batch.column("text").to_pylist(), strict=True):
+            if fraction >= 1.0 or unit_interval(doc_id, "tokenizer-sample") < fraction:
+                yield text
+
+
+def new_bpe(cfg: TokenizerConfig) -> tuple[Tokenizer, trainers.BpeTrainer]:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=cfg.special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    return tokenizer, trainer
+
+
+def train_tokenizer(doc_paths: list[Path], cfg: TokenizerConfig, ctx: StageContext) -> dict:
+    """Write ``tokenizer.json`` (trained, or copied from ``cfg.pretrained``)."""
+    out = ctx.out_dir / TOKENIZER_FILE
+    if cfg.pretrained:
+        source = Path(cfg.pretrained).expanduser()
+        if not source.is_file():
+            raise FileNotFoundError(f"tokenizer.pretrained: {source} is not a file")
+        shutil.copyfile(source, out)
+    else:
+        tokenizer, trainer = new_bpe(cfg)
+        tokenizer.train_from_iterator(_sample_texts(doc_paths, cfg.sample_fraction), trainer)
+        tokenizer.save(str(out))
+    tokenizer = Tokenizer.from_file(str(out))
+    missing = [t for t in cfg.special_tokens if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"tokenizer lacks special tokens {missing}; add them or change tokenizer.special_tokens")
+    return {"vocab_size": tokenizer.get_vocab_size(), "eot_id": tokenizer.token_to_id(cfg.special_tokens[0])}
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(folder / TOKENIZER_FILE))
