@@ -55,8 +55,12 @@ def print_run_summary(root: str, run_id: str) -> None:
         counts = json.loads(row["counts"]) if row["counts"] else {}
         dropped = counts.get("dropped") or {}
         table.add_row(
-            row["stage"], row["status"], f"{row['elapsed_s']:.1f}", str(counts.get("docs_in", "")),
-            str(counts.get("kept", "")), ", ".join(f"{k}={v}" for k, v in dropped.items()),
+            row["stage"],
+            row["status"],
+            f"{row['elapsed_s']:.1f}",
+            str(counts.get("docs_in", "")),
+            str(counts.get("kept", "")),
+            ", ".join(f"{k}={v}" for k, v in dropped.items()),
             f"{counts['tokens']:,}" if "tokens" in counts else str(counts.get("tokens_trained", "")),
         )
     console.print(table)
@@ -67,7 +71,8 @@ def print_run_summary(root: str, run_id: str) -> None:
             if m.get("tokens"):
                 console.print(
                     f"{split}: loss {m['loss']:.4f} (unigram {m['unigram_loss']:.4f}), perplexity "
-                    f"{m['perplexity']:.2f}, bits/byte {m['bits_per_byte']:.4f} (unigram {m['unigram_bits_per_byte']:.4f})"
+                    f"{m['perplexity']:.2f}, bits/byte {m['bits_per_byte']:.4f} "
+                    f"(unigram {m['unigram_bits_per_byte']:.4f})"
                 )
     console.print(f"lineage DB: {lineage.path}")
 
@@ -94,7 +99,9 @@ def runs(root: str = typer.Option("./data", "--root", "-r"), limit: int = 20) ->
     for col in ("run_id", "pipeline", "status", "started_at", "code_version"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["run_id"], r["pipeline"], r["status"], str(r["started_at"])[:19], (r["code_version"] or "")[:12])
+        table.add_row(
+            r["run_id"], r["pipeline"], r["status"], str(r["started_at"])[:19], (r["code_version"] or "")[:12]
+        )
     console.print(table)
 
 
@@ -106,7 +113,9 @@ def show(run_id: str, root: str = typer.Option("./data", "--root", "-r")) -> Non
 
 @lineage_app.command("doc")
 def lineage_doc(
-    doc_id: str, root: str = typer.Option("./data", "--root", "-r"), run_id: str | None = typer.Option(None, "--run"),
+    doc_id: str,
+    root: str = typer.Option("./data", "--root", "-r"),
+    run_id: str | None = typer.Option(None, "--run"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Where a document went: every stage's decision, its split, shard and token span, the models trained on it."""
@@ -127,9 +136,13 @@ def lineage_doc(
 
 @app.command()
 def generate(
-    prompt: str, model: Path = typer.Option(..., "--model", "-m", help="A train artifact folder."),
+    prompt: str,
+    model: Path = typer.Option(..., "--model", "-m", help="A train artifact folder."),
     tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="A tokenizer artifact folder."),
-    tokens: int = 100, temperature: float = 0.8, top_k: int = 40, seed: int = 0,
+    tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
 ) -> None:
     """Sample a continuation of PROMPT from a trained model."""
     import torch
@@ -141,7 +154,7 @@ def generate(
     tok = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
     ids = tok.encode(prompt, add_special_tokens=False).ids or [0]
     out = gpt.generate(torch.tensor([ids]), tokens, temperature, top_k, torch.Generator().manual_seed(seed))
-    sys.stdout.write(prompt + tok.decode(out[0, len(ids):].tolist()) + "\n")
+    sys.stdout.write(prompt + tok.decode(out[0, len(ids) :].tolist()) + "\n")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,11 @@ def _flow_run_name() -> str:
 
 
 def run_stages(
-    cfg: PipelineConfig, stages: tuple[str, ...], run_id: str, force: list[str], lineage: LineageStore,
+    cfg: PipelineConfig,
+    stages: tuple[str, ...],
+    run_id: str,
+    force: list[str],
+    lineage: LineageStore,
     manifests: dict[str, dict] | None = None,
 ) -> dict[str, dict]:
     """Run ``stages`` in order as Prefect tasks, recording each outcome in lineage."""
@@ -121,5 +125,9 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[str] | None 
     lineage.finish_run(run_id, "completed")
     report = Path(manifests["evaluate"]["path"]) / "report.md"
     create_markdown_artifact(key="evaluation-report", markdown=report.read_text(), description="evaluation report")
-    return {"run_id": run_id, "root": str(store.root), "lineage": str(store.lineage_path),
-            "artifacts": {k: v["path"] for k, v in manifests.items()}}
+    return {
+        "run_id": run_id,
+        "root": str(store.root),
+        "lineage": str(store.lineage_path),
+        "artifacts": {k: v["path"] for k, v in manifests.items()},
+    }

@@ -59,11 +59,7 @@ class Manifest(BaseModel):
 
     def files_under(self, prefix: str, suffix: str = "") -> list[Path]:
         """Paths of this artifact's files whose relative path starts with ``prefix`` (sorted)."""
-        return [
-            Path(self.path) / f.path
-            for f in self.files
-            if f.path.startswith(prefix) and f.path.endswith(suffix)
-        ]
+        return [Path(self.path) / f.path for f in self.files if f.path.startswith(prefix) and f.path.endswith(suffix)]
 
     def ref(self) -> InputRef:
         return InputRef(stage=self.stage, fingerprint=self.fingerprint, content_hash=self.content_hash)

@@ -57,7 +57,9 @@ def code_version() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -118,8 +120,14 @@ class LineageStore:
             )
 
     def record_stage(
-        self, run_id: str, stage: str, status: str, started_at: datetime, manifest: Manifest | None = None,
-        error: str | None = None, fingerprint: str | None = None,
+        self,
+        run_id: str,
+        stage: str,
+        status: str,
+        started_at: datetime,
+        manifest: Manifest | None = None,
+        error: str | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         """Record one stage attempt and, when it produced or reused an artifact, the artifact and its edges."""
         ended = _now()
@@ -130,8 +138,15 @@ class LineageStore:
             con.execute(
                 "INSERT INTO stage_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    run_id, stage, manifest.fingerprint if manifest else fingerprint, status, attempt, started_at,
-                    ended, (ended - started_at).total_seconds(), json.dumps(manifest.counts) if manifest else None,
+                    run_id,
+                    stage,
+                    manifest.fingerprint if manifest else fingerprint,
+                    status,
+                    attempt,
+                    started_at,
+                    ended,
+                    (ended - started_at).total_seconds(),
+                    json.dumps(manifest.counts) if manifest else None,
                     error,
                 ],
             )
@@ -140,16 +155,29 @@ class LineageStore:
             con.execute(
                 "INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    manifest.stage, manifest.fingerprint, manifest.path, manifest.content_hash, manifest.version,
-                    json.dumps(manifest.params), json.dumps(manifest.counts), len(manifest.files),
-                    sum(f.bytes for f in manifest.files), manifest.created_at, manifest.run_id,
+                    manifest.stage,
+                    manifest.fingerprint,
+                    manifest.path,
+                    manifest.content_hash,
+                    manifest.version,
+                    json.dumps(manifest.params),
+                    json.dumps(manifest.counts),
+                    len(manifest.files),
+                    sum(f.bytes for f in manifest.files),
+                    manifest.created_at,
+                    manifest.run_id,
                 ],
             )
             for ref in manifest.inputs:
                 con.execute(
                     "INSERT OR IGNORE INTO artifact_edges VALUES (?, ?, ?, ?, ?)",
-                    [ref.stage, ref.fingerprint, manifest.stage, manifest.fingerprint,
-                     RELATIONS.get(manifest.stage, "derived_from")],
+                    [
+                        ref.stage,
+                        ref.fingerprint,
+                        manifest.stage,
+                        manifest.fingerprint,
+                        RELATIONS.get(manifest.stage, "derived_from"),
+                    ],
                 )
 
     # --- queries ----------------------------------------------------------------------------------------

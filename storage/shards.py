@@ -98,7 +98,9 @@ class ParquetShardWriter:
         self.close()
 
 
-def iter_batches(paths: Iterable[Path], columns: list[str] | None = None, batch_size: int = 2048) -> Iterator[pa.RecordBatch]:
+def iter_batches(
+    paths: Iterable[Path], columns: list[str] | None = None, batch_size: int = 2048
+) -> Iterator[pa.RecordBatch]:
     """Stream record batches from Parquet files in order; memory is bounded by ``batch_size`` rows."""
     for path in paths:
         pf = pq.ParquetFile(path)

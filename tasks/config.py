@@ -40,8 +40,12 @@ class SourceConfig(Section):
 class CleanConfig(Section):
     min_chars: int = Field(64, ge=0, description="Drop documents shorter than this after normalization.")
     max_chars: int = Field(500_000, ge=1, description="Drop documents longer than this.")
-    max_line_chars: int = Field(1000, ge=1, description="Drop documents with a line longer than this (minified/generated).")
-    min_alnum_fraction: float = Field(0.25, ge=0, le=1, description="Drop documents with fewer alphanumeric characters.")
+    max_line_chars: int = Field(
+        1000, ge=1, description="Drop documents with a line longer than this (minified/generated)."
+    )
+    min_alnum_fraction: float = Field(
+        0.25, ge=0, le=1, description="Drop documents with fewer alphanumeric characters."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> CleanConfig:
@@ -120,7 +124,9 @@ class PipelineConfig(Section):
     seed: int = Field(1337, description="Seed for sampling, initialization and data order.")
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [
-            SourceConfig(name="stdlib", path=STDLIB, exclude=["test/**", "*/tests/**", "idlelib/**", "site-packages/**"])
+            SourceConfig(
+                name="stdlib", path=STDLIB, exclude=["test/**", "*/tests/**", "idlelib/**", "site-packages/**"]
+            )
         ],
         min_length=1,
     )

@@ -31,7 +31,8 @@ def exact_duplicates(doc_paths: list[Path], keep: str) -> dict[str, str]:
     rows = con.execute(
         f"""
         SELECT doc_id, representative FROM (
-            SELECT doc_id, first_value(doc_id) OVER (PARTITION BY content_hash ORDER BY {_ORDER[keep]}) AS representative
+            SELECT doc_id,
+                   first_value(doc_id) OVER (PARTITION BY content_hash ORDER BY {_ORDER[keep]}) AS representative
             FROM read_parquet(?)
         ) WHERE doc_id <> representative
         """,
@@ -62,7 +63,12 @@ def dedup(doc_paths: list[Path], cfg: DedupConfig, ctx: StageContext, batch_rows
                 reasons["exact_duplicate"] += 1
                 rows.append(
                     row
-                    | {"fate": "duplicate", "reason": "exact_duplicate", "duplicate_of": representative, "similarity": 1.0}
+                    | {
+                        "fate": "duplicate",
+                        "reason": "exact_duplicate",
+                        "duplicate_of": representative,
+                        "similarity": 1.0,
+                    }
                 )
         docs.write_rows(kept)
         ledger.record(rows)

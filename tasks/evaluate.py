@@ -30,7 +30,9 @@ REPORT_MD = "report.md"
 
 def _bytes_to_unicode() -> dict[str, int]:
     """GPT-2's byte-level alphabet, inverted: visible character → byte value."""
-    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    visible = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = visible[:]
     n = 0
     for b in range(256):
@@ -58,7 +60,11 @@ def _windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def split_metrics(
-    model: GPT, shards: list[Path], byte_lengths: np.ndarray, unigram_logp: np.ndarray, cfg: EvaluateConfig,
+    model: GPT,
+    shards: list[Path],
+    byte_lengths: np.ndarray,
+    unigram_logp: np.ndarray,
+    cfg: EvaluateConfig,
     device: torch.device,
 ) -> dict:
     """Summed negative log-likelihood of every predicted token of a split, for the model and the baseline."""
@@ -103,7 +109,9 @@ def unigram_log_probs(train_shards: list[Path], vocab_size: int) -> np.ndarray:
     return np.log(counts / counts.sum())
 
 
-def samples(model: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, seed: int, eot: int, device: torch.device) -> list[dict]:
+def samples(
+    model: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, seed: int, eot: int, device: torch.device
+) -> list[dict]:
     out = []
     for i, prompt in enumerate((cfg.prompts * cfg.samples)[: cfg.samples]):
         generator = torch.Generator(device=device).manual_seed(seed + i)
@@ -115,7 +123,12 @@ def samples(model: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, seed: int, eo
 
 
 def render_markdown(report: dict) -> str:
-    lines = ["# tokenmill evaluation", "", "| split | tokens | loss | perplexity | bits/byte | unigram loss | unigram bits/byte |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# tokenmill evaluation",
+        "",
+        "| split | tokens | loss | perplexity | bits/byte | unigram loss | unigram bits/byte |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for split, m in report["splits"].items():
         if m.get("tokens"):
             lines.append(
@@ -129,7 +142,12 @@ def render_markdown(report: dict) -> str:
 
 
 def evaluate(
-    model_dir: Path, tokenizer_dir: Path, shards: dict[str, list[Path]], eot: int, cfg: EvaluateConfig, seed: int,
+    model_dir: Path,
+    tokenizer_dir: Path,
+    shards: dict[str, list[Path]],
+    eot: int,
+    cfg: EvaluateConfig,
+    seed: int,
     ctx: StageContext,
 ) -> dict:
     """Write ``report.json`` and ``report.md``; return the headline metrics."""

@@ -51,9 +51,7 @@ class WindowSampler:
 
     def __init__(self, n_windows: int, seed: int, rank: int = 0, world_size: int = 1, state: LoaderState | None = None):
         if n_windows < world_size:
-            raise ValueError(
-                f"only {n_windows} training windows for {world_size} ranks: add data or lower block_size"
-            )
+            raise ValueError(f"only {n_windows} training windows for {world_size} ranks: add data or lower block_size")
         self.n_windows, self.seed, self.rank, self.world_size = n_windows, seed, rank, world_size
         self.state = state or LoaderState(world_size=world_size)
         if self.state.world_size != world_size:

@@ -96,8 +96,13 @@ SPECS: dict[str, StageSpec] = {
         train.VERSION,
         lambda c: {"model": c.model.model_dump(), "train": c.train.model_dump(exclude={"threads"}), "seed": c.seed},
         lambda c, i, ctx: train.train(
-            _splits(i["tokenize"], "train"), _splits(i["tokenize"], "val"), i["tokenize"].counts["vocab_size"],
-            c.model, c.train, c.seed, ctx,
+            _splits(i["tokenize"], "train"),
+            _splits(i["tokenize"], "val"),
+            i["tokenize"].counts["vocab_size"],
+            c.model,
+            c.train,
+            c.seed,
+            ctx,
         ),
     ),
     "evaluate": StageSpec(
@@ -105,9 +110,13 @@ SPECS: dict[str, StageSpec] = {
         evaluate.VERSION,
         lambda c: c.evaluate.model_dump() | {"seed": c.seed},
         lambda c, i, ctx: evaluate.evaluate(
-            i["train"].file(""), i["tokenizer"].file(""),
-            {s: _splits(i["tokenize"], s) for s in ("train", "val", "test")}, i["tokenize"].counts["eot_id"],
-            c.evaluate, c.seed, ctx,
+            i["train"].file(""),
+            i["tokenizer"].file(""),
+            {s: _splits(i["tokenize"], s) for s in ("train", "val", "test")},
+            i["tokenize"].counts["eot_id"],
+            c.evaluate,
+            c.seed,
+            ctx,
         ),
     ),
 }
@@ -155,8 +164,15 @@ def run_stage(
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     return store.build(
-        name, spec.version, spec.params(cfg), [inputs[u] for u in UPSTREAM[name]], produce,
-        run_id=run_id, force=force, log=log, progress=progress,
+        name,
+        spec.version,
+        spec.params(cfg),
+        [inputs[u] for u in UPSTREAM[name]],
+        produce,
+        run_id=run_id,
+        force=force,
+        log=log,
+        progress=progress,
     )
 
 

@@ -127,9 +127,7 @@ def train(
         ctx.log(f"train: resumed from checkpoint at step {step}")
     sampler = WindowSampler(len(train_windows), seed, state=loader_state)
     compiled = torch.compile(model) if cfg.compile else model
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    )
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * gpt_cfg.block_size
     eval_windows = cfg.eval_batches * cfg.batch_size
     started, tokens_seen = time.perf_counter(), 0
