@@ -274,6 +274,23 @@ def lineage_show(run_id: str, root: str = LRoot, as_json: bool = LJson) -> None:
     _answer(lambda: _queries(root).show(run_id), as_json, render)
 
 
+@lineage_app.command("openlineage")
+def lineage_openlineage(
+    run_id: str = typer.Argument(..., help="Run to export."),
+    to: str = typer.Option(..., "--to", help="A JSON-lines file, or an OpenLineage HTTP endpoint (e.g. Marquez)."),
+    root: str = LRoot,
+) -> None:
+    """Export a run as OpenLineage RunEvents (needs the `openlineage` extra)."""
+    from storage.openlineage_export import export_run
+
+    try:
+        n = export_run(_lineage(root), run_id, to)
+    except (LookupError, RuntimeError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"sent {n} OpenLineage events to {to}")
+
+
 @lineage_app.command("check")
 def lineage_check(run_id: str | None = typer.Argument(None), root: str = LRoot, as_json: bool = LJson) -> None:
     """Verify conservation per stage, manifest hashes against files, and ledger references."""

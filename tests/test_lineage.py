@@ -143,3 +143,20 @@ def test_diff_counts_added_removed_changed(tmp_path: Path):
     diff = {r["source"]: r for r in q.diff("r1", "r2")["sources"]}
     assert (diff["docs"]["added"], diff["docs"]["removed"], diff["docs"]["changed"]) == (1, 1, 1)
     assert diff["records"]["added"] == diff["records"]["removed"] == diff["records"]["changed"] == 0
+
+
+def test_openlineage_export_writes_start_and_complete_per_stage(run, tmp_path: Path):
+    pytest.importorskip("openlineage.client")
+    from storage.openlineage_export import export_run
+
+    _, manifests, q = run
+    out = tmp_path / "events.jsonl"
+    n = export_run(q.store, "run-a", out)
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(events) == n == 2 + 2 * 7
+    tokenize_done = next(e for e in events if e["job"]["name"] == "tokenmill.tokenize" and e["eventType"] == "COMPLETE")
+    output = tokenize_done["outputs"][0]
+    assert output["facets"]["version"]["datasetVersion"] == manifests["tokenize"].content_hash
+    assert output["outputFacets"]["outputStatistics"]["rowCount"] == manifests["tokenize"].counts["kept"]
+    assert tokenize_done["run"]["facets"]["parent"]["job"]["name"] == "tokenmill.tiny"
+    assert {i["name"] for i in tokenize_done["inputs"]} == {manifests["dedup"].path, manifests["tokenizer"].path}
