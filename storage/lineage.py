@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -85,11 +86,22 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+# Open read connections per database file in this process: a writer in the same process must close them first
+# (DuckDB refuses a read-write and a read-only connection to one file in one process at the same time).
+_READERS: dict[Path, weakref.WeakSet[LineageStore]] = {}
+
+
 class LineageStore:
-    """Writes and reads one lineage ``.duckdb`` file."""
+    """Writes and reads one lineage ``.duckdb`` file.
+
+    Reads go through one cached read-only connection (with DuckDB's Parquet metadata cache on), so repeated
+    questions don't pay for opening the file and parsing ledger footers again; any write from this process
+    closes those readers first.
+    """
 
     def __init__(self, path: str | Path, read_only: bool = False):
-        self.path = Path(path)
+        self.path = Path(path).resolve()
+        self._reader: duckdb.DuckDBPyConnection | None = None
         if read_only:
             if not self.path.exists():
                 raise FileNotFoundError(f"no lineage DB at {self.path}: run the pipeline first")
@@ -112,18 +124,37 @@ class LineageStore:
             con.execute("INSERT INTO schema_version VALUES (?)", [version + 1])
             con.execute("COMMIT")
 
-    @contextmanager
-    def _connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open briefly, retrying while another process holds the write lock (up to 60 s)."""
+    def close(self) -> None:
+        """Close this store's cached read connection (reopened on the next read)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def _read_connection(self) -> duckdb.DuckDBPyConnection:
+        if self._reader is None:
+            self._reader = self._open(read_only=True)
+            self._reader.execute("SET parquet_metadata_cache = true")
+            _READERS.setdefault(self.path, weakref.WeakSet()).add(self)
+        return self._reader
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """Open the file, retrying while another process holds the write lock (up to 60 s)."""
+        if not read_only:
+            for reader in list(_READERS.get(self.path, ())):
+                reader.close()
         deadline = time.monotonic() + 60
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
-                break
+                return duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
             except duckdb.IOException as err:
                 if "lock" not in str(err).lower() or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+    @contextmanager
+    def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived read-write connection for one write transaction."""
+        con = self._open(read_only=False)
         try:
             yield con
         finally:
@@ -234,10 +265,9 @@ class LineageStore:
     # --- reads ------------------------------------------------------------------------------------------
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict]:
-        with self._connect(read_only=True) as con:
-            cursor = con.execute(sql, params or [])
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        cursor = self._read_connection().execute(sql, params or [])
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def tombstones(self) -> list[dict]:
         return self.query("SELECT doc_id, content_hash, reason FROM tombstones ORDER BY created_at, doc_id")

@@ -27,6 +27,7 @@ def _order_sql() -> str:
 class LineageQueries:
     def __init__(self, store: LineageStore):
         self.store = store
+        self._artifacts: dict[str, list[dict]] = {}
 
     # --- helpers ----------------------------------------------------------------------------------------
 
@@ -37,8 +38,17 @@ class LineageQueries:
         self.store.run(run_id)
         return run_id
 
+    def _run_artifacts(self, run_id: str) -> list[dict]:
+        if run_id not in self._artifacts:
+            self._artifacts[run_id] = self.store.run_artifacts(run_id)
+        return self._artifacts[run_id]
+
     def _ledger(self, run_id: str, stages: tuple[str, ...] = LEDGER_STAGES) -> list[str]:
-        files = self.store.ledger_files(run_id, stages)
+        files = [
+            str(Path(a["uri"]) / "ledger" / "ledger.parquet")
+            for a in self._run_artifacts(run_id)
+            if a["stage"] in stages
+        ]
         if not files:
             raise LookupError(f"run {run_id} has no ledger for stages {stages}")
         return files
@@ -75,7 +85,7 @@ class LineageQueries:
         return out
 
     def _artifact_fp(self, run_id: str, stage: str) -> str | None:
-        for a in self.store.run_artifacts(run_id):
+        for a in self._run_artifacts(run_id):
             if a["stage"] == stage:
                 return a["fingerprint"]
         return None

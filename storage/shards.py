@@ -112,7 +112,7 @@ def count_rows(paths: Iterable[Path]) -> int:
 
 
 LEDGER_FILE = "ledger.parquet"
-LEDGER_ROW_GROUP = 65_536
+LEDGER_ROW_GROUP = 16_384
 
 
 class LedgerWriter:
@@ -143,23 +143,28 @@ class LedgerWriter:
     def close(self) -> Path:
         import shutil
 
-        import duckdb
-
-        fragments = self._fragments.close()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        out = self.folder / LEDGER_FILE
-        if not fragments:
-            pq.write_table(LEDGER_SCHEMA.empty_table(), out, compression="zstd")
-        else:
-            con = duckdb.connect()
-            con.execute(
-                f"COPY (SELECT * FROM read_parquet(?) ORDER BY doc_id, stage, locator) TO '{out}' "
-                f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {LEDGER_ROW_GROUP})",
-                [[str(p) for p in fragments]],
-            )
-            con.close()
+        out = compact_ledger(self._fragments.close(), self.folder)
         shutil.rmtree(self._fragments.folder, ignore_errors=True)
         return out
+
+
+def compact_ledger(fragments: list[Path], folder: Path) -> Path:
+    """Sort ledger fragments by doc id into ``<folder>/ledger.parquet`` (DuckDB; spills to disk past RAM)."""
+    import duckdb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / LEDGER_FILE
+    if not fragments:
+        pq.write_table(LEDGER_SCHEMA.empty_table(), out, compression="zstd")
+        return out
+    con = duckdb.connect()
+    con.execute(
+        f"COPY (SELECT * FROM read_parquet(?) ORDER BY doc_id, stage, locator) TO '{out}' "
+        f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {LEDGER_ROW_GROUP})",
+        [[str(p) for p in fragments]],
+    )
+    con.close()
+    return out
 
 
 # --- token shards: one flat token column in an uncompressed Arrow IPC file, memory-mappable -------------
