@@ -9,6 +9,8 @@ their artifacts (``ledger/ledger.parquet``) and DuckDB queries those files in pl
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import time
 import weakref
@@ -21,7 +23,7 @@ from typing import Any
 
 import duckdb
 
-from storage.artifacts import Manifest
+from storage.artifacts import Manifest, pid_alive
 
 # Each migration moves the schema from version i to i + 1; never edit one that has shipped, append a new one.
 MIGRATIONS: list[str] = [
@@ -50,6 +52,10 @@ MIGRATIONS: list[str] = [
     CREATE TABLE tombstones (
         doc_id VARCHAR, content_hash VARCHAR, reason VARCHAR, requested_by VARCHAR, created_at TIMESTAMPTZ
     );
+    """,
+    """
+    ALTER TABLE runs ADD COLUMN host VARCHAR;
+    ALTER TABLE runs ADD COLUMN pid INTEGER;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -163,10 +169,32 @@ class LineageStore:
     # --- writes -----------------------------------------------------------------------------------------
 
     def start_run(self, run_id: str, pipeline: str, config: dict, seed: int, flow_run_id: str | None) -> None:
+        """Record a run as running, and mark runs of this host whose process died (SIGKILL, OOM) as crashed."""
+        host = socket.gethostname()
         with self._connect() as con:
+            stale = con.execute(
+                "SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ? AND run_id <> ?", [host, run_id]
+            ).fetchall()
+            for stale_id, pid in stale:
+                if pid is not None and not pid_alive(pid):
+                    con.execute(
+                        "UPDATE runs SET status = 'crashed', error = ? WHERE run_id = ?",
+                        [f"process {pid} died without finishing the run", stale_id],
+                    )
             con.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, NULL, NULL)",
-                [run_id, pipeline, flow_run_id, json.dumps(config), code_version(), package_version(), seed, _now()],
+                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, NULL, NULL, ?, ?)",
+                [
+                    run_id,
+                    pipeline,
+                    flow_run_id,
+                    json.dumps(config),
+                    code_version(),
+                    package_version(),
+                    seed,
+                    _now(),
+                    host,
+                    os.getpid(),
+                ],
             )
 
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
