@@ -17,6 +17,7 @@ DOC_SCHEMA = pa.schema(
         ("ordinal", pa.int64()),
         ("text", pa.large_string()),
         ("n_bytes", pa.int64()),
+        ("metadata", pa.string()),  # JSON object of the record's other fields/columns, or null
     ]
 )
 
@@ -36,6 +37,7 @@ LEDGER_SCHEMA = pa.schema(
         ("shard", pa.string()),
         ("token_start", pa.int64()),
         ("token_end", pa.int64()),
+        ("scores", pa.map_(pa.string(), pa.float64())),  # every filter statistic, so thresholds can be re-tuned
     ]
 )
 
@@ -114,12 +116,21 @@ def count_rows(paths: Iterable[Path]) -> int:
 class LedgerWriter(ParquetShardWriter):
     """The per-document fate ledger of one stage: rows with defaults for the columns a stage does not fill."""
 
-    def __init__(self, folder: Path, stage: str):
-        super().__init__(folder, "ledger", LEDGER_SCHEMA, rows_per_shard=1_000_000)
+    def __init__(self, folder: Path, stage: str, prefix: str = "ledger"):
+        super().__init__(folder, prefix, LEDGER_SCHEMA, rows_per_shard=1_000_000)
         self.stage = stage
 
     def record(self, rows: list[dict]) -> None:
         self.write_rows([{name: row.get(name) for name in LEDGER_SCHEMA.names} | {"stage": self.stage} for row in rows])
+
+    def record_columns(self, columns: dict[str, pa.Array]) -> None:
+        """Record rows given column-wise (Arrow arrays of equal length); absent columns are null."""
+        n = len(next(iter(columns.values())))
+        arrays = [
+            pa.array([self.stage] * n, pa.string()) if f.name == "stage" else columns.get(f.name, pa.nulls(n, f.type))
+            for f in LEDGER_SCHEMA
+        ]
+        self.write(pa.Table.from_arrays(arrays, schema=LEDGER_SCHEMA) if n else LEDGER_SCHEMA.empty_table())
 
 
 # --- token shards: one flat token column in an uncompressed Arrow IPC file, memory-mappable -------------

@@ -44,12 +44,8 @@ def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
     snapshot = {}
     for source in cfg.sources:
         digest = hashlib.sha256()
-        for path, rel in ingest.list_files(source):
-            try:
-                st = path.stat()
-                digest.update(f"{rel}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
-            except OSError:
-                digest.update(f"{rel}\x1funreadable\n".encode())
+        for f in ingest.list_files(source):
+            digest.update(f"{f.rel}\x1f{f.size}\x1f{f.mtime}\x1f{f.error}\n".encode())
         snapshot[source.name] = digest.hexdigest()
     return snapshot
 
@@ -63,13 +59,13 @@ SPECS: dict[str, StageSpec] = {
         "ingest",
         ingest.VERSION,
         lambda c: {"sources": [s.model_dump() for s in c.sources], "snapshot": _source_snapshot(c)},
-        lambda c, i, ctx: ingest.ingest(c.sources, ctx),
+        lambda c, i, ctx: ingest.ingest(c.sources, ctx, ArtifactStore(c.root).cache_dir("ingest"), c.workers),
     ),
     "clean": StageSpec(
         "clean",
         clean.VERSION,
         lambda c: c.clean.model_dump(),
-        lambda c, i, ctx: clean.clean(i["ingest"].files_under("docs/"), c.clean, ctx),
+        lambda c, i, ctx: clean.clean(i["ingest"].files_under("docs/"), c.clean, ctx, workers=c.workers),
     ),
     "dedup": StageSpec(
         "dedup",
