@@ -124,20 +124,32 @@ class TextBatch:
     def count(self, fn: Callable[[str], Any]) -> np.ndarray:
         return np.fromiter(map(fn, self.texts), dtype=np.float64, count=self.n)
 
-    def ngram_counts(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """For each word position starting a whole n-gram: (its n-gram's occurrences in the document, valid mask)."""
+    def ngram_counts(self, n: int) -> np.ndarray:
+        """Per word position: occurrences in its document of the n-gram starting there (0 if none starts there).
+
+        Computed for n = 2, 3, ... in a chain: an n-gram can repeat only where its (n-1)-gram prefix repeats,
+        so beyond n = 2 only those positions are hashed and counted — a shrinking set on natural text. Counts
+        of 1 are reported as 1 only at n = 2; above that, non-repeating positions read 0 or 1 (never > 1).
+        """
+        cache = self.__dict__.setdefault("_ngram_counts", {})
+        if n in cache:
+            return cache[n]
         h = self.word_hashes
-        valid = self.word_pos + n <= np.repeat(self.n_words, self.n_words)
-        key = h.copy()
+        ends = np.repeat(self.n_words, self.n_words)
+        if n <= 2:
+            candidates = np.flatnonzero(self.word_pos + n <= ends)
+        else:
+            candidates = np.flatnonzero((self.ngram_counts(n - 1) > 1) & (self.word_pos + n <= ends))
+        key = h[candidates]
         for k in range(1, n):
-            key[:-k] = key[:-k] * _MIX + h[k:]
-        key = key * _MIX + self.word_doc.astype(np.uint64)
-        idx = np.flatnonzero(valid)
+            key = key * _MIX + h[candidates + k]
+        key = key * _MIX + self.word_doc[candidates].astype(np.uint64)
         counts = np.zeros(len(h), dtype=np.int64)
-        if len(idx):
-            _, inverse, occurrences = np.unique(key[idx], return_inverse=True, return_counts=True)
-            counts[idx] = occurrences[inverse]
-        return counts, valid
+        if len(candidates):
+            _, inverse, occurrences = np.unique(key, return_inverse=True, return_counts=True)
+            counts[candidates] = occurrences[inverse]
+        cache[n] = counts
+        return counts
 
 
 def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -204,19 +216,18 @@ def gopher_repetition(batch: TextBatch, cfg: GopherRepetitionConfig) -> FilterRe
     ]
     lengths = batch.word_lengths
     for n, limit in sorted(cfg.max_top_ngram_char_fraction.items()):
-        counts, valid = batch.ngram_counts(n)
+        counts = batch.ngram_counts(n)
         # characters of the n-gram starting at each position (words plus the spaces between them)
         ngram_chars = np.convolve(lengths, np.ones(n, dtype=np.int64))[n - 1 :] + (n - 1) if len(lengths) else lengths
         # the most frequent n-gram (ties: the longest), as count * 2^20 + chars so one maximum finds both
-        weight = np.where(valid & (counts > 1), counts * 2**20 + np.minimum(ngram_chars, 2**20 - 1), 0)
+        weight = np.where(counts > 1, counts * 2**20 + np.minimum(ngram_chars, 2**20 - 1), 0)
         best = np.zeros(batch.n, dtype=np.int64)
         np.maximum.at(best, batch.word_doc, weight)
         top = (best >> 20) * (best & (2**20 - 1))
         stats[f"top_{n}gram_char_fraction"] = _safe_div(top.astype(np.float64), batch.word_chars + batch.n_words - 1)
         rules.append(Rule(f"gopher_top_{n}gram", f"top_{n}gram_char_fraction", high=limit))
     for n, limit in sorted(cfg.max_dup_ngram_char_fraction.items()):
-        counts, valid = batch.ngram_counts(n)
-        starts = (valid & (counts > 1)).astype(np.int64)
+        starts = (batch.ngram_counts(n) > 1).astype(np.int64)
         covered_by = np.cumsum(starts)
         covered_by[n:] -= covered_by[:-n].copy()
         dup_chars = np.bincount(batch.word_doc, weights=lengths * (covered_by > 0), minlength=batch.n)

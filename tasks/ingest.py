@@ -313,6 +313,7 @@ def ingest(
     cache_dir: Path | None = None,
     workers: int | None = None,
     part_bytes: int = 64 * 2**20,
+    parallel_min_bytes: int = 4 * 2**20,
 ) -> dict:
     """Read every source into ``docs/docs-*.parquet`` and ``ledger/ledger-*.parquet`` under ``ctx.out_dir``.
 
@@ -330,7 +331,7 @@ def ingest(
         f"ingest: {len(plan.jobs)} files ({dict(plan.status)}), reading {len(todo)} "
         f"({total / 2**20:.1f} MiB) in {len(parts)} parts on {min(n_workers, max(len(parts), 1))} workers"
     )
-    map_parts(ingest_part, parts, n_workers if total > 4 * 2**20 else 1)
+    map_parts(ingest_part, parts, n_workers if total >= parallel_min_bytes else 1)
     counts = merge_fragments(plan.jobs, plan.problems, ctx.out_dir)
     for state, seen in plan.states.values():
         state.save(seen)
