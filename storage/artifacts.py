@@ -141,6 +141,10 @@ class ArtifactStore:
     def work_dir(self, stage: str, fp: str) -> Path:
         return self.root / stage / f".{fp}.work"
 
+    def cache_dir(self, stage: str) -> Path:
+        """Reusable intermediate pieces of a stage across runs (e.g. ingest's per-file fragments)."""
+        return self.root / ".cache" / stage
+
     @property
     def lineage_path(self) -> Path:
         return self.root / "lineage.duckdb"

@@ -15,6 +15,7 @@ from typing import Any
 from storage.artifacts import ArtifactStore, Manifest, StageContext
 from storage.faults import maybe_fail
 from storage.hashing import canonical_json, fingerprint
+from storage.shards import compact_ledger_folder
 from tasks import clean, dedup, evaluate, ingest, tokenize, tokenizer, train
 from tasks.config import PipelineConfig
 
@@ -43,12 +44,8 @@ def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
     snapshot = {}
     for source in cfg.sources:
         digest = hashlib.sha256()
-        for path, rel in ingest.list_files(source):
-            try:
-                st = path.stat()
-                digest.update(f"{rel}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
-            except OSError:
-                digest.update(f"{rel}\x1funreadable\n".encode())
+        for f in ingest.list_files(source):
+            digest.update(f"{f.rel}\x1f{f.size}\x1f{f.mtime}\x1f{f.error}\n".encode())
         snapshot[source.name] = digest.hexdigest()
     return snapshot
 
@@ -81,13 +78,15 @@ SPECS: dict[str, StageSpec] = {
         "ingest",
         ingest.VERSION,
         lambda c: {"sources": [s.model_dump() for s in c.sources], "snapshot": _source_snapshot(c)},
-        lambda c, i, ctx: ingest.ingest(c.sources, ctx),
+        lambda c, i, ctx: ingest.ingest(c.sources, ctx, ArtifactStore(c.root).cache_dir("ingest"), c.workers),
     ),
     "clean": StageSpec(
         "clean",
         clean.VERSION,
         _clean_params,
-        lambda c, i, ctx: clean.clean(i["ingest"].files_under("docs/"), c.clean, ctx, blocked=set(_tombstones(c))),
+        lambda c, i, ctx: clean.clean(
+            i["ingest"].files_under("docs/"), c.clean, ctx, workers=c.workers, blocked=set(_tombstones(c))
+        ),
     ),
     "dedup": StageSpec(
         "dedup",
@@ -175,6 +174,7 @@ def run_stage(
     def produce(ctx: StageContext) -> dict[str, Any]:
         maybe_fail(name, "start")
         counts = spec.produce(cfg, inputs, ctx)
+        compact_ledger_folder(ctx.out_dir / "ledger")
         maybe_fail(name, "end")
         return counts
 

@@ -8,7 +8,7 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_config, write_corpus
+from conftest import _prose, tiny_config, write_corpus
 
 from storage.shards import read_token_shard
 from tasks.clean import normalize
@@ -120,7 +120,7 @@ def test_split_is_stable_when_documents_are_added(built, tmp_path: Path):
     before = {r["doc_id"]: r["split"] for r in _ledger(m["tokenize"])}
     corpus = Path(cfg.sources[0].path)
     for i in range(10):
-        (corpus / f"new_{i}.txt").write_text(f"A brand new document number {i} " * 10)
+        (corpus / f"new_{i}.txt").write_text(_prose(1000 + i))  # real prose, so it passes the quality filters
     grown = cfg.model_copy(update={"root": str(tmp_path / "grown")})
     try:
         m2 = run_all(grown, log=lambda m: None)
