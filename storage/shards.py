@@ -36,6 +36,7 @@ LEDGER_SCHEMA = pa.schema(
         ("shard", pa.string()),
         ("token_start", pa.int64()),
         ("token_end", pa.int64()),
+        ("cluster_id", pa.string()),  # dedup: the doc_id of the document's near-duplicate cluster representative
     ]
 )
 
