@@ -77,7 +77,8 @@ class DedupConfig(Section):
     batch_docs: int = Field(2048, ge=1, description="Documents signed per batch.")
     workers: int | None = Field(None, ge=1, description="Processes that sign documents (default: all cores).")
     against: str | None = Field(
-        None, description="Earlier dedup artifact (path, or 'latest' in this root) to deduplicate new documents against."
+        None,
+        description="Earlier dedup artifact (path, or 'latest' in this root) to deduplicate new documents against.",
     )
 
     @model_validator(mode="after")

@@ -137,7 +137,9 @@ def stage_params(cfg: PipelineConfig) -> dict[str, Any]:
     """The dedup parameters that determine its output: worker count excluded, 'latest' resolved to a hash."""
     params = cfg.dedup.model_dump(exclude={"workers", "batch_docs"})
     previous = resolve_previous(cfg.dedup.against, cfg.root)
-    params["against"] = None if previous is None else {"fingerprint": previous.fingerprint, "content_hash": previous.content_hash}
+    params["against"] = (
+        None if previous is None else {"fingerprint": previous.fingerprint, "content_hash": previous.content_hash}
+    )
     return params
 
 
@@ -230,7 +232,9 @@ def _ordered_imap(fn: Callable, items: Iterable, workers: int, initargs: tuple) 
         _init_worker(*initargs)
         yield from map(fn, items)
         return
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=initargs) as ex:
+    with ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=initargs
+    ) as ex:
         pending: list[Future] = []
         for item in items:
             pending.append(ex.submit(fn, item))
@@ -307,7 +311,9 @@ def candidate_pairs(con: duckdb.DuckDBPyConnection, bands: Path) -> np.ndarray:
     return np.stack([rows["a"], rows["b"]], axis=1).astype(np.int64) if len(rows["a"]) else np.empty((0, 2), np.int64)
 
 
-def index_matches(con: duckdb.DuckDBPyConnection, bands: Path, previous: PreviousIndex, p: Plan) -> tuple[list, np.ndarray]:
+def index_matches(
+    con: duckdb.DuckDBPyConnection, bands: Path, previous: PreviousIndex, p: Plan
+) -> tuple[list, np.ndarray]:
     """New documents that share a band with an indexed one: (old doc ids, edges (old number, new node))."""
     if not previous.band_files:
         return [], np.empty((0, 2), np.int64)
@@ -326,7 +332,9 @@ def index_matches(con: duckdb.DuckDBPyConnection, bands: Path, previous: Previou
     con.unregister("node_doc")
     old_ids = sorted(set(rows["old"].tolist()))
     number = {d: i for i, d in enumerate(old_ids)}
-    edges = np.stack([np.asarray([number[d] for d in rows["old"].tolist()], np.int64), rows["node"].astype(np.int64)], 1)
+    edges = np.stack(
+        [np.asarray([number[d] for d in rows["old"].tolist()], np.int64), rows["node"].astype(np.int64)], 1
+    )
     return old_ids, edges.reshape(-1, 2)
 
 
@@ -547,10 +555,14 @@ def _write(doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, c
         """(representative doc id, similarity, is an indexed doc) for a removed new node's graph position."""
         g = node + n_old
         rep = clusters.rep[g]
-        return (old_ids[rep], clusters.similarity[g], True) if rep < n_old else (
-            str(p.doc_id[rep - n_old]),
-            clusters.similarity[g],
-            False,
+        return (
+            (old_ids[rep], clusters.similarity[g], True)
+            if rep < n_old
+            else (
+                str(p.doc_id[rep - n_old]),
+                clusters.similarity[g],
+                False,
+            )
         )
 
     pos = 0
@@ -567,7 +579,9 @@ def _write(doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, c
                 kept.append(doc | {"split_key": doc["doc_id"]})
                 rows.append(base | {"fate": "kept", "cluster_id": doc["doc_id"]})
                 if not p.indexed[node]:  # type: ignore[union-attr]
-                    index_rows.append({"doc_id": doc["doc_id"], "content_hash": doc["content_hash"], "holder": this_holder})
+                    index_rows.append(
+                        {"doc_id": doc["doc_id"], "content_hash": doc["content_hash"], "holder": this_holder}
+                    )
                 continue
             reason, rep_id, sim, in_index = verdict
             removed[node] = True
@@ -575,7 +589,13 @@ def _write(doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, c
             reasons[reason] += 1
             rows.append(
                 base
-                | {"fate": "duplicate", "reason": reason, "duplicate_of": rep_id, "similarity": sim, "cluster_id": rep_id}
+                | {
+                    "fate": "duplicate",
+                    "reason": reason,
+                    "duplicate_of": rep_id,
+                    "similarity": sim,
+                    "cluster_id": rep_id,
+                }
             )
             if reason == "near_duplicate" and len(examples) < 8:
                 examples.append({"doc_id": doc["doc_id"], "duplicate_of": rep_id, "similarity": sim})

@@ -66,9 +66,7 @@ class MinHashParams:
         if self.ngram < 1 or self.bands < 1 or self.rows < 1:
             raise ValueError("ngram, bands and rows must be positive")
         if self.bands * self.rows > self.permutations:
-            raise ValueError(
-                f"bands × rows ({self.bands} × {self.rows}) exceeds permutations ({self.permutations})"
-            )
+            raise ValueError(f"bands × rows ({self.bands} × {self.rows}) exceeds permutations ({self.permutations})")
 
     @property
     def threshold(self) -> float:
@@ -189,4 +187,6 @@ def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
 
 def s_curve_table(params: MinHashParams, points: tuple[float, ...] = (0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)):
     """Rows of (Jaccard similarity, probability of becoming a candidate pair) for the stage report."""
-    return [{"similarity": s, "candidate_probability": round(float(params.candidate_probability(s)), 4)} for s in points]
+    return [
+        {"similarity": s, "candidate_probability": round(float(params.candidate_probability(s)), 4)} for s in points
+    ]
