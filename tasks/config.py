@@ -85,7 +85,8 @@ class DedupConfig(Section):
     def _banding(self) -> DedupConfig:
         if self.bands * self.rows > self.permutations:
             raise ValueError(
-                f"dedup.bands × dedup.rows ({self.bands} × {self.rows}) exceeds dedup.permutations ({self.permutations})"
+                f"dedup.bands × dedup.rows ({self.bands} × {self.rows}) exceeds "
+                f"dedup.permutations ({self.permutations})"
             )
         if self.keep == "source_priority" and not self.source_priority:
             raise ValueError("dedup.keep=source_priority needs dedup.source_priority: a list of source names")

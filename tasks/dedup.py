@@ -375,7 +375,8 @@ def _old_texts(con: duckdb.DuckDBPyConnection, previous: PreviousIndex, old_ids:
             continue
         con.register("wanted", pa.table({"doc_id": ids}))
         rows = con.execute(
-            f"SELECT doc_id, text FROM read_parquet({[str(d) for d in docs]!r}) WHERE doc_id IN (SELECT doc_id FROM wanted)"
+            f"SELECT doc_id, text FROM read_parquet({[str(d) for d in docs]!r}) "
+            "WHERE doc_id IN (SELECT doc_id FROM wanted)"
         ).fetchall()
         texts.update(rows)
     con.unregister("wanted")
@@ -435,15 +436,19 @@ def verify_and_cluster(
     if len(edges) == 0:
         return result
     involved = np.unique(edges)
-    shingles, offsets = hasher.shingles([texts[int(g)] for g in involved])
-    sets = {int(g): np.unique(shingles[offsets[i] : offsets[i + 1]]) for i, g in enumerate(involved)}
-    sigs = hasher.signatures(shingles, offsets)
-    sig_row = {int(g): i for i, g in enumerate(involved)}
+    sets: dict[int, np.ndarray] = {}
+    sigs: dict[int, np.ndarray] = {}
+    for start in range(0, len(involved), cfg.batch_docs):  # batches bound the shingling's working memory
+        chunk = involved[start : start + cfg.batch_docs].tolist()
+        shingles, offsets = hasher.shingles([texts.pop(g) for g in chunk])
+        sets.update((g, np.unique(shingles[offsets[i] : offsets[i + 1]])) for i, g in enumerate(chunk))
+        if not cfg.verify:
+            sigs.update(zip(chunk, hasher.signatures(shingles, offsets), strict=True))
 
     def similarity(x: int, y: int) -> float:
         if cfg.verify:
             return jaccard(sets[x], sets[y])
-        return float(np.mean(sigs[sig_row[x]] == sigs[sig_row[y]]))
+        return float(np.mean(sigs[x] == sigs[y]))
 
     sims = np.fromiter((similarity(int(x), int(y)) for x, y in edges), float, len(edges))
     keep = sims >= cfg.threshold

@@ -81,14 +81,16 @@ class MinHashParams:
 class MinHasher:
     """Shingles, signatures and band hashes for batches of texts."""
 
-    def __init__(self, params: MinHashParams, chunk_shingles: int = 1 << 11):
+    def __init__(self, params: MinHashParams, chunk_shingles: int = 1 << 11, max_cached_words: int = 1 << 21):
         self.params = params
         self.chunk_shingles = chunk_shingles
+        self.max_cached_words = max_cached_words
         rng = np.random.default_rng(np.random.SeedSequence([params.seed, 0x5EED]))
         self._a = (rng.integers(0, 2**63, params.permutations, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
         self._b = rng.integers(0, 2**63, params.permutations, dtype=np.uint64)
         self._gram = rng.integers(0, 2**63, params.ngram, dtype=np.uint64) | np.uint64(1)
         self._band = rng.integers(0, 2**63, params.rows, dtype=np.uint64) | np.uint64(1)
+        self._word_hashes: dict[str, int] = {}  # word → hash, shared by batches (words repeat, Zipf)
 
     # --- shingles ---------------------------------------------------------------------------------------
 
@@ -102,14 +104,13 @@ class MinHasher:
         docs = [_split_words(text) for text in texts]
         counts = np.fromiter(map(len, docs), np.int64, len(docs))
         words = [w for doc in docs for w in doc]
-        vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+        cache = self._word_hashes
+        if len(cache) > self.max_cached_words:
+            cache.clear()
         seed = self.params.seed
-        word_hash = np.fromiter(
-            (xxhash.xxh3_64_intdigest(_fold_digits(w).encode("utf-8", "surrogatepass"), seed) for w in vocab),
-            np.uint64,
-            len(vocab),
-        )
-        flat = word_hash[np.fromiter(map(vocab.__getitem__, words), np.int64, len(words))]
+        for w in dict.fromkeys(words).keys() - cache.keys():
+            cache[w] = xxhash.xxh3_64_intdigest(_fold_digits(w).encode("utf-8", "surrogatepass"), seed)
+        flat = np.fromiter(map(cache.__getitem__, words), np.uint64, len(words))
         starts = np.concatenate([[0], np.cumsum(counts)])
         is_long = counts >= n
         n_shingles = np.where(is_long, counts - n + 1, np.minimum(counts, 1))

@@ -198,3 +198,13 @@ def test_incremental_run_matches_new_documents_against_the_earlier_index(tmp_pat
     # The new index is cumulative: the earlier corpus plus today's one new document.
     indexed = pq.read_table(second.files_under("index/exact-")).column("doc_id").to_pylist()
     assert len(indexed) == 7 and old_ids < set(indexed)
+
+
+def test_without_verification_the_minhash_estimate_decides(planted, tmp_path: Path):
+    texts, (_, verified, _) = planted
+    counts, ledger, kept = run(tmp_path, texts, verify=False)
+    assert {d for d, r in ledger.items() if r["fate"] == "duplicate"} == {
+        d for d, r in verified.items() if r["fate"] == "duplicate"
+    }
+    near = [r for r in ledger.values() if r["reason"] == "near_duplicate"]
+    assert all(abs(r["similarity"] - verified[r["doc_id"]]["similarity"]) < 0.15 for r in near)
