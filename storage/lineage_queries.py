@@ -368,13 +368,21 @@ class LineageQueries:
             else:
                 checked.append(f"tokenize: every ledger row points at one of {len(shards)} existing shards")
         if "dedup" in arts:
+            # A duplicate points at a document kept in this run, or (incremental dedup) at one of the earlier
+            # index it was matched against; the index lists those in index/exact-*.parquet.
+            index = sorted(str(p) for p in Path(arts["dedup"]["uri"]).glob("index/exact*.parquet"))
+            known = "SELECT doc_id FROM read_parquet(?) WHERE fate = 'kept'"
+            params = [self._ledger(run_id, ("dedup",)), self._ledger(run_id, ("dedup",))]
+            if index:
+                known += " UNION ALL SELECT doc_id FROM read_parquet(?)"
+                params.append(index)
             dangling = self.store.query(
-                "SELECT count(*) AS n FROM read_parquet(?) d WHERE duplicate_of IS NOT NULL AND duplicate_of NOT IN "
-                "(SELECT doc_id FROM read_parquet(?) WHERE fate = 'kept')",
-                [self._ledger(run_id, ("dedup",)), self._ledger(run_id, ("dedup",))],
+                "SELECT count(*) AS n FROM read_parquet(?) WHERE duplicate_of IS NOT NULL "
+                f"AND duplicate_of NOT IN ({known})",
+                params,
             )[0]["n"]
             if dangling:
                 problems.append(f"dedup: {dangling} duplicates point at documents that were not kept")
             else:
-                checked.append("dedup: every duplicate_of points at a kept document")
+                checked.append("dedup: every duplicate_of points at a kept or indexed document")
         return {"run_id": run_id, "ok": not problems, "problems": problems, "checked": checked}

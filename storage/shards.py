@@ -39,6 +39,7 @@ LEDGER_SCHEMA = pa.schema(
         ("token_start", pa.int64()),
         ("token_end", pa.int64()),
         ("scores", pa.map_(pa.string(), pa.float64())),  # every filter statistic, so thresholds can be re-tuned
+        ("cluster_id", pa.string()),  # dedup: the doc_id of the document's near-duplicate cluster representative
     ]
 )
 

@@ -215,8 +215,42 @@ class CleanConfig(Section):
 
 
 class DedupConfig(Section):
+    """Exact and MinHash-LSH near-duplicate removal; see docs/dedup.md for the parameters' effect."""
+
     exact: bool = Field(True, description="Remove documents whose normalized text is identical to an earlier one.")
-    keep: Literal["first", "longest"] = Field("first", description="Which copy of a duplicate group is kept.")
+    keep: Literal["first", "longest", "source_priority"] = Field(
+        "first", description="Which copy of a duplicate group is kept (ties: first seen)."
+    )
+    source_priority: list[str] = Field(
+        default=[], description="With keep=source_priority: source names, most preferred first (others last)."
+    )
+    near: bool = Field(True, description="Also remove near-duplicates found by MinHash LSH.")
+    ngram: int = Field(5, ge=1, le=64, description="Words per shingle.")
+    permutations: int = Field(100, ge=1, le=4096, description="MinHash signature length.")
+    bands: int = Field(20, ge=1, le=1024, description="LSH bands; bands × rows must not exceed permutations.")
+    rows: int = Field(5, ge=1, le=256, description="Signature rows per LSH band.")
+    threshold: float = Field(
+        0.7, gt=0, le=1, description="Jaccard similarity at or above which a candidate pair is a near-duplicate."
+    )
+    verify: bool = Field(True, description="Check candidate pairs with exact Jaccard (else the MinHash estimate).")
+    seed: int = Field(0, ge=0, description="Seed of the MinHash permutations.")
+    batch_docs: int = Field(2048, ge=1, description="Documents signed per batch.")
+    workers: int | None = Field(None, ge=1, description="Processes that sign documents (default: all cores).")
+    against: str | None = Field(
+        None,
+        description="Earlier dedup artifact (path, or 'latest' in this root) to deduplicate new documents against.",
+    )
+
+    @model_validator(mode="after")
+    def _banding(self) -> DedupConfig:
+        if self.bands * self.rows > self.permutations:
+            raise ValueError(
+                f"dedup.bands × dedup.rows ({self.bands} × {self.rows}) exceeds "
+                f"dedup.permutations ({self.permutations})"
+            )
+        if self.keep == "source_priority" and not self.source_priority:
+            raise ValueError("dedup.keep=source_priority needs dedup.source_priority: a list of source names")
+        return self
 
 
 class TokenizerConfig(Section):

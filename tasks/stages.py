@@ -91,8 +91,10 @@ SPECS: dict[str, StageSpec] = {
     "dedup": StageSpec(
         "dedup",
         dedup.VERSION,
-        lambda c: c.dedup.model_dump(),
-        lambda c, i, ctx: dedup.dedup(i["clean"].files_under("docs/"), c.dedup, ctx),
+        dedup.stage_params,
+        lambda c, i, ctx: dedup.dedup(
+            i["clean"].files_under("docs/"), c.dedup, ctx, previous=dedup.resolve_previous(c.dedup.against, c.root)
+        ),
     ),
     "tokenizer": StageSpec(
         "tokenizer",

@@ -79,7 +79,7 @@ def test_dedup_points_duplicates_at_the_first_copy(built):
     dups = {
         ingest_rows[r["doc_id"]]: ingest_rows[r["duplicate_of"]]
         for r in _ledger(m["dedup"])
-        if r["fate"] == "duplicate"
+        if r["reason"] == "exact_duplicate"
     }
     assert dups == {"nested/deeper/copy_of_prose_03.txt": "prose_03.txt", "prose_04.txt": "crlf_copy_of_prose_04.md"}
 
@@ -146,7 +146,8 @@ def test_ledger_is_queryable_with_duckdb(built):
     fates = dict(
         duckdb.sql(f"SELECT stage, count(*) FROM read_parquet({files!r}, union_by_name=true) GROUP BY 1").fetchall()
     )
-    assert fates == {"ingest": 54, "clean": 50, "dedup": 48, "tokenize": 46}
+    # dedup removes 2 exact copies and 11 of the 12 templated code files (near-duplicates: only numbers differ)
+    assert fates == {"ingest": 54, "clean": 50, "dedup": 48, "tokenize": 35}
 
 
 def test_unknown_stage_and_missing_input_are_clear_errors(config: PipelineConfig):
