@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +268,36 @@ print("RESULT", json.dumps({{"world": counts["world_size"], "steps": counts["ste
     result = json.loads(done.stdout.split("RESULT ", 1)[1])
     assert result == {"world": 2, "steps": 2, "progress": [1.0]}
     assert (tmp_path / "out" / MODEL_FILE).exists()
+
+
+# --- orchestration glue (no Prefect server needed) ----------------------------------------------------------------
+
+
+def test_prefect_retries_every_failure_except_unrecoverable_ones():
+    from prefect.states import Failed
+
+    from flows.pipeline import _retry_unless_unrecoverable
+
+    assert _retry_unless_unrecoverable(None, None, Failed(data=InjectedFault("transient")))
+    assert not _retry_unless_unrecoverable(None, None, Failed(data=UnrecoverableTrainingError("first-step OOM")))
+    assert not _retry_unless_unrecoverable(None, None, Failed(data=TrainingSetupError("bad batch geometry")))
+
+
+def test_train_telemetry_lands_in_the_lineage_db(shards, tmp_path):
+    from storage.artifacts import ArtifactStore
+    from storage.lineage import LineageStore
+
+    store = ArtifactStore(tmp_path / "root")
+    cfg = _cfg()
+
+    def produce(ctx: StageContext) -> dict:
+        return _run(shards, cfg, ctx)
+
+    manifest, _ = store.build("train", "test", {"cfg": cfg.model_dump()}, [], produce, run_id="r1", log=lambda m: None)
+    lineage = LineageStore(store.lineage_path)
+    lineage.start_run("r1", "tiny", {}, 7, None)
+    lineage.record_stage("r1", "train", "completed", datetime.now(UTC), manifest=manifest)
+    rows = lineage.train_metrics(manifest.fingerprint)
+    assert [r["step"] for r in rows] == [3, 6]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None and r["val_loss"] > 0 for r in rows)
+    assert {f.path for f in manifest.files} == {MODEL_FILE, LOG_FILE, LOSS_CURVE_FILE, "model.json"}
