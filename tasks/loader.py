@@ -56,11 +56,14 @@ class TokenWindows:
             out[rows] = self.shards[shard][starts[:, None] + self._span]
         return out
 
-    def batch(self, indices: np.ndarray, pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets ``(B, block_size)`` for the windows at ``indices``."""
+    def tensor(self, indices: np.ndarray, pin_memory: bool = False) -> torch.Tensor:
+        """The windows at ``indices`` as one ``(B, block_size + 1)`` tensor, optionally in pinned memory."""
         tensor = torch.from_numpy(self.gather(indices))
-        if pin_memory:
-            tensor = tensor.pin_memory()
+        return tensor.pin_memory() if pin_memory else tensor
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets ``(B, block_size)`` for the windows at ``indices`` (views of one tensor)."""
+        tensor = self.tensor(indices)
         return tensor[:, :-1], tensor[:, 1:]
 
 

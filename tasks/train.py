@@ -335,8 +335,8 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         unused_from[0] = LoaderState(**asdict(sampler.state))
-        x, y = train_windows.batch(sampler.next(cfg.batch_size), pin_memory=pin)
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        windows = train_windows.tensor(sampler.next(cfg.batch_size), pin_memory=pin).to(device, non_blocking=True)
+        return windows[:, :-1], windows[:, 1:]  # one host-to-device copy; inputs and targets are views
 
     pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # losses stay on device until a flush
 
