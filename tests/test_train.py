@@ -221,6 +221,12 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(shards, t
     ref, got = load_model(tmp_path / "single"), load_model(tmp_path / "ddp" / "out")
     for (name, p), q in zip(ref.named_parameters(), got.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    # the 2-process checkpoint (step 2) resumes on 1 process: same windows, same global batch, same losses
+    job = TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7)
+    (tmp_path / "resumed").mkdir()
+    resumed = run_training(job, StageContext(tmp_path / "resumed", tmp_path / "ddp" / "work"), DistEnv())
+    assert resumed["resumed_from_step"] == 2
+    assert resumed["telemetry"][-1]["loss"] == pytest.approx(single["telemetry"][-1]["loss"], rel=1e-5)
 
 
 def _can_unshare() -> bool:
