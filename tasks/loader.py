@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import as_strided
 
 from storage.shards import read_token_shard
 
@@ -33,27 +34,32 @@ class TokenWindows:
         self.shards = [read_token_shard(p) for p in shard_paths]
         counts = [max((len(s) - 1) // block_size, 0) for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._span = np.arange(block_size + 1, dtype=np.int64)
+        # a read-only (n_windows, block_size + 1) view of each memory-mapped shard: windows overlap by one token
+        self.views = [
+            as_strided(s, shape=(n, block_size + 1), strides=(block_size * s.itemsize, s.itemsize), writeable=False)
+            for s, n in zip(self.shards, counts, strict=True)
+        ]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def window(self, index: int) -> np.ndarray:
         shard = int(np.searchsorted(self.starts, index, side="right") - 1)
-        offset = (index - int(self.starts[shard])) * self.block_size
-        return self.shards[shard][offset : offset + self.block_size + 1]
+        return self.views[shard][index - int(self.starts[shard])]
 
     def gather(self, indices: np.ndarray) -> np.ndarray:
-        """The windows at ``indices`` as one ``(len(indices), block_size + 1)`` int64 array (one gather per shard)."""
+        """The windows at ``indices`` as one ``(len(indices), block_size + 1)`` int64 array (a row take per shard)."""
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"window index out of range [0, {len(self)})")
-        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
         out = np.empty((len(indices), self.block_size + 1), dtype=np.int64)
+        if len(self.views) == 1:
+            out[:] = self.views[0][indices]
+            return out
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
         for shard in np.unique(shard_of):
             rows = np.flatnonzero(shard_of == shard)
-            starts = (indices[rows] - self.starts[shard]) * self.block_size
-            out[rows] = self.shards[shard][starts[:, None] + self._span]
+            out[rows] = self.views[shard][indices[rows] - self.starts[shard]]
         return out
 
     def tensor(self, indices: np.ndarray, pin_memory: bool = False) -> torch.Tensor:

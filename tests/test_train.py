@@ -163,9 +163,16 @@ def test_model_presets_fill_sizes_and_explicit_fields_override():
 
 def test_loader_gathers_the_same_windows_as_indexing_one_by_one(shards):
     windows = TokenWindows(shards["train"], 16)
-    indices = np.array([0, len(windows) - 1, 93, 94, 5, 93])  # both shards, repeats
-    expected = np.stack([windows.window(int(i)) for i in indices]).astype(np.int64)
-    np.testing.assert_array_equal(windows.gather(indices), expected)
+    first = (1500 - 1) // 16  # windows in the first shard
+    raw = [windows.shards[0][i * 16 : i * 16 + 17] for i in range(first)]
+    raw += [windows.shards[1][i * 16 : i * 16 + 17] for i in range(len(windows) - first)]
+    indices = np.array([0, len(windows) - 1, first - 1, first, 5, first - 1])  # both shards, repeats
+    np.testing.assert_array_equal(windows.gather(indices), np.stack([raw[i] for i in indices]))
+    single = TokenWindows(shards["train"][:1], 16)
+    in_first = indices[indices < first]
+    np.testing.assert_array_equal(single.gather(in_first), np.stack([raw[i] for i in in_first]))
+    with pytest.raises(IndexError):
+        windows.gather(np.array([len(windows)]))
     x, y = windows.batch(indices)
     assert torch.equal(x[:, 1:], y[:, :-1]) and x.dtype == torch.int64
 
