@@ -69,7 +69,15 @@ class TrainJob:
     seed: int
 
     @classmethod
-    def build(cls, train_shards, val_shards, vocab_size, model_cfg: ModelConfig, cfg: TrainConfig, seed: int):
+    def build(
+        cls,
+        train_shards: list[Path],
+        val_shards: list[Path],
+        vocab_size: int,
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        seed: int,
+    ) -> TrainJob:
         return cls(
             [str(p) for p in train_shards],
             [str(p) for p in val_shards],

@@ -296,6 +296,16 @@ def test_prefect_retries_every_failure_except_unrecoverable_ones():
     assert not _retry_unless_unrecoverable(None, None, Failed(data=TrainingSetupError("bad batch geometry")))
 
 
+def test_only_a_cuda_train_stage_takes_the_gpu_slot(corpus, tmp_path):
+    from conftest import tiny_config
+
+    from flows.pipeline import uses_gpu
+
+    cfg = tiny_config(corpus, tmp_path / "root", train={"device": "cpu"})
+    assert not uses_gpu("train", cfg) and not uses_gpu("evaluate", cfg)
+    assert uses_gpu("train", cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})}))
+
+
 def test_train_telemetry_lands_in_the_lineage_db(shards, tmp_path):
     from storage.artifacts import ArtifactStore
     from storage.lineage import LineageStore
