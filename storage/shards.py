@@ -111,15 +111,60 @@ def count_rows(paths: Iterable[Path]) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
 
 
-class LedgerWriter(ParquetShardWriter):
-    """The per-document fate ledger of one stage: rows with defaults for the columns a stage does not fill."""
+LEDGER_FILE = "ledger.parquet"
+LEDGER_ROW_GROUP = 16_384
+
+
+class LedgerWriter:
+    """The per-document fate ledger of one stage, compacted on close into one Parquet file sorted by doc_id.
+
+    Rows are buffered into Parquet fragments (bounded memory), then DuckDB sorts them (spilling to disk past
+    RAM) into ``ledger/ledger.parquet`` with small row groups. Since a doc id starts with its source name,
+    the sort also lays each source's rows together, so row-group statistics let point lookups by document and
+    range scans by source skip almost all of the file. The sort is deterministic: same rows, same bytes.
+    """
 
     def __init__(self, folder: Path, stage: str):
-        super().__init__(folder, "ledger", LEDGER_SCHEMA, rows_per_shard=1_000_000)
+        self.folder = folder
         self.stage = stage
+        self._fragments = ParquetShardWriter(
+            folder.parent / f".{folder.name}-fragments", "fragment", LEDGER_SCHEMA, rows_per_shard=1_000_000
+        )
+
+    @property
+    def rows(self) -> int:
+        return self._fragments.rows
 
     def record(self, rows: list[dict]) -> None:
-        self.write_rows([{name: row.get(name) for name in LEDGER_SCHEMA.names} | {"stage": self.stage} for row in rows])
+        self._fragments.write_rows(
+            [{name: row.get(name) for name in LEDGER_SCHEMA.names} | {"stage": self.stage} for row in rows]
+        )
+
+    def close(self) -> Path:
+        import shutil
+
+        out = compact_ledger(self._fragments.close(), self.folder)
+        shutil.rmtree(self._fragments.folder, ignore_errors=True)
+        return out
+
+
+def compact_ledger(fragments: list[Path], folder: Path) -> Path:
+    """Sort ledger fragments by doc id into ``<folder>/ledger.parquet`` (DuckDB; spills to disk past RAM)."""
+    import duckdb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / LEDGER_FILE
+    if not fragments:
+        pq.write_table(LEDGER_SCHEMA.empty_table(), out, compression="zstd")
+        return out
+    con = duckdb.connect()
+    con.execute(
+        f"COPY (SELECT * FROM read_parquet(?) ORDER BY doc_id, stage, locator) TO '{out}' "
+        f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {LEDGER_ROW_GROUP})",
+        [[str(p) for p in fragments]],
+    )
+    con.close()
+    return out
 
 
 # --- token shards: one flat token column in an uncompressed Arrow IPC file, memory-mappable -------------

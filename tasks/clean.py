@@ -77,8 +77,14 @@ def first_failure(text: str, cfg: CleanConfig) -> tuple[str | None, float | None
     return None, None
 
 
-def clean(doc_paths: list[Path], cfg: CleanConfig, ctx: StageContext, batch_rows: int = 1024) -> dict:
-    """Normalize and filter raw documents into ``docs/`` with a ledger row per input document."""
+def clean(
+    doc_paths: list[Path], cfg: CleanConfig, ctx: StageContext, batch_rows: int = 1024, blocked: set[str] | None = None
+) -> dict:
+    """Normalize and filter raw documents into ``docs/`` with a ledger row per input document.
+
+    ``blocked`` holds doc ids and content hashes taken down through lineage: they are dropped as ``takedown``.
+    """
+    blocked = blocked or set()
     reasons: Counter[str] = Counter()
     docs = ParquetShardWriter(ctx.out_dir / "docs", "docs", CLEAN_SCHEMA)
     ledger = LedgerWriter(ctx.out_dir / "ledger", "clean")
@@ -90,7 +96,10 @@ def clean(doc_paths: list[Path], cfg: CleanConfig, ctx: StageContext, batch_rows
             docs_in += 1
             text = normalize(doc["text"])
             digest = text_hash(text)
-            reason, score = first_failure(text, cfg)
+            if doc["doc_id"] in blocked or digest in blocked:
+                reason, score = "takedown", None
+            else:
+                reason, score = first_failure(text, cfg)
             rows.append(
                 {
                     "doc_id": doc["doc_id"],

@@ -63,6 +63,9 @@ class TokenizerConfig(Section):
     vocab_size: int = Field(4096, ge=260, le=2**20, description="BPE vocabulary size (including specials).")
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a merge.")
     sample_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of kept documents used for training.")
+    holdout_fraction: float = Field(
+        0.02, ge=0, lt=0.5, description="Documents held out of tokenizer training to measure bytes per token."
+    )
     special_tokens: list[str] = Field(default=["<|endoftext|>", "<|pad|>"], description="First is end-of-text.")
     pretrained: str | None = Field(None, description="Path of an existing tokenizer.json to use instead of training.")
 

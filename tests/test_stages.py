@@ -160,3 +160,22 @@ def test_missing_source_is_a_clear_error(tmp_path: Path):
     cfg = tiny_config(tmp_path / "nowhere", tmp_path / "root")
     with pytest.raises(FileNotFoundError, match="source 'docs'"):
         run_stage("ingest", cfg, {})
+
+
+def test_tokenizer_reports_compression_on_held_out_documents(built):
+    _, m = built
+    counts = m["tokenizer"].counts
+    assert counts["heldout_docs"] > 0
+    assert counts["bytes_per_token"] == round(counts["heldout_bytes"] / counts["heldout_tokens"], 4)
+    assert counts["bytes_per_token"] > 1.0  # BPE merges compress below one token per byte
+
+
+def test_tokenizer_training_is_deterministic(built, tmp_path: Path):
+    cfg, m = built
+    from storage.artifacts import StageContext
+    from tasks.tokenizer import train_tokenizer
+
+    out = tmp_path / "tok"
+    out.mkdir()
+    train_tokenizer(m["dedup"].files_under("docs/"), cfg.tokenizer, StageContext(out_dir=out, work_dir=tmp_path))
+    assert (out / "tokenizer.json").read_bytes() == (Path(m["tokenizer"].path) / "tokenizer.json").read_bytes()
