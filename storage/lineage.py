@@ -57,8 +57,27 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN host VARCHAR;
     ALTER TABLE runs ADD COLUMN pid INTEGER;
     """,
+    """
+    CREATE TABLE train_metrics (
+        fingerprint VARCHAR, step BIGINT, tokens BIGINT, loss DOUBLE, val_loss DOUBLE, lr DOUBLE, grad_norm DOUBLE,
+        tokens_per_s DOUBLE, mfu DOUBLE, peak_mem_mb DOUBLE, train_seconds DOUBLE, run_id VARCHAR,
+        PRIMARY KEY (fingerprint, step)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+TRAIN_METRIC_COLUMNS = (
+    "step",
+    "tokens",
+    "loss",
+    "val_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "peak_mem_mb",
+    "train_seconds",
+)
 
 RELATIONS = {"train": "trained_on", "evaluate": "evaluated_on"}
 
@@ -252,6 +271,11 @@ class LineageStore:
                     manifest.run_id,
                 ],
             )
+            for row in manifest.counts.get("telemetry") or []:  # the train stage's per-eval-interval metrics
+                con.execute(
+                    "INSERT OR IGNORE INTO train_metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [manifest.fingerprint, *(row.get(c) for c in TRAIN_METRIC_COLUMNS), manifest.run_id],
+                )
             for ref in manifest.inputs:
                 coverage = self._coverage(con, manifest.stage, ref.stage, ref.fingerprint)
                 con.execute(
@@ -319,6 +343,10 @@ class LineageStore:
             f"SELECT run_id FROM runs {where} ORDER BY started_at DESC LIMIT 1", [status] if status else []
         )
         return rows[0]["run_id"] if rows else None
+
+    def train_metrics(self, fingerprint: str) -> list[dict]:
+        """Loss, lr, grad norm, tokens/s, MFU and peak memory per eval interval of one training run."""
+        return self.query("SELECT * FROM train_metrics WHERE fingerprint = ? ORDER BY step", [fingerprint])
 
     def stage_runs(self, run_id: str) -> list[dict]:
         return self.query(

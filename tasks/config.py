@@ -271,12 +271,35 @@ class TokenizeConfig(Section):
     batch_docs: int = Field(512, ge=1, description="Documents encoded per batch.")
 
 
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},  # tests and smoke runs
+    "quickstart": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},  # ~1M params at vocab 4096
+    "small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},  # nanoGPT's shakespeare-char model
+    "gpt2-124M": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
+    "gpt2-350M": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024},
+}
+
+
 class ModelConfig(Section):
+    """Model sizes: a named ``preset`` fills the sizes it names; fields given explicitly override it."""
+
+    preset: Literal["tiny", "quickstart", "small", "gpt2-124M", "gpt2-350M"] | None = Field(
+        None, description="Named size (tiny, quickstart ~1M, small ~10M, gpt2-124M, gpt2-350M); fields override it."
+    )
     n_layer: int = Field(4, ge=1, le=96)
     n_head: int = Field(4, ge=1, le=128)
     n_embd: int = Field(128, ge=8, le=16384)
     block_size: int = Field(128, ge=8, le=32768, description="Context length in tokens.")
     dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            sizes = MODEL_PRESETS.get(data["preset"])
+            if sizes is not None:  # an unknown name is reported by the Literal check
+                data = sizes | {k: v for k, v in data.items() if v is not None}
+        return data
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
@@ -284,11 +307,24 @@ class ModelConfig(Section):
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         return self
 
+    def sizes(self) -> dict[str, int | float]:
+        """The architecture fields alone (what the model is built from), without the preset name."""
+        return self.model_dump(exclude={"preset"})
+
 
 class TrainConfig(Section):
-    max_steps: int = Field(300, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int = Field(300, ge=1, description="Optimizer steps (the budget unless max_tokens is set).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Token budget: train ceil(max_tokens / batch tokens) steps instead of max_steps."
+    )
+    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch and process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (ignored if batch_tokens is set).")
+    batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per optimizer step over all processes; sets grad_accum = batch_tokens / "
+        "(batch_size * block_size * nproc), which must divide exactly.",
+    )
     learning_rate: float = Field(3e-3, gt=0, le=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(30, ge=0)
@@ -301,6 +337,9 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores).")
+    nproc: int = Field(
+        1, ge=1, le=64, description="Data-parallel processes (DDP under torchrun; one per GPU on CUDA, gloo on CPU)."
+    )
 
 
 class EvaluateConfig(Section):

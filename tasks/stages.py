@@ -113,7 +113,11 @@ SPECS: dict[str, StageSpec] = {
     "train": StageSpec(
         "train",
         train.VERSION,
-        lambda c: {"model": c.model.model_dump(), "train": c.train.model_dump(exclude={"threads"}), "seed": c.seed},
+        lambda c: {
+            "model": c.model.sizes(),
+            "train": c.train.model_dump(exclude={"threads", "nproc"}),
+            "seed": c.seed,
+        },
         lambda c, i, ctx: train.train(
             _splits(i["tokenize"], "train"),
             _splits(i["tokenize"], "val"),
