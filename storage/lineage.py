@@ -43,6 +43,12 @@ CREATE TABLE IF NOT EXISTS artifact_edges (
     src_stage VARCHAR, src_fingerprint VARCHAR, dst_stage VARCHAR, dst_fingerprint VARCHAR, relation VARCHAR,
     PRIMARY KEY (src_stage, src_fingerprint, dst_stage, dst_fingerprint)
 );
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id VARCHAR, stage VARCHAR, split VARCHAR, source VARCHAR, scorer VARCHAR, metric VARCHAR, value DOUBLE,
+    step BIGINT
+);
+CREATE TABLE IF NOT EXISTS samples (run_id VARCHAR, idx INTEGER, prompt VARCHAR, completion VARCHAR, seed BIGINT);
+CREATE TABLE IF NOT EXISTS reports (run_id VARCHAR, format VARCHAR, path VARCHAR, created_at TIMESTAMPTZ);
 """
 
 RELATIONS = {"train": "trained_on", "evaluate": "evaluated_on"}
@@ -180,6 +186,29 @@ class LineageStore:
                     ],
                 )
 
+    def record_report(
+        self, run_id: str, metrics: list[dict], samples: list[dict], paths: dict[str, str | Path]
+    ) -> None:
+        """Replace a run's metrics, samples and report paths (a run's report is written once, at its end)."""
+        columns = ("stage", "split", "source", "scorer", "metric", "value", "step")
+        with self._connect() as con:
+            con.execute("BEGIN")
+            for table in ("metrics", "samples", "reports"):
+                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            if metrics:
+                con.executemany(
+                    "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [[run_id, *(m.get(c) for c in columns)] for m in metrics],
+                )
+            if samples:
+                con.executemany(
+                    "INSERT INTO samples VALUES (?, ?, ?, ?, ?)",
+                    [[run_id, i, s["prompt"], s["completion"], s.get("seed")] for i, s in enumerate(samples)],
+                )
+            for fmt, path in paths.items():
+                con.execute("INSERT INTO reports VALUES (?, ?, ?, ?)", [run_id, fmt, str(path), _now()])
+            con.execute("COMMIT")
+
     # --- queries ----------------------------------------------------------------------------------------
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict]:
@@ -247,3 +276,24 @@ class LineageStore:
                 [run_id],
             )
         return {"doc_id": doc_id, "run_id": run_id, "stages": rows, "models": [m["model"] for m in models]}
+
+    def metrics(self, run_id: str) -> list[dict]:
+        return self.query(
+            "SELECT stage, split, source, scorer, metric, value, step FROM metrics WHERE run_id = ? "
+            "ORDER BY stage, split, source, scorer, metric, step",
+            [run_id],
+        )
+
+    def previous_evaluated_run(self, pipeline: str, run_id: str) -> str | None:
+        """The latest run of ``pipeline`` that started before ``run_id`` and has evaluation metrics."""
+        rows = self.query(
+            """
+            SELECT r.run_id FROM runs r
+            WHERE r.pipeline = ? AND r.run_id <> ?
+              AND r.started_at <= coalesce((SELECT started_at FROM runs WHERE run_id = ?), now())
+              AND EXISTS (SELECT 1 FROM metrics m WHERE m.run_id = r.run_id AND m.stage = 'evaluate')
+            ORDER BY r.started_at DESC LIMIT 1
+            """,
+            [pipeline, run_id, run_id],
+        )
+        return rows[0]["run_id"] if rows else None
