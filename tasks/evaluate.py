@@ -27,7 +27,13 @@ from storage.shards import read_token_shard
 from tasks.baselines import KneserNeyBigram, Unigram, fit_baselines
 from tasks.config import EvaluateConfig
 from tasks.model import GPT
-from tasks.probes import last_word_items, multiple_choice_items, run_last_word, run_multiple_choice
+from tasks.probes import (
+    last_word_items,
+    multiple_choice_items,
+    run_last_word,
+    run_multiple_choice,
+    write_lm_eval_tasks,
+)
 from tasks.train import load_model
 
 VERSION = "2"
@@ -197,13 +203,17 @@ def run_probes(
     cfg: EvaluateConfig,
     seed: int,
     device: torch.device,
+    lm_eval_dir: Path | None = None,
 ) -> dict:
+    """Both probes on items from ``docs``; with ``lm_eval_dir``, also write them as lm-evaluation-harness tasks."""
     block = model.cfg.block_size
     if cfg.probe_items == 0:
         return {}
     words = last_word_items(docs, tokenizer, block, cfg.probe_items, seed)
     continuation = min(MC_CONTINUATION_TOKENS, block // 2)
     choices = multiple_choice_items(docs, block - continuation, continuation, MC_CHOICES, cfg.probe_items, seed)
+    if lm_eval_dir is not None:
+        write_lm_eval_tasks(lm_eval_dir, tokenizer, words, choices, seed)
     return {
         "last_word": run_last_word(model, words, baselines, cfg.batch_size, device),
         "multiple_choice": run_multiple_choice(model, choices, baselines, byte_lengths, cfg.batch_size, device)
@@ -273,7 +283,9 @@ def evaluate(
     report = {
         "splits": splits,
         "baselines": {b.name: b.description for b in baselines},
-        "probes": run_probes(model, tokenizer, docs, baselines, byte_lengths, cfg, seed, device)
+        "probes": run_probes(
+            model, tokenizer, docs, baselines, byte_lengths, cfg, seed, device, ctx.out_dir / "lm_eval"
+        )
         | {"split": probe_split},
         "samples": samples(model, tokenizer, prompts, cfg, seed, eot, device),
         "model": model.cfg.to_dict() | {"params": model.num_params()},

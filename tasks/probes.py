@@ -17,8 +17,10 @@ bounded, deterministic amount of work.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -190,3 +192,65 @@ def run_multiple_choice(
             correct_norm += int(per_byte[0] > per_byte[1:].max())
         result[name] = {"accuracy": correct / len(items), "accuracy_norm": correct_norm / len(items)}
     return result
+
+
+LM_EVAL_COMMON = """dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+target_delimiter: ""
+"""
+LM_EVAL_TASKS = {
+    "tokenmill_multiple_choice": """output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""",
+    "tokenmill_last_word": """output_type: loglikelihood
+doc_to_text: context
+doc_to_target: target
+metric_list:
+  - metric: perplexity
+  - metric: acc
+""",
+}
+
+
+def write_lm_eval_tasks(
+    folder: Path,
+    tokenizer: Tokenizer,
+    words: list[tuple[np.ndarray, int]],
+    choices: list[tuple[np.ndarray, list[np.ndarray]]],
+    seed: int,
+) -> None:
+    """The same probe items as lm-evaluation-harness tasks: one JSONL file and one task YAML per probe.
+
+    Texts are the decoded tokens (choices are shuffled with a seeded generator, ``label`` is the true one).
+    ``data_files`` is relative: run ``lm_eval --include_path .`` from inside ``folder`` (docs/evaluation.md).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 3])
+    rows = {"tokenmill_last_word": [], "tokenmill_multiple_choice": []}
+    for seq, begin in words:
+        context, target = tokenizer.decode(seq[:begin].tolist()), tokenizer.decode(seq[begin:].tolist())
+        rows["tokenmill_last_word"].append({"context": context, "target": target})
+    for context, options in choices:
+        order = rng.permutation(len(options))
+        rows["tokenmill_multiple_choice"].append(
+            {
+                "context": tokenizer.decode(context.tolist()),
+                "choices": [tokenizer.decode(options[i].tolist()) for i in order],
+                "label": int(np.flatnonzero(order == 0)[0]),
+            }
+        )
+    for task, items in rows.items():
+        if not items:
+            continue
+        with open(folder / f"{task}.jsonl", "w") as fh:
+            fh.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+        body = f"task: {task}\n" + LM_EVAL_COMMON.format(data=f"{task}.jsonl") + LM_EVAL_TASKS[task]
+        (folder / f"{task}.yaml").write_text(body)

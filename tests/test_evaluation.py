@@ -154,6 +154,23 @@ def test_probes_state_items_chance_and_baselines(built):
             assert all(0 <= v <= 1 for v in result[scorer].values())
 
 
+def test_probes_are_also_written_as_lm_eval_tasks(built):
+    import yaml
+
+    _, m = built
+    probes = _report(m)["probes"]
+    for task, probe in (("tokenmill_multiple_choice", "multiple_choice"), ("tokenmill_last_word", "last_word")):
+        spec = yaml.safe_load(m["evaluate"].file(f"lm_eval/{task}.yaml").read_text())
+        assert spec["task"] == task and spec["dataset_kwargs"]["data_files"]["test"] == f"{task}.jsonl"
+        rows = [json.loads(line) for line in m["evaluate"].file(f"lm_eval/{task}.jsonl").read_text().splitlines()]
+        assert len(rows) == probes[probe]["items"]
+        assert all(spec["doc_to_text"] in row and spec["doc_to_target"] in row for row in rows)
+    labels = [
+        json.loads(line)["label"] for line in m["evaluate"].file("lm_eval/tokenmill_multiple_choice.jsonl").open()
+    ]
+    assert len(set(labels)) > 1  # the true continuation is not always first
+
+
 def test_samples_are_seeded_and_default_to_held_out_openings(built):
     _, m = built
     samples = _report(m)["samples"]
