@@ -75,6 +75,9 @@ def print_run_summary(root: str, run_id: str) -> None:
                     f"{m['bits_per_byte']:.4f} (bigram {m.get('bigram_bits_per_byte', float('nan')):.4f}, "
                     f"unigram {m['unigram_bits_per_byte']:.4f})"
                 )
+        probes = metrics.get("probes") or {}
+        if probes:
+            console.print("probes: " + ", ".join(f"{k.replace('_', ' ')} {100 * v:.1f}%" for k, v in probes.items()))
     for report in lineage.query("SELECT path FROM reports WHERE run_id = ? AND format = 'html'", [run_id]):
         console.print(f"report: {report['path']}")
     console.print(f"lineage DB: {lineage.path}")

@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS samples (run_id VARCHAR, idx INTEGER, prompt VARCHAR,
 CREATE TABLE IF NOT EXISTS reports (run_id VARCHAR, format VARCHAR, path VARCHAR, created_at TIMESTAMPTZ);
 """
 
-RELATIONS = {"train": "trained_on", "evaluate": "evaluated_on"}
+RELATIONS = {"train": "trained_on", "evaluate": "evaluated_on", "export": "exported_from"}
 
 
 def code_version() -> str:

@@ -318,4 +318,6 @@ def headline_counts(report: dict) -> dict:
         for probe in ("last_word", "multiple_choice")
         for metric, value in (probes.get(probe, {}).get("model") or {}).items()
     }
+    if probes.get("multiple_choice", {}).get("items"):
+        counts["probes"]["multiple_choice_chance"] = probes["multiple_choice"]["chance"]
     return counts

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -283,11 +284,18 @@ def render_run_markdown(run: dict) -> str:
     )
 
 
+def _inline(text: str) -> str:
+    """Escaped text with this report's inline Markdown: **bold** and `code`."""
+    escaped = html.escape(text)
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", escaped)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+
+
 def _markdown_table_to_html(block: str) -> str:
     rows = [line.strip("|").split("|") for line in block.strip().splitlines() if not line.startswith("|--")]
     rows = [r for r in rows if not set("".join(r)) <= set("-:| ")]
-    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in rows[1:])
+    head = "".join(f"<th>{_inline(c.strip())}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{_inline(c.strip())}</td>" for c in r) + "</tr>" for r in rows[1:])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -312,9 +320,9 @@ def _markdown_to_html(text: str) -> str:
             code = []
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+            out.append(f"<h{level}>{_inline(line.lstrip('# '))}</h{level}>")
         elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
+            out.append(f"<p>{_inline(line)}</p>")
     return "\n".join(out)
 
 
