@@ -57,7 +57,8 @@ def split_table_rows(report: dict, lone_source: bool = True) -> list[dict]:
     ``lone_source=False`` leaves out a split's only source (its row would repeat the split's).
     """
     rows = []
-    for split, m in report["splits"].items():
+    for split in sorted(report["splits"], key=lambda s: (s != "val", s != "test", s)):  # val, test, others
+        m = report["splits"][split]
         if not m.get("tokens"):
             continue
         sources = m.get("sources") or {}
