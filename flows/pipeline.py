@@ -24,6 +24,7 @@ from prefect.states import State
 from storage.artifacts import ArtifactStore, Manifest
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
+from tasks.report import publish_run_report
 from tasks.stages import STAGES, UPSTREAM, cache_key, run_stage
 
 
@@ -170,6 +171,17 @@ def run_stages(
     return manifests
 
 
+def publish_report(
+    store: ArtifactStore, lineage: LineageStore, run_id: str, pipeline_name: str, manifests: dict[str, dict]
+) -> dict[str, Path]:
+    """Write the run report (Markdown + self-contained HTML), record it in lineage, publish it to Prefect."""
+    _, paths = publish_run_report(store, lineage, run_id, pipeline_name, _manifests(manifests))
+    create_markdown_artifact(
+        key="evaluation-report", markdown=paths["markdown"].read_text(), description=f"run report: {paths['html']}"
+    )
+    return paths
+
+
 def _exception_of(state: State) -> BaseException:
     try:
         state.result()
@@ -190,12 +202,12 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[str] | None 
     run_id = _run_id()
     lineage.start_run(run_id, config.name, config.model_dump(), config.seed, str(flow_run.get_id()))
     manifests = run_stages(config, STAGES, run_id, force, lineage)
+    report = publish_report(store, lineage, run_id, config.name, manifests)
     lineage.finish_run(run_id, "completed")
-    report = Path(manifests["evaluate"]["path"]) / "report.md"
-    create_markdown_artifact(key="evaluation-report", markdown=report.read_text(), description="evaluation report")
     return {
         "run_id": run_id,
         "root": str(store.root),
         "lineage": str(store.lineage_path),
         "artifacts": {k: v["path"] for k, v in manifests.items()},
+        "report": str(report["html"]),
     }

@@ -64,6 +64,14 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (fingerprint, step)
     );
     """,
+    """
+    CREATE TABLE metrics (
+        run_id VARCHAR, stage VARCHAR, split VARCHAR, source VARCHAR, scorer VARCHAR, metric VARCHAR, value DOUBLE,
+        step BIGINT
+    );
+    CREATE TABLE samples (run_id VARCHAR, idx INTEGER, prompt VARCHAR, completion VARCHAR, seed BIGINT);
+    CREATE TABLE reports (run_id VARCHAR, format VARCHAR, path VARCHAR, created_at TIMESTAMPTZ);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 TRAIN_METRIC_COLUMNS = (
@@ -79,7 +87,7 @@ TRAIN_METRIC_COLUMNS = (
     "train_seconds",
 )
 
-RELATIONS = {"train": "trained_on", "evaluate": "evaluated_on"}
+RELATIONS = {"train": "trained_on", "evaluate": "evaluated_on", "export": "exported_from"}
 
 
 def code_version() -> str:
@@ -314,6 +322,29 @@ class LineageStore:
                 )
         return len(rows)
 
+    def record_report(
+        self, run_id: str, metrics: list[dict], samples: list[dict], paths: dict[str, str | Path]
+    ) -> None:
+        """Replace a run's metrics, samples and report paths (a run's report is written once, at its end)."""
+        columns = ("stage", "split", "source", "scorer", "metric", "value", "step")
+        with self._connect() as con:
+            con.execute("BEGIN")
+            for table in ("metrics", "samples", "reports"):
+                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            if metrics:
+                con.executemany(
+                    "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [[run_id, *(m.get(c) for c in columns)] for m in metrics],
+                )
+            if samples:
+                con.executemany(
+                    "INSERT INTO samples VALUES (?, ?, ?, ?, ?)",
+                    [[run_id, i, s["prompt"], s["completion"], s.get("seed")] for i, s in enumerate(samples)],
+                )
+            for fmt, path in paths.items():
+                con.execute("INSERT INTO reports VALUES (?, ?, ?, ?)", [run_id, fmt, str(path), _now()])
+            con.execute("COMMIT")
+
     # --- reads ------------------------------------------------------------------------------------------
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict]:
@@ -373,3 +404,24 @@ class LineageStore:
             if stages is None or artifact["stage"] in stages:
                 files += sorted(str(p) for p in Path(artifact["uri"]).glob("ledger/*.parquet"))
         return files
+
+    def metrics(self, run_id: str) -> list[dict]:
+        return self.query(
+            "SELECT stage, split, source, scorer, metric, value, step FROM metrics WHERE run_id = ? "
+            "ORDER BY stage, split, source, scorer, metric, step",
+            [run_id],
+        )
+
+    def previous_evaluated_run(self, pipeline: str, run_id: str) -> str | None:
+        """The latest run of ``pipeline`` that started before ``run_id`` and has evaluation metrics."""
+        rows = self.query(
+            """
+            SELECT r.run_id FROM runs r
+            WHERE r.pipeline = ? AND r.run_id <> ?
+              AND r.started_at <= coalesce((SELECT started_at FROM runs WHERE run_id = ?), now())
+              AND EXISTS (SELECT 1 FROM metrics m WHERE m.run_id = r.run_id AND m.stage = 'evaluate')
+            ORDER BY r.started_at DESC LIMIT 1
+            """,
+            [pipeline, run_id, run_id],
+        )
+        return rows[0]["run_id"] if rows else None

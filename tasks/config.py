@@ -349,7 +349,13 @@ class EvaluateConfig(Section):
     sample_tokens: int = Field(80, ge=1)
     temperature: float = Field(0.8, gt=0)
     top_k: int = Field(40, ge=1)
-    prompts: list[str] = Field(default=["def ", "import ", "class "])
+    top_p: float = Field(
+        0.95, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this mass."
+    )
+    prompts: list[str] = Field(
+        default=[], description="Sample prompts; empty means the openings of the first held-out documents."
+    )
+    probe_items: int = Field(200, ge=0, description="Items per probe (last word, multiple choice); 0 = no probes.")
 
 
 class PipelineConfig(Section):

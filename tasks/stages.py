@@ -1,4 +1,4 @@
-"""The seven stages bound to the artifact store: parameters, inputs and the function that produces each.
+"""The stages bound to the artifact store: parameters, inputs and the function that produces each.
 
 This is the one place that knows which configuration section and which upstream artifacts each stage
 reads. It has no Prefect import: the CLI, the Prefect tasks and tests all call ``run_stage``.
@@ -16,10 +16,10 @@ from storage.artifacts import ArtifactStore, Manifest, StageContext
 from storage.faults import maybe_fail
 from storage.hashing import canonical_json, fingerprint
 from storage.shards import compact_ledger_folder
-from tasks import clean, dedup, evaluate, ingest, tokenize, tokenizer, train
+from tasks import clean, dedup, evaluate, export, ingest, tokenize, tokenizer, train
 from tasks.config import PipelineConfig
 
-STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate")
+STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export")
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "ingest": (),
     "clean": ("ingest",),
@@ -28,6 +28,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "tokenize": ("dedup", "tokenizer"),
     "train": ("tokenize",),
     "evaluate": ("train", "tokenizer", "tokenize"),
+    "export": ("train", "tokenizer"),
 }
 
 
@@ -140,6 +141,17 @@ SPECS: dict[str, StageSpec] = {
             c.evaluate,
             c.seed,
             ctx,
+            ledger_files=i["tokenize"].files_under("ledger/"),
+        ),
+    ),
+    # Its own stage (not part of evaluate): it depends only on weights and tokenizer, so changing evaluation
+    # settings does not re-export, and a model can be exported without being evaluated.
+    "export": StageSpec(
+        "export",
+        export.VERSION,
+        lambda c: {"special_tokens": c.tokenizer.special_tokens},
+        lambda c, i, ctx: export.export_stage(
+            i["train"].file(""), i["tokenizer"].file(""), c.tokenizer.special_tokens, ctx
         ),
     ),
 }
