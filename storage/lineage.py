@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS artifacts (
     counts JSON, n_files INTEGER, n_bytes BIGINT, created_at TIMESTAMPTZ, run_id VARCHAR,
     PRIMARY KEY (stage, fingerprint)
 );
+CREATE TABLE IF NOT EXISTS refresh_diffs (
+    run_id VARCHAR, previous_run_id VARCHAR, source VARCHAR, added BIGINT, removed BIGINT, changed BIGINT,
+    unchanged BIGINT, computed_at TIMESTAMPTZ, PRIMARY KEY (run_id, source)
+);
 CREATE TABLE IF NOT EXISTS artifact_edges (
     src_stage VARCHAR, src_fingerprint VARCHAR, dst_stage VARCHAR, dst_fingerprint VARCHAR, relation VARCHAR,
     PRIMARY KEY (src_stage, src_fingerprint, dst_stage, dst_fingerprint)
@@ -180,6 +184,25 @@ class LineageStore:
                     ],
                 )
 
+    def record_refresh_diff(self, run_id: str, previous_run_id: str | None, rows: list[dict]) -> None:
+        """Store a refresh's per-source document diff (see ``source_diff``) against ``previous_run_id``."""
+        with self._connect() as con:
+            con.execute("DELETE FROM refresh_diffs WHERE run_id = ?", [run_id])
+            for r in rows:
+                con.execute(
+                    "INSERT INTO refresh_diffs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        run_id,
+                        previous_run_id,
+                        r["source"],
+                        r["added"],
+                        r["removed"],
+                        r["changed"],
+                        r["unchanged"],
+                        _now(),
+                    ],
+                )
+
     # --- queries ----------------------------------------------------------------------------------------
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict]:
@@ -247,3 +270,79 @@ class LineageStore:
                 [run_id],
             )
         return {"doc_id": doc_id, "run_id": run_id, "stages": rows, "models": [m["model"] for m in models]}
+
+    def run_for_flow_run(self, flow_run_id: str) -> str | None:
+        rows = self.query("SELECT run_id FROM runs WHERE flow_run_id = ? ORDER BY started_at LIMIT 1", [flow_run_id])
+        return rows[0]["run_id"] if rows else None
+
+    def run_config(self, run_id: str) -> dict:
+        rows = self.query("SELECT config FROM runs WHERE run_id = ?", [run_id])
+        if not rows:
+            raise LookupError(f"run {run_id!r} is not in {self.path}")
+        return json.loads(rows[0]["config"])
+
+    def latest_completed_run(self, pipeline: str, before: str | None = None) -> str | None:
+        """The newest completed run of ``pipeline`` (other than ``before``), the baseline of a refresh diff."""
+        rows = self.query(
+            "SELECT run_id FROM runs WHERE pipeline = ? AND status = 'completed' AND run_id IS DISTINCT FROM ? "
+            "ORDER BY ended_at DESC LIMIT 1",
+            [pipeline, before],
+        )
+        return rows[0]["run_id"] if rows else None
+
+    def refresh_diffs(self, run_id: str) -> list[dict]:
+        return self.query(
+            "SELECT source, added, removed, changed, unchanged, previous_run_id FROM refresh_diffs "
+            "WHERE run_id = ? ORDER BY source",
+            [run_id],
+        )
+
+
+def _ledger_glob(artifact_uri: str | None) -> list[str]:
+    return sorted(str(p) for p in Path(artifact_uri).glob("ledger/*.parquet")) if artifact_uri else []
+
+
+def source_diff(old: dict[str, str | None], new: dict[str, str]) -> list[dict]:
+    """Per source: documents added, removed, changed and unchanged between two runs' corpora.
+
+    ``old`` and ``new`` map ``ingest`` and ``clean`` to artifact folders (``old`` may be empty: everything is
+    then added). Presence comes from the ingest ledger (every record, kept or dropped); "changed" compares the
+    clean ledger's ``content_hash`` (of the normalized text) per ``doc_id``, so whitespace-only edits count as
+    unchanged and documents dropped at ingest count as unchanged while they stay present.
+    """
+
+    params: dict[str, list[str]] = {}
+
+    def side(prefix: str, ingest: list[str], clean: list[str]) -> str:
+        if not ingest:
+            return "SELECT NULL::VARCHAR AS doc_id, NULL::VARCHAR AS source, NULL::VARCHAR AS content_hash LIMIT 0"
+        params[f"{prefix}_ingest"] = ingest
+        hashes = "SELECT NULL::VARCHAR AS doc_id, NULL::VARCHAR AS content_hash LIMIT 0"
+        if clean:
+            params[f"{prefix}_clean"] = clean
+            hashes = (
+                f"SELECT doc_id, any_value(content_hash) AS content_hash "
+                f"FROM read_parquet(${prefix}_clean, union_by_name = true) GROUP BY doc_id"
+            )
+        return (
+            f"SELECT i.doc_id, i.source, c.content_hash FROM read_parquet(${prefix}_ingest, union_by_name = true) i "
+            f"LEFT JOIN ({hashes}) c USING (doc_id)"
+        )
+
+    old_sql = side("old", _ledger_glob(old.get("ingest")), _ledger_glob(old.get("clean")))
+    new_sql = side("new", _ledger_glob(new.get("ingest")), _ledger_glob(new.get("clean")))
+    sql = f"""
+        SELECT coalesce(n.source, o.source) AS source,
+               count(*) FILTER (WHERE o.doc_id IS NULL) AS added,
+               count(*) FILTER (WHERE n.doc_id IS NULL) AS removed,
+               count(*) FILTER (WHERE o.doc_id IS NOT NULL AND n.doc_id IS NOT NULL
+                                AND o.content_hash IS DISTINCT FROM n.content_hash) AS changed,
+               count(*) FILTER (WHERE o.doc_id IS NOT NULL AND n.doc_id IS NOT NULL
+                                AND o.content_hash IS NOT DISTINCT FROM n.content_hash) AS unchanged
+        FROM ({old_sql}) o FULL OUTER JOIN ({new_sql}) n ON o.doc_id = n.doc_id
+        GROUP BY 1 ORDER BY 1
+    """
+    with duckdb.connect() as con:
+        cursor = con.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

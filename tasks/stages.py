@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from storage.artifacts import ArtifactStore, Manifest, StageContext
 from storage.faults import maybe_fail
@@ -18,6 +18,8 @@ from tasks import clean, dedup, evaluate, ingest, tokenize, tokenizer, train
 from tasks.config import PipelineConfig
 
 STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate")
+StageName = Literal["ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate"]
+assert get_args(StageName) == STAGES
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "ingest": (),
     "clean": ("ingest",),
@@ -52,6 +54,20 @@ def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
                 digest.update(f"{rel}\x1funreadable\n".encode())
         snapshot[source.name] = digest.hexdigest()
     return snapshot
+
+
+def data_version(cfg: PipelineConfig) -> str:
+    """A short hash of the sources' snapshot (paths, sizes, mtimes): changes whenever ingest would rerun."""
+    return fingerprint("data", "1", _source_snapshot(cfg), [])[:8]
+
+
+def downstream(name: str) -> tuple[str, ...]:
+    """The stage and every stage that (transitively) reads its output, in pipeline order."""
+    affected = {name}
+    for stage in STAGES:
+        if affected & set(UPSTREAM[stage]):
+            affected.add(stage)
+    return tuple(s for s in STAGES if s in affected)
 
 
 def _splits(m: Manifest, split: str) -> list:
