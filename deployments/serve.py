@@ -14,6 +14,7 @@ Run as a module to serve: ``python -m deployments.serve --config configs/quickst
 from __future__ import annotations
 
 import os
+import time
 from uuid import UUID
 
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
@@ -67,11 +68,41 @@ def build_deployments(
     return deployments
 
 
-def serve_all(config: PipelineConfig, *, cron: str = NIGHTLY_CRON, timezone: str | None = None, limit: int = 4) -> None:
+def wait_for_api(timeout_s: float) -> None:
+    """Wait until the server at PREFECT_API_URL answers its health check (e.g. when started alongside it)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise RuntimeError("PREFECT_API_URL is not set: start a server (`tokenmill server`) and export its API URL")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no Prefect server answered at {url} within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def serve_all(
+    config: PipelineConfig,
+    *,
+    cron: str = NIGHTLY_CRON,
+    timezone: str | None = None,
+    limit: int = 4,
+    wait_s: float = 0,
+) -> None:
     """Serve every deployment from this process until interrupted; flow runs start as child processes."""
     from prefect import serve
 
-    serve(*build_deployments(config, cron=cron, timezone=timezone), limit=limit)
+    deployments = build_deployments(config, cron=cron, timezone=timezone)
+    if wait_s:
+        wait_for_api(wait_s)
+    serve(*deployments, limit=limit)
 
 
 def deploy_all(

@@ -141,11 +141,12 @@ def serve(
     cron: str = typer.Option("0 2 * * *", help="Cron schedule of the nightly refresh."),
     timezone: str = typer.Option("UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", help="Time zone of --cron."),
     limit: int = typer.Option(4, min=1, help="Flow runs executed at once."),
+    wait_for_api: float = typer.Option(0, help="Seconds to wait for the server to come up (0: expect it running)."),
 ) -> None:
     """Serve every deployment (pipeline, nightly refresh, one per stage) from this process; needs PREFECT_API_URL."""
     from deployments.serve import serve_all
 
-    serve_all(load_config(config, root), cron=cron, timezone=timezone, limit=limit)
+    serve_all(load_config(config, root), cron=cron, timezone=timezone, limit=limit, wait_s=wait_for_api)
 
 
 @app.command()

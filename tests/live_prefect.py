@@ -78,11 +78,20 @@ class LiveServer:
             time.sleep(0.25)
         raise TimeoutError(f"prefect server not healthy after {timeout} s:\n{tail(self.log)}")
 
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One API call, retried while the server answers 503 (SQLite busy), as Prefect's own client does."""
+        for _ in range(20):
+            response = self.client.request(method, url, **kwargs)
+            if response.status_code != 503:
+                return response
+            time.sleep(1)
+        return response
+
     # --- the REST calls the UI makes ---------------------------------------------------------------------
 
     def deployment(self, full_name: str) -> dict:
         flow, name = full_name.split("/")
-        response = self.client.get(f"/deployments/name/{flow}/{name}")
+        response = self.request("GET", f"/deployments/name/{flow}/{name}")
         response.raise_for_status()
         return response.json()
 
@@ -91,7 +100,7 @@ class LiveServer:
         body = {"state": {"type": "SCHEDULED", "message": "Run from the Prefect UI"}}
         if parameters is not None:
             body["parameters"] = parameters
-        return self.client.post(f"/deployments/{self.deployment(deployment)['id']}/create_flow_run", json=body)
+        return self.request("POST", f"/deployments/{self.deployment(deployment)['id']}/create_flow_run", json=body)
 
     def run(self, deployment: str, parameters: dict[str, Any] | None = None) -> str:
         response = self.create_run(deployment, parameters)
@@ -100,14 +109,16 @@ class LiveServer:
 
     def retry(self, flow_run_id: str) -> None:
         """The UI's Retry button on a failed flow run."""
-        response = self.client.post(
-            f"/flow_runs/{flow_run_id}/set_state", json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}}
+        response = self.request(
+            "POST",
+            f"/flow_runs/{flow_run_id}/set_state",
+            json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}},
         )
         response.raise_for_status()
         assert response.json()["status"] == "ACCEPT", response.text
 
     def flow_run(self, flow_run_id: str) -> dict:
-        response = self.client.get(f"/flow_runs/{flow_run_id}")
+        response = self.request("GET", f"/flow_runs/{flow_run_id}")
         response.raise_for_status()
         return response.json()
 
@@ -121,8 +132,10 @@ class LiveServer:
         raise TimeoutError(f"flow run {flow_run_id} still {run['state_name']}:\n{tail(serve_log) if serve_log else ''}")
 
     def task_runs(self, flow_run_id: str) -> list[dict]:
-        response = self.client.post(
-            "/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+        response = self.request(
+            "POST",
+            "/task_runs/filter",
+            json={"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"},
         )
         response.raise_for_status()
         return response.json()
@@ -131,7 +144,7 @@ class LiveServer:
         body: dict[str, Any] = {"deployments": {"id": {"any_": [self.deployment(deployment)["id"]]}}}
         if state:
             body["flow_runs"] = {"state": {"type": {"any_": [state]}}}
-        response = self.client.post("/flow_runs/filter", json=body)
+        response = self.request("POST", "/flow_runs/filter", json=body)
         response.raise_for_status()
         return response.json()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +29,16 @@ from tasks.stages import STAGES, downstream
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
 
 TIMEZONE = "Europe/Berlin"
+# Server services these tests never need: fewer writers on the server's SQLite file on a busy 2-core machine.
+IDLE_SERVICES = (
+    "LATE_RUNS",
+    "FOREMAN",
+    "PAUSE_EXPIRATIONS",
+    "CANCELLATION_CLEANUP",
+    "REPOSSESSOR",
+    "TRIGGERS",
+    "EVENT_LOGGER",
+)
 OUTPUT = Path(os.environ.get("TOKENMILL_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "test-output"))
 
 
@@ -55,11 +64,11 @@ def prefect_server(tmp_path_factory) -> LiveServer:
     home = tmp_path_factory.mktemp("prefect-server-home")
     port = free_port()
     env = server_env("127.0.0.1", port, ui=True) | {"PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env |= {f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in IDLE_SERVICES}
     log = home / "server.log"
     server = LiveServer(f"http://127.0.0.1:{port}", env, log, start_group(server_command("127.0.0.1", port), env, log))
     try:
-        server.startup_s = server.wait_healthy()
-        yield server
+        yield server  # still starting: `served` starts `tokenmill serve` meanwhile, then waits for both
     finally:
         stop_group(server.proc)
 
@@ -79,19 +88,25 @@ def served(prefect_server: LiveServer, tmp_path_factory) -> Served:
     env = prefect_server.env | {
         "PREFECT_HOME": str(home),
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "PREFECT_LOGGING_LEVEL": "INFO",  # stage log lines reach the UI
         "TOKENMILL_FAULT": f"@{fault_file}",
         "TOKENMILL_FAULT_DIR": str(work / "faults"),
     }
     log = work / "serve.log"
-    cmd = python_command("-m", "flows.cli", "serve", "--config", str(config_path), "--timezone", TIMEZONE)
+    cmd = python_command(
+        "-m", "flows.cli", "serve", "--config", str(config_path), "--timezone", TIMEZONE, "--wait-for-api", "180"
+    )
+    started = time.monotonic()
     proc = start_group(cmd, env, log)
     try:
-        deadline = time.monotonic() + 90
+        print(f"\nprefect server healthy after {prefect_server.wait_healthy(180):.1f} s")
+        deadline = time.monotonic() + 120
         while "tokenmill" not in tail(log) or "serve" not in tail(log).lower():
             assert proc.poll() is None, f"tokenmill serve exited:\n{tail(log)}"
             assert time.monotonic() < deadline, f"tokenmill serve did not start:\n{tail(log)}"
             time.sleep(0.5)
         _wait_for_deployments(prefect_server, deadline)
+        print(f"tokenmill serve ready after {time.monotonic() - started:.1f} s (both started together)")
         yield Served(prefect_server, work, corpus, config, fault_file, log)
     finally:
         stop_group(proc)
@@ -100,8 +115,8 @@ def served(prefect_server: LiveServer, tmp_path_factory) -> Served:
 def _wait_for_deployments(server: LiveServer, deadline: float) -> None:
     wanted = {PIPELINE_DEPLOYMENT, NIGHTLY_DEPLOYMENT} | {f"stage/{s}" for s in STAGES}
     while True:
-        rows = server.client.post("/deployments/filter", json={}).json()
-        flows = {f["id"]: f["name"] for f in server.client.post("/flows/filter", json={}).json()}
+        rows = server.request("POST", "/deployments/filter", json={}).json()
+        flows = {f["id"]: f["name"] for f in server.request("POST", "/flows/filter", json={}).json()}
         if wanted <= {f"{flows.get(d['flow_id'])}/{d['name']}" for d in rows}:
             return
         assert time.monotonic() < deadline, f"deployments missing; have {rows}"
@@ -198,27 +213,23 @@ def test_stage_deployment_and_cli_rerun_one_stage_from_lineage(failed_then_retri
         "stage/evaluate", {"name": "evaluate", "run_id": run_id, "root": str(root), "force": True}
     )
     assert served.server.wait(flow_run_id, serve_log=served.log)["state_type"] == "COMPLETED", tail(served.log)
-    env = served.server.env | {"PREFECT_HOME": str(served.work / "serve-home")}
-    cli = subprocess.run(
-        python_command("-m", "flows.cli", "stage", "tokenizer", "--run", run_id, "--root", str(root), "--force"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert cli.returncode == 0, cli.stdout + cli.stderr
+    cli = _cli(served, "stage", "tokenizer", "--run", run_id, "--root", str(root), "--force")
+    assert cli.exit_code == 0, cli.output
     added = [(s["stage"], s["status"]) for s in _lineage(root).stage_runs(run_id)[before:]]
     assert added == [("evaluate", "completed"), ("tokenizer", "completed")]
-    missing = subprocess.run(
-        python_command("-m", "flows.cli", "stage", "train", "--run", "no-such-run", "--root", str(root)),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert missing.returncode != 0 and "no-such-run" in missing.stdout + missing.stderr
+    missing = _cli(served, "stage", "train", "--run", "no-such-run", "--root", str(root))
+    assert missing.exit_code == 1 and "no-such-run" in missing.output, missing.output
+
+
+def _cli(served: Served, *args: str):
+    """``tokenmill …`` in this process (no second `import prefect`), talking to the live server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    with temporary_settings(updates={PREFECT_API_URL: f"{served.server.url}/api"}):
+        return CliRunner().invoke(app, list(args))
 
 
 def test_invalid_parameters_are_rejected_before_any_stage_runs(served: Served):
@@ -274,7 +285,8 @@ def test_browser_custom_run_from_the_ui(served: Served):
     screenshot = OUTPUT / "prefect-ui-custom-run.png"
     base = served.server.url
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
+        context = p.chromium.launch_persistent_context(
+            user_data_dir=str(served.work / "chromium-profile"),  # fresh: passed to Chromium as --user-data-dir
             executable_path=chromium,
             headless=True,
             args=[
@@ -285,23 +297,20 @@ def test_browser_custom_run_from_the_ui(served: Served):
                 "--disable-background-networking",
                 "--disable-component-update",
                 "--disable-sync",
-                f"--user-data-dir={served.work / 'chromium-profile'}",
             ],
+            viewport={"width": 1400, "height": 1000},
         )
+        # the UI calls an analytics host even with DO_NOT_TRACK: nothing may leave the machine
+        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base) else route.abort())
+        page = context.new_page()
+        page.set_default_timeout(60_000)
         try:
-            context = browser.new_context(viewport={"width": 1400, "height": 1000})
-            context.route(
-                "**/*", lambda route: route.continue_() if route.request.url.startswith(base) else route.abort()
-            )
-            page = context.new_page()
-            page.set_default_timeout(30_000)
             page.goto(f"{base}/")
             page.get_by_role("link", name="Deployments").first.click()
             page.get_by_role("link", name="tokenmill", exact=True).first.click()
-            page.get_by_role("button", name="Run").click()
+            page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_role("menuitem", name="Custom run").click()
-            seed = page.get_by_label("Seed (Optional)")
-            seed.fill("4242")
+            page.get_by_label("Seed (Optional)").fill("4242")
             with page.expect_response(lambda r: "create_flow_run" in r.url and r.request.method == "POST") as created:
                 page.get_by_role("button", name="Submit").click()
             flow_run_id = created.value.json()["id"]
@@ -309,9 +318,11 @@ def test_browser_custom_run_from_the_ui(served: Served):
             run = served.server.wait(flow_run_id, serve_log=served.log)
             assert run["state_type"] == "COMPLETED", tail(served.log)
             assert run["parameters"]["config"]["seed"] == 4242
+            page.reload()  # the Logs tab does not refetch by itself
             page.get_by_text("Completed").first.wait_for()
-            page.screenshot(path=str(screenshot), full_page=True)
+            page.get_by_text("built", exact=False).first.wait_for()  # a stage's log line, through the run logger
         finally:
-            browser.close()
+            page.screenshot(path=str(screenshot), full_page=True)
+            context.close()
     assert screenshot.stat().st_size > 0
     print(f"screenshot: {screenshot}")

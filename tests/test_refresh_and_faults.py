@@ -1,0 +1,80 @@
+"""Prefect-free pieces of operations: the refresh diff, fault counts, stage dependencies, the deployments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from storage.faults import InjectedFault, maybe_fail
+from storage.lineage import source_diff
+from tasks.stages import STAGES, UPSTREAM, data_version, downstream, run_stage
+
+
+def _corpus_artifacts(cfg) -> dict[str, str]:
+    ingest, _ = run_stage("ingest", cfg, {})
+    clean, _ = run_stage("clean", cfg, {"ingest": ingest})
+    return {"ingest": ingest.path, "clean": clean.path}
+
+
+def test_refresh_diff_counts_added_removed_and_changed_documents_per_source(corpus: Path, tmp_path: Path):
+    cfg = tiny_config(corpus, tmp_path / "root")
+    before = _corpus_artifacts(cfg)
+    version = data_version(cfg)
+    docs = corpus / "docs"
+    (docs / "prose_new.txt").write_text("A brand new document about pipelines and lineage.\n" * 4)
+    (docs / "prose_01.txt").unlink()
+    (docs / "prose_02.txt").write_text("Rewritten prose about careful data engineering.\n" * 4)
+    assert data_version(cfg) != version  # the run name's data version follows the sources
+    after = _corpus_artifacts(cfg)
+
+    diff = {row["source"]: row for row in source_diff(before, after)}
+    assert (diff["docs"]["added"], diff["docs"]["removed"], diff["docs"]["changed"]) == (1, 1, 1)
+    assert (diff["records"]["added"], diff["records"]["removed"], diff["records"]["changed"]) == (0, 0, 0)
+    assert diff["records"]["unchanged"] == 12  # every record, also the dropped malformed ones
+    assert source_diff(after, after)[0]["changed"] == 0
+    first = {row["source"]: row["added"] for row in source_diff({}, before)}
+    assert first["records"] == 12 and first["docs"] > 0  # no previous run: everything is new
+
+
+def test_fault_fires_the_given_number_of_times_then_lets_retries_pass(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("TOKENMILL_FAULT_DIR", str(tmp_path / "faults"))
+    monkeypatch.setenv("TOKENMILL_FAULT", "dedup:start:2")
+    for attempt in (1, 2):
+        with pytest.raises(InjectedFault, match=f"{attempt}/2"):
+            maybe_fail("dedup", "start")
+    maybe_fail("dedup", "start")  # the third attempt passes
+    maybe_fail("clean", "start")  # other stages never fail
+
+
+def test_fault_spec_can_be_armed_through_a_file(tmp_path: Path, monkeypatch):
+    spec = tmp_path / "spec"
+    monkeypatch.setenv("TOKENMILL_FAULT_DIR", str(tmp_path / "faults"))
+    monkeypatch.setenv("TOKENMILL_FAULT", f"@{spec}")
+    maybe_fail("train", "start")  # no file: disarmed
+    spec.write_text("train:start\n")
+    with pytest.raises(InjectedFault):
+        maybe_fail("train", "start")
+    maybe_fail("train", "start")  # once by default
+
+
+def test_downstream_follows_the_stage_graph():
+    assert downstream("dedup") == ("dedup", "tokenizer", "tokenize", "train", "evaluate")
+    assert downstream("train") == ("train", "evaluate")
+    assert downstream("ingest") == STAGES
+    for stage in STAGES:
+        assert all(stage in downstream(u) for u in UPSTREAM[stage])
+
+
+def test_deployments_cover_pipeline_nightly_and_every_stage(config):
+    from deployments.serve import build_deployments
+
+    deployments = {f"{d.flow_name}/{d.name}": d for d in build_deployments(config, timezone="Europe/Berlin")}
+    assert set(deployments) == {"pipeline/tokenmill", "nightly-refresh/nightly"} | {f"stage/{s}" for s in STAGES}
+    (nightly,) = deployments["nightly-refresh/nightly"].schedules
+    assert (nightly.schedule.cron, nightly.schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
+    assert deployments["pipeline/tokenmill"].parameters["config"]["root"] == config.root
+    schema = deployments["pipeline/tokenmill"]._parameter_openapi_schema.model_dump()
+    force = schema["properties"]["force"]["anyOf"][0]["items"]
+    assert force["enum"] == list(STAGES)  # the UI offers the stage names, and the server rejects others
