@@ -105,8 +105,8 @@ def stage(
         raise typer.BadParameter(f"{name!r} is not a stage; stages are {', '.join(STAGES)}", param_hint="NAME")
     from flows.stage import stage as stage_flow
 
-    _lineage(root)  # a clear message when the root has no lineage yet
     try:
+        _lineage(root).run_config(run_id)  # unknown runs are refused before a flow run starts
         stage_flow(name=name, run_id=run_id, root=root, force=force)
     except LookupError as err:
         console.print(f"[red]{err}[/red]")

@@ -79,7 +79,7 @@ def served(prefect_server: LiveServer, tmp_path_factory) -> Served:
     work = tmp_path_factory.mktemp("served")
     corpus = work / "corpus"
     write_corpus(corpus)
-    config = tiny_config(corpus, work / "default-root")
+    config = tiny_config(corpus, work / "root")  # the deployments' default parameters
     config_path = work / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     home = work / "serve-home"
@@ -136,10 +136,10 @@ def _run_id(served: Served, flow_run_id: str, root: Path) -> str:
 @pytest.fixture(scope="module")
 def failed_then_retried(served: Served) -> dict:
     """A pipeline run whose dedup stage fails both task attempts, then the UI's Retry on the failed flow run."""
-    server, root = served.server, served.work / "retry-root"
+    server, root = served.server, Path(served.config.root)
     served.fault_file.write_text("dedup:start:2")  # 2 = the task's attempt and its automatic retry
     try:
-        flow_run_id = server.run(PIPELINE_DEPLOYMENT, {"config": served.config_for("retry-root")})
+        flow_run_id = server.run(PIPELINE_DEPLOYMENT, {"config": served.config_for("root")})
         failed = server.wait(flow_run_id, serve_log=served.log)
         failed_lineage = _lineage(root).stage_runs(_run_id(served, flow_run_id, root))
         failed_tasks = server.task_runs(flow_run_id)
@@ -193,7 +193,7 @@ def test_ui_retry_reruns_only_the_failed_stage_and_its_downstream(failed_then_re
 
 
 def test_force_from_the_api_recomputes_that_stage_only(failed_then_retried: dict, served: Served):
-    config = served.config_for("retry-root")
+    config = served.config_for("root")
     flow_run_id = served.server.run(PIPELINE_DEPLOYMENT, {"config": config, "force": ["tokenize"]})
     assert served.server.wait(flow_run_id, serve_log=served.log)["state_type"] == "COMPLETED", tail(served.log)
     statuses = {
@@ -263,7 +263,7 @@ def test_nightly_refresh_is_scheduled_and_a_no_change_refresh_does_nothing(faile
         assert (local.hour, local.minute) == (2, 0), run["expected_start_time"]
 
     root = failed_then_retried["root"]
-    flow_run_id = server.run(NIGHTLY_DEPLOYMENT, {"config": served.config_for("retry-root")})
+    flow_run_id = server.run(NIGHTLY_DEPLOYMENT)  # a Quick run: the deployment's default parameters
     run = server.wait(flow_run_id, serve_log=served.log)
     assert run["state_type"] == "COMPLETED", tail(served.log)
     lineage = _lineage(root)
@@ -275,8 +275,11 @@ def test_nightly_refresh_is_scheduled_and_a_no_change_refresh_does_nothing(faile
     print(f"no-change refresh: {run['total_run_time']:.1f} s of flow run time")
 
 
-def test_browser_custom_run_from_the_ui(served: Served):
-    """Headless Chromium: Deployments → pipeline → Run → Custom run → change Seed → Submit → Completed."""
+def test_browser_custom_run_from_the_ui(failed_then_retried: dict, served: Served):
+    """Headless Chromium: Deployments → pipeline → Run → Custom run → change Seed → Submit → Completed.
+
+    It runs after the retry scenario on the same data root, so only train and evaluate (which the seed feeds)
+    recompute."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (make test installs it with apt-get; see README)")
@@ -318,6 +321,9 @@ def test_browser_custom_run_from_the_ui(served: Served):
             run = served.server.wait(flow_run_id, serve_log=served.log)
             assert run["state_type"] == "COMPLETED", tail(served.log)
             assert run["parameters"]["config"]["seed"] == 4242
+            root = Path(served.config.root)
+            statuses = {r["stage"]: r["status"] for r in _lineage(root).stage_runs(_run_id(served, flow_run_id, root))}
+            assert statuses == {**dict.fromkeys(STAGES, "cached"), "train": "completed", "evaluate": "completed"}
             page.reload()  # the Logs tab does not refetch by itself
             page.get_by_text("Completed").first.wait_for()
             page.get_by_text("built", exact=False).first.wait_for()  # a stage's log line, through the run logger

@@ -1,4 +1,4 @@
-"""Prefect-free pieces of operations: the refresh diff, fault counts, stage dependencies, the deployments."""
+"""Operations without a server: the refresh diff, fault counts, stage dependencies, the deployment definitions."""
 
 from __future__ import annotations
 
@@ -78,3 +78,14 @@ def test_deployments_cover_pipeline_nightly_and_every_stage(config):
     schema = deployments["pipeline/tokenmill"]._parameter_openapi_schema.model_dump()
     force = schema["properties"]["force"]["anyOf"][0]["items"]
     assert force["enum"] == list(STAGES)  # the UI offers the stage names, and the server rejects others
+
+
+def test_work_pool_deployments_use_importable_module_entrypoints(config):
+    from prefect.deployments.runner import EntrypointType
+    from prefect.flows import load_flow_from_entrypoint
+
+    from deployments.serve import build_deployments
+
+    for deployment in build_deployments(config, entrypoint_type=EntrypointType.MODULE_PATH):
+        assert deployment.entrypoint.startswith("flows.")
+        assert load_flow_from_entrypoint(deployment.entrypoint, use_placeholder_flow=False).name == deployment.flow_name
