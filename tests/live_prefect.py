@@ -122,11 +122,16 @@ class LiveServer:
         response.raise_for_status()
         return response.json()
 
-    def wait(self, flow_run_id: str, timeout: float = 120, serve_log: Path | None = None) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait(self, flow_run_id: str, timeout: float = 180, serve_log: Path | None = None) -> dict:
+        """Wait for a terminal state; print how long the run took from its (re)scheduling and inside its flow."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
             run = self.flow_run(flow_run_id)
             if run["state_type"] in TERMINAL:
+                print(
+                    f"\n  flow run {run['name']}: {run['state_name']} after {time.monotonic() - started:.1f} s "
+                    f"({run['total_run_time']:.1f} s running)"
+                )
                 return run
             time.sleep(0.5)
         raise TimeoutError(f"flow run {flow_run_id} still {run['state_name']}:\n{tail(serve_log) if serve_log else ''}")

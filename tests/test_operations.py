@@ -20,7 +20,7 @@ from conftest import tiny_config, write_corpus
 from live_prefect import LiveServer, free_port, python_command, start_group, stop_group, tail
 
 from deployments.serve import NIGHTLY_DEPLOYMENT, PIPELINE_DEPLOYMENT
-from deployments.server import server_command, server_env
+from deployments.server import server_env
 from storage.artifacts import ArtifactStore
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
@@ -63,10 +63,12 @@ class Served:
 def prefect_server(tmp_path_factory) -> LiveServer:
     home = tmp_path_factory.mktemp("prefect-server-home")
     port = free_port()
+    # what `tokenmill server` sets for the server itself; the served process and the CLI get the same API URL
     env = server_env("127.0.0.1", port, ui=True) | {"PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "WARNING"}
     env |= {f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in IDLE_SERVICES}
     log = home / "server.log"
-    server = LiveServer(f"http://127.0.0.1:{port}", env, log, start_group(server_command("127.0.0.1", port), env, log))
+    proc = start_group(python_command("-m", "flows.cli", "server", "--port", str(port)), env, log)  # tokenmill server
+    server = LiveServer(f"http://127.0.0.1:{port}", env, log, proc)
     try:
         yield server  # still starting: `served` starts `tokenmill serve` meanwhile, then waits for both
     finally:

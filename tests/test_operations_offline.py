@@ -89,3 +89,16 @@ def test_work_pool_deployments_use_importable_module_entrypoints(config):
     for deployment in build_deployments(config, entrypoint_type=EntrypointType.MODULE_PATH):
         assert deployment.entrypoint.startswith("flows.")
         assert load_flow_from_entrypoint(deployment.entrypoint, use_placeholder_flow=False).name == deployment.flow_name
+
+
+def test_server_env_tells_the_ui_its_api_url_on_any_port():
+    from deployments.server import server_command, server_env
+
+    env = server_env("127.0.0.1", 4321, base={"PATH": "/bin"})
+    assert env["PREFECT_API_URL"] == "http://127.0.0.1:4321/api"
+    assert (env["PREFECT_UI_ENABLED"], env["PREFECT_SERVER_ANALYTICS_ENABLED"], env["DO_NOT_TRACK"]) == (
+        "true",
+        "false",
+        "1",
+    )
+    assert server_command("127.0.0.1", 4321)[-6:] == ["server", "start", "--host", "127.0.0.1", "--port", "4321"]
