@@ -134,12 +134,24 @@ def refresh(
     console.print(table)
 
 
+def _check_timezone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise typer.BadParameter(f"{value!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)") from None
+    return value
+
+
 @app.command()
 def serve(
     config: Path | None = ConfigOpt,
     root: str | None = RootOpt,
     cron: str = typer.Option("0 2 * * *", help="Cron schedule of the nightly refresh."),
-    timezone: str = typer.Option("UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", help="Time zone of --cron."),
+    timezone: str = typer.Option(
+        "UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", callback=_check_timezone, help="IANA time zone of --cron."
+    ),
     limit: int = typer.Option(4, min=1, help="Flow runs executed at once."),
     wait_for_api: float = typer.Option(0, help="Seconds to wait for the server to come up (0: expect it running)."),
 ) -> None:
@@ -156,7 +168,9 @@ def deploy(
     root: str | None = RootOpt,
     image: str | None = typer.Option(None, help="Image with tokenmill installed (Docker/Kubernetes pools)."),
     cron: str = typer.Option("0 2 * * *", help="Cron schedule of the nightly refresh."),
-    timezone: str = typer.Option("UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", help="Time zone of --cron."),
+    timezone: str = typer.Option(
+        "UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", callback=_check_timezone, help="IANA time zone of --cron."
+    ),
 ) -> None:
     """Register the same deployments with a work pool; its workers run them (`prefect worker start --pool P`)."""
     from deployments.serve import deploy_all
