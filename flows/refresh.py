@@ -15,8 +15,20 @@ from pydantic import Field
 
 from flows.pipeline import flow_run_name_for, pipeline
 from storage.artifacts import ArtifactStore
-from storage.lineage import LineageStore, source_diff
+from storage.lineage import LineageStore
+from storage.lineage_queries import LineageQueries
 from tasks.config import PipelineConfig
+
+
+def refresh_diff(lineage: LineageStore, previous: str | None, run_id: str) -> list[dict]:
+    """Per source: documents added/removed/changed/unchanged since ``previous`` (everything added without one)."""
+    if previous is not None:
+        return LineageQueries(lineage).diff(previous, run_id)["sources"]
+    counts = lineage.query(
+        "SELECT source, count(*) AS added FROM read_parquet(?) GROUP BY source ORDER BY source",
+        [lineage.ledger_files(run_id, ("ingest",))],
+    )
+    return [{"source": c["source"], "added": c["added"], "removed": 0, "changed": 0, "unchanged": 0} for c in counts]
 
 
 def _refresh_run_name() -> str:
@@ -39,8 +51,7 @@ def nightly_refresh(
         config = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": train_steps})})
     result = pipeline(config=config)
     run_id = result["run_id"]
-    before = {a["stage"]: a["uri"] for a in lineage.run_artifacts(previous)} if previous else {}
-    diff = source_diff(before, {s: result["artifacts"][s] for s in ("ingest", "clean")})
+    diff = refresh_diff(lineage, previous, run_id)
     lineage.record_refresh_diff(run_id, previous, diff)
     rebuilt = [r["stage"] for r in lineage.stage_runs(run_id) if r["status"] == "completed"]
     create_table_artifact(key="refresh-diff", table=diff, description=f"documents per source vs run {previous}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +26,8 @@ def open_lineage(root: str) -> LineageStore:
 
 def recorded_inputs(lineage: LineageStore, run_id: str, name: str, root: str) -> tuple[PipelineConfig, dict]:
     """The configuration run ``run_id`` used and the upstream manifests ``name`` needs, as lineage recorded them."""
-    cfg = PipelineConfig.model_validate(lineage.run_config(run_id) | {"root": str(ArtifactStore(root).root)})
+    recorded = json.loads(lineage.run(run_id)["config"])
+    cfg = PipelineConfig.model_validate(recorded | {"root": str(ArtifactStore(root).root)})
     artifacts = {a["stage"]: a for a in lineage.run_artifacts(run_id)}
     missing = [u for u in UPSTREAM[name] if u not in artifacts]
     if missing:

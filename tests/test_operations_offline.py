@@ -2,39 +2,49 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from conftest import tiny_config
 
+from storage.artifacts import ArtifactStore
 from storage.faults import InjectedFault, maybe_fail
-from storage.lineage import source_diff
+from storage.lineage import LineageStore
 from tasks.stages import STAGES, UPSTREAM, data_version, downstream, run_stage
 
 
-def _corpus_artifacts(cfg) -> dict[str, str]:
+def _record_corpus_run(lineage: LineageStore, run_id: str, cfg) -> None:
+    """Ingest and clean the corpus as a completed lineage run (what a refresh diffs against)."""
+    lineage.start_run(run_id, cfg.name, cfg.model_dump(), cfg.seed, None)
     ingest, _ = run_stage("ingest", cfg, {})
     clean, _ = run_stage("clean", cfg, {"ingest": ingest})
-    return {"ingest": ingest.path, "clean": clean.path}
+    for manifest in (ingest, clean):
+        lineage.record_stage(run_id, manifest.stage, "completed", datetime.now(UTC), manifest=manifest)
+    lineage.finish_run(run_id, "completed")
 
 
 def test_refresh_diff_counts_added_removed_and_changed_documents_per_source(corpus: Path, tmp_path: Path):
+    from flows.refresh import refresh_diff
+
     cfg = tiny_config(corpus, tmp_path / "root")
-    before = _corpus_artifacts(cfg)
+    lineage = LineageStore(ArtifactStore(cfg.root).lineage_path)
+    _record_corpus_run(lineage, "before", cfg)
     version = data_version(cfg)
     docs = corpus / "docs"
     (docs / "prose_new.txt").write_text("A brand new document about pipelines and lineage.\n" * 4)
     (docs / "prose_01.txt").unlink()
     (docs / "prose_02.txt").write_text("Rewritten prose about careful data engineering.\n" * 4)
     assert data_version(cfg) != version  # the run name's data version follows the sources
-    after = _corpus_artifacts(cfg)
+    _record_corpus_run(lineage, "after", cfg)
 
-    diff = {row["source"]: row for row in source_diff(before, after)}
+    assert lineage.latest_completed_run(cfg.name, before="after") == "before"
+    diff = {row["source"]: row for row in refresh_diff(lineage, "before", "after")}
     assert (diff["docs"]["added"], diff["docs"]["removed"], diff["docs"]["changed"]) == (1, 1, 1)
     assert (diff["records"]["added"], diff["records"]["removed"], diff["records"]["changed"]) == (0, 0, 0)
-    assert diff["records"]["unchanged"] == 12  # every record, also the dropped malformed ones
-    assert source_diff(after, after)[0]["changed"] == 0
-    first = {row["source"]: row["added"] for row in source_diff({}, before)}
+    lineage.record_refresh_diff("after", "before", list(diff.values()))
+    assert [r["source"] for r in lineage.refresh_diffs("after")] == ["docs", "records"]
+    first = {row["source"]: row["added"] for row in refresh_diff(lineage, None, "before")}
     assert first["records"] == 12 and first["docs"] > 0  # no previous run: everything is new
 
 
