@@ -98,6 +98,109 @@ def run(
 
 
 @app.command()
+def stage(
+    name: str = typer.Argument(..., help="Stage to rerun: ingest, clean, dedup, tokenizer, tokenize, train, evaluate."),
+    run_id: str = typer.Option(..., "--run", help="The lineage run whose recorded inputs to use."),
+    root: str = typer.Option("./data", "--root", "-r"),
+    force: bool = typer.Option(False, "--force", help="Recompute even if the stage's artifact exists."),
+) -> None:
+    """Rerun one stage of a recorded run from the configuration and upstream artifacts lineage kept for it."""
+    from tasks.stages import STAGES
+
+    if name not in STAGES:
+        raise typer.BadParameter(f"{name!r} is not a stage; stages are {', '.join(STAGES)}", param_hint="NAME")
+    from flows.stage import stage as stage_flow
+
+    try:
+        _lineage(root).run(run_id)  # unknown runs are refused before a flow run starts
+        stage_flow(name=name, run_id=run_id, root=root, force=force)
+    except LookupError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    print_run_summary(root, run_id)
+
+
+@app.command()
+def refresh(
+    config: Path | None = ConfigOpt,
+    root: str | None = RootOpt,
+    train_steps: int | None = typer.Option(None, min=1, help="Training budget for this refresh (optimizer steps)."),
+) -> None:
+    """Run the nightly refresh now: the pipeline on the current sources, plus the per-source document diff."""
+    cfg = load_config(config, root)
+    from flows.refresh import nightly_refresh
+
+    result = nightly_refresh(config=cfg, train_steps=train_steps)
+    print_run_summary(cfg.root, result["run_id"])
+    table = Table(title=f"documents vs run {result['previous_run_id']}")
+    for col in ("source", "added", "removed", "changed", "unchanged"):
+        table.add_column(col)
+    for row in result["diff"]:
+        table.add_row(*(str(row[c]) for c in ("source", "added", "removed", "changed", "unchanged")))
+    console.print(table)
+
+
+def _check_timezone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise typer.BadParameter(f"{value!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)") from None
+    return value
+
+
+@app.command()
+def serve(
+    config: Path | None = ConfigOpt,
+    root: str | None = RootOpt,
+    cron: str = typer.Option("0 2 * * *", help="Cron schedule of the nightly refresh."),
+    timezone: str = typer.Option(
+        "UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", callback=_check_timezone, help="IANA time zone of --cron."
+    ),
+    limit: int = typer.Option(4, min=1, help="Flow runs executed at once."),
+    wait_for_api: float = typer.Option(0, help="Seconds to wait for the server to come up (0: expect it running)."),
+) -> None:
+    """Serve every deployment (pipeline, nightly refresh, one per stage) from this process; needs PREFECT_API_URL."""
+    from deployments.serve import serve_all
+
+    serve_all(load_config(config, root), cron=cron, timezone=timezone, limit=limit, wait_s=wait_for_api)
+
+
+@app.command()
+def deploy(
+    work_pool: str = typer.Option(..., "--pool", help="Work pool (process, docker or kubernetes) to deploy to."),
+    config: Path | None = ConfigOpt,
+    root: str | None = RootOpt,
+    image: str | None = typer.Option(None, help="Image with tokenmill installed (Docker/Kubernetes pools)."),
+    cron: str = typer.Option("0 2 * * *", help="Cron schedule of the nightly refresh."),
+    timezone: str = typer.Option(
+        "UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", callback=_check_timezone, help="IANA time zone of --cron."
+    ),
+) -> None:
+    """Register the same deployments with a work pool; its workers run them (`prefect worker start --pool P`)."""
+    from deployments.serve import deploy_all
+
+    ids = deploy_all(load_config(config, root), work_pool, image=image, cron=cron, timezone=timezone)
+    console.print(f"{len(ids)} deployments registered with work pool {work_pool!r}")
+
+
+@app.command()
+def server(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(4200, help="Port for the API and the UI."),
+) -> None:
+    """Start a local Prefect server with its UI at http://HOST:PORT (set PREFECT_API_URL=http://HOST:PORT/api
+    for `tokenmill serve` and `tokenmill run`)."""
+    import subprocess
+
+    from deployments.server import server_command, server_env
+
+    console.print(f"Prefect UI: http://{host}:{port}   API: http://{host}:{port}/api")
+    raise typer.Exit(subprocess.call(server_command(host, port), env=server_env(host, port)))
+
+
+@app.command()
 def runs(root: str = typer.Option("./data", "--root", "-r"), limit: int = 20) -> None:
     """List recorded runs, newest first."""
     _print_runs(_lineage(root).runs(limit))

@@ -72,6 +72,12 @@ MIGRATIONS: list[str] = [
     CREATE TABLE samples (run_id VARCHAR, idx INTEGER, prompt VARCHAR, completion VARCHAR, seed BIGINT);
     CREATE TABLE reports (run_id VARCHAR, format VARCHAR, path VARCHAR, created_at TIMESTAMPTZ);
     """,
+    """
+    CREATE TABLE refresh_diffs (
+        run_id VARCHAR, previous_run_id VARCHAR, source VARCHAR, added BIGINT, removed BIGINT, changed BIGINT,
+        unchanged BIGINT, computed_at TIMESTAMPTZ, PRIMARY KEY (run_id, source)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 TRAIN_METRIC_COLUMNS = (
@@ -347,6 +353,17 @@ class LineageStore:
 
     # --- reads ------------------------------------------------------------------------------------------
 
+    def record_refresh_diff(self, run_id: str, previous_run_id: str | None, rows: list[dict]) -> None:
+        """Store a refresh's per-source document diff (``LineageQueries.diff``) against ``previous_run_id``."""
+        with self._connect() as con:
+            con.execute("DELETE FROM refresh_diffs WHERE run_id = ?", [run_id])
+            for r in rows:
+                values = [r["source"], r["added"], r["removed"], r["changed"], r["unchanged"]]
+                con.execute(
+                    "INSERT INTO refresh_diffs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [run_id, previous_run_id, *values, _now()],
+                )
+
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict]:
         cursor = self._read_connection().execute(sql, params or [])
         names = [d[0] for d in cursor.description]
@@ -425,3 +442,24 @@ class LineageStore:
             [pipeline, run_id, run_id],
         )
         return rows[0]["run_id"] if rows else None
+
+    def run_for_flow_run(self, flow_run_id: str) -> str | None:
+        """The lineage run a Prefect flow run started (a retried flow run continues it)."""
+        rows = self.query("SELECT run_id FROM runs WHERE flow_run_id = ? ORDER BY started_at LIMIT 1", [flow_run_id])
+        return rows[0]["run_id"] if rows else None
+
+    def latest_completed_run(self, pipeline: str, before: str | None = None) -> str | None:
+        """The newest completed run of ``pipeline`` (other than ``before``): the baseline of a refresh diff."""
+        rows = self.query(
+            "SELECT run_id FROM runs WHERE pipeline = ? AND status = 'completed' AND run_id IS DISTINCT FROM ? "
+            "ORDER BY ended_at DESC LIMIT 1",
+            [pipeline, before],
+        )
+        return rows[0]["run_id"] if rows else None
+
+    def refresh_diffs(self, run_id: str) -> list[dict]:
+        return self.query(
+            "SELECT source, added, removed, changed, unchanged, previous_run_id FROM refresh_diffs "
+            "WHERE run_id = ? ORDER BY source",
+            [run_id],
+        )

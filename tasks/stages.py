@@ -10,7 +10,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from storage.artifacts import ArtifactStore, Manifest, StageContext
 from storage.faults import maybe_fail
@@ -20,6 +20,8 @@ from tasks import clean, dedup, evaluate, export, ingest, tokenize, tokenizer, t
 from tasks.config import PipelineConfig
 
 STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export")
+StageName = Literal["ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export"]
+assert get_args(StageName) == STAGES
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "ingest": (),
     "clean": ("ingest",),
@@ -49,6 +51,20 @@ def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
             digest.update(f"{f.rel}\x1f{f.size}\x1f{f.mtime}\x1f{f.error}\n".encode())
         snapshot[source.name] = digest.hexdigest()
     return snapshot
+
+
+def data_version(cfg: PipelineConfig) -> str:
+    """A short hash of the sources' snapshot (paths, sizes, mtimes): changes whenever ingest would rerun."""
+    return fingerprint("data", "1", _source_snapshot(cfg), [])[:8]
+
+
+def downstream(name: str) -> tuple[str, ...]:
+    """The stage and every stage that (transitively) reads its output, in pipeline order."""
+    affected = {name}
+    for stage in STAGES:
+        if affected & set(UPSTREAM[stage]):
+            affected.add(stage)
+    return tuple(s for s in STAGES if s in affected)
 
 
 def _tombstones(cfg: PipelineConfig) -> list[str]:
