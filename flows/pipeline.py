@@ -27,7 +27,7 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.states import State
 
-from storage.artifacts import ArtifactStore, Manifest
+from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
 from tasks.report import publish_run_report
@@ -177,24 +177,43 @@ def run_stages(
     store = ArtifactStore(cfg.root)
     for name in stages:
         started = datetime.now(UTC)
-        task_fn = stage_task.with_options(
-            name=name,
-            task_run_name=name,
-            result_storage=store.results_dir,
-            refresh_cache=name in force or None,
-        )
         inputs = {u: manifests[u] for u in UPSTREAM[name]}
-        state: State = task_fn(name, cfg, inputs, run_id, name in force, return_state=True)
-        if state.is_failed() or state.is_crashed():
-            error = "".join(traceback.format_exception_only(_exception_of(state))).strip()
-            lineage.record_stage(run_id, name, "failed", started, error=error)
-            lineage.finish_run(run_id, "failed", f"{name}: {error}")
-            state.result()  # re-raises the stage's exception and fails the flow
+        state = _run_stage_task(name, cfg, inputs, run_id, name in force, store, lineage, started)
         manifest = Manifest.model_validate(state.result())
-        status = "cached" if state.name == "Cached" or manifest.run_id != run_id else "completed"
-        lineage.record_stage(run_id, name, status, started, manifest=manifest)
+        cached = state.name == "Cached" or manifest.run_id != run_id
+        if cached:
+            try:  # a cache hit skips the stage body, so check here that its files are still what was published
+                store.verify(manifest)
+            except CorruptArtifactError as err:
+                get_run_logger().warning(f"{err}: rebuilding {name} by rerunning it")
+                state = _run_stage_task(name, cfg, inputs, run_id, True, store, lineage, started)
+                manifest, cached = Manifest.model_validate(state.result()), False
+        lineage.record_stage(run_id, name, "cached" if cached else "completed", started, manifest=manifest)
         manifests[name] = manifest.model_dump()
     return manifests
+
+
+def _run_stage_task(
+    name: str,
+    cfg: PipelineConfig,
+    inputs: dict[str, dict],
+    run_id: str,
+    force: bool,
+    store: ArtifactStore,
+    lineage: LineageStore,
+    started: datetime,
+) -> State:
+    """Run one stage task; on failure record it in lineage and fail the flow with the stage's exception."""
+    task_fn = stage_task.with_options(
+        name=name, task_run_name=name, result_storage=store.results_dir, refresh_cache=force or None
+    )
+    state: State = task_fn(name, cfg, inputs, run_id, force, return_state=True)
+    if state.is_failed() or state.is_crashed():
+        error = "".join(traceback.format_exception_only(_exception_of(state))).strip()
+        lineage.record_stage(run_id, name, "failed", started, error=error)
+        lineage.finish_run(run_id, "failed", f"{name}: {error}")
+        state.result()  # re-raises the stage's exception and fails the flow
+    return state
 
 
 def publish_report(
