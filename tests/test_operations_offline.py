@@ -70,7 +70,7 @@ def test_fault_spec_can_be_armed_through_a_file(tmp_path: Path, monkeypatch):
 
 
 def test_downstream_follows_the_stage_graph():
-    assert downstream("dedup") == ("dedup", "tokenizer", "tokenize", "train", "evaluate")
+    assert downstream("dedup") == ("dedup", "tokenizer", "tokenize", "train", "evaluate", "export")
     assert downstream("train") == ("train", "evaluate")
     assert downstream("ingest") == STAGES
     for stage in STAGES:
