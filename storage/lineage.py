@@ -133,14 +133,15 @@ _READERS: dict[Path, weakref.WeakSet[LineageStore]] = {}
 class LineageStore:
     """Writes and reads one lineage ``.duckdb`` file.
 
-    Reads go through one cached read-only connection (with DuckDB's Parquet metadata cache on), so repeated
-    questions don't pay for opening the file and parsing ledger footers again; any write from this process
-    closes those readers first.
+    Each read opens a read-only connection and closes it again, so no process holds DuckDB's file lock
+    between questions; inside ``with store.reading():`` the queries of one question share one connection
+    (and DuckDB's Parquet metadata cache). A write from this process closes open readers first.
     """
 
     def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path).resolve()
         self._reader: duckdb.DuckDBPyConnection | None = None
+        self._reading = 0
         if read_only:
             if not self.path.exists():
                 raise FileNotFoundError(f"no lineage DB at {self.path}: run the pipeline first")
@@ -163,8 +164,19 @@ class LineageStore:
             con.execute("INSERT INTO schema_version VALUES (?)", [version + 1])
             con.execute("COMMIT")
 
+    @contextmanager
+    def reading(self) -> Iterator[LineageStore]:
+        """Share one read connection among the queries inside this block; close it when the block ends."""
+        self._reading += 1
+        try:
+            yield self
+        finally:
+            self._reading -= 1
+            if self._reading == 0:
+                self.close()
+
     def close(self) -> None:
-        """Close this store's cached read connection (reopened on the next read)."""
+        """Close this store's read connection (reopened on the next read)."""
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -365,9 +377,10 @@ class LineageStore:
                 )
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict]:
-        cursor = self._read_connection().execute(sql, params or [])
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        with self.reading():
+            cursor = self._read_connection().execute(sql, params or [])
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def tombstones(self) -> list[dict]:
         return self.query("SELECT doc_id, content_hash, reason FROM tombstones ORDER BY created_at, doc_id")

@@ -7,7 +7,9 @@ skipping row groups by doc-id statistics). All return plain dicts, so the CLI pr
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,20 @@ def _order_sql() -> str:
     return f"CASE stage {cases} ELSE 9 END"
 
 
+def _one_connection(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Answer a whole question over one read connection, closed when the answer is ready."""
+
+    @functools.wraps(method)
+    def wrapper(self: LineageQueries, *args: Any, **kwargs: Any) -> Any:
+        with self.store.reading():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class LineageQueries:
+    """The questions, as methods returning plain dicts; each holds DuckDB's lock only while it runs."""
+
     def __init__(self, store: LineageStore):
         self.store = store
         self._artifacts: dict[str, list[dict]] = {}
@@ -92,6 +107,7 @@ class LineageQueries:
 
     # --- questions --------------------------------------------------------------------------------------
 
+    @_one_connection
     def doc(self, doc_id: str, run_id: str | None = None) -> dict:
         """A document's path through a run: each stage's decision, its split/shard/span, the models using it."""
         run_id = self._run(run_id)
@@ -118,6 +134,7 @@ class LineageQueries:
             "models": models,
         }
 
+    @_one_connection
     def why(self, doc_id: str, run_id: str | None = None) -> dict:
         """Why a document is not in the shards: the stage, reason and score, or the document it duplicates."""
         info = self.doc(doc_id, run_id)
@@ -141,6 +158,7 @@ class LineageQueries:
             }
         return out
 
+    @_one_connection
     def source(self, source: str, run_id: str | None = None) -> dict:
         """Counts per fate for one source, and the shards and models that contain anything from it."""
         run_id = self._run(run_id)
@@ -170,6 +188,7 @@ class LineageQueries:
         names = [s["name"] for s in config.get("sources", [])]
         raise LookupError(f"no source {source!r} in run {run_id}; its sources are {names}")
 
+    @_one_connection
     def diff(self, run_a: str, run_b: str) -> dict:
         """Documents added, removed and changed (content hash differs) per source between two runs."""
         self.store.run(run_a)
@@ -197,6 +216,7 @@ class LineageQueries:
         )
         return {"run_a": run_a, "run_b": run_b, "sources": rows}
 
+    @_one_connection
     def takedown(self, target: str, run_id: str | None = None, by: str = "auto") -> dict:
         """Every copy of a document (following duplicate links both ways), where they sit, what to rebuild."""
         run_id = self._run(run_id)
@@ -281,6 +301,7 @@ class LineageQueries:
         rows += [{"content_hash": h, "reason": reason, "requested_by": requested_by} for h in result["content_hashes"]]
         return self.store.add_tombstones(rows)
 
+    @_one_connection
     def graph(self, run_id: str | None = None, fmt: str = "mermaid") -> str:
         """The artifact DAG of a run as Mermaid or DOT."""
         run_id = self._run(run_id)
@@ -311,6 +332,7 @@ class LineageQueries:
             lines.append(f"  {src} -->|{e['relation']}| {dst}")
         return "\n".join(lines)
 
+    @_one_connection
     def show(self, run_id: str) -> dict:
         """Everything needed to reproduce a run: config, code version, input hashes, outcomes per stage."""
         run = self.store.run(run_id)
@@ -325,6 +347,7 @@ class LineageQueries:
         run["artifacts"] = [{k: a[k] for k in ("stage", "fingerprint", "content_hash", "uri")} for a in arts]
         return run
 
+    @_one_connection
     def check(self, run_id: str | None = None) -> dict:
         """Conservation per stage, manifest hashes against the files, and ledger references to real artifacts."""
         run_id = self._run(run_id)
