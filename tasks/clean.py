@@ -80,7 +80,11 @@ def normalize(text: str, fix_mojibake: bool = False) -> str:
 
 
 def _public_ip(match: re.Match[str], placeholder: str, counter: list[int]) -> str:
-    if ipaddress.IPv4Address(match.group(0)).is_global:
+    try:
+        public = ipaddress.IPv4Address(match.group(0)).is_global
+    except ValueError:  # e.g. leading zeros ("010.1.1.1"): not an address Python accepts; leave it
+        public = False
+    if public:
         counter[0] += 1
         return placeholder
     return match.group(0)
