@@ -80,7 +80,11 @@ def normalize(text: str, fix_mojibake: bool = False) -> str:
 
 
 def _public_ip(match: re.Match[str], placeholder: str, counter: list[int]) -> str:
-    if ipaddress.IPv4Address(match.group(0)).is_global:
+    try:
+        public = ipaddress.IPv4Address(match.group(0)).is_global
+    except ValueError:  # e.g. leading zeros ("010.1.1.1"): not an address Python accepts; leave it
+        public = False
+    if public:
         counter[0] += 1
         return placeholder
     return match.group(0)
@@ -265,6 +269,11 @@ def clean_part(part: CleanPart) -> dict:
     return {"docs_in": docs_in, "kept": docs.rows, "dropped": dict(reasons)}
 
 
+def _uncompressed_bytes(path: Path) -> int:
+    meta = pq.ParquetFile(path).metadata
+    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+
+
 def plan_parts(doc_paths: list[Path], part_bytes: int) -> list[list[tuple[str, int]]]:
     """Split the input row groups into consecutive parts of about ``part_bytes`` (independent of workers)."""
     units: list[tuple[str, int]] = []
@@ -283,13 +292,18 @@ def clean(
     ctx: StageContext,
     batch_rows: int = 1024,
     workers: int | None = None,
-    part_bytes: int = 16 * 2**20,
+    part_bytes: int | None = None,
     blocked: set[str] | None = None,
 ) -> dict:
     """Normalize and filter raw documents into ``docs/`` with a ledger row per input document.
 
-    ``blocked`` holds doc ids and content hashes taken down through lineage: they are dropped as ``takedown``.
+    The input is cut into parts by size alone (default: about 16 parts, 1–256 MiB each), never by the number
+    of workers, so the output files are the same whatever ``workers`` is. ``blocked`` holds doc ids and content
+    hashes taken down through lineage: they are dropped as ``takedown``.
     """
+    if part_bytes is None:
+        total = sum(_uncompressed_bytes(p) for p in doc_paths)
+        part_bytes = min(max(total // 16, 2**20), 256 * 2**20)
     plan = plan_parts(doc_paths, part_bytes)
     frozen = frozenset(blocked or ())
     parts = [CleanPart(i, units, cfg, str(ctx.out_dir), batch_rows, frozen) for i, units in enumerate(plan)]

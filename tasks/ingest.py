@@ -9,7 +9,7 @@ The work is split in three so it can fan out and refresh incrementally:
 1. ``plan_ingest`` lists the files and decides which can reuse a cached per-file fragment: a file whose
    (size, mtime) is unchanged since the last successful run is not opened at all; otherwise its content is
    hashed and a fragment made from identical bytes (and reader settings) is reused.
-2. ``ingest_part`` reads a group of files into per-file fragments (Parquet docs + ledger) in the cache; parts
+2. ``ingest_part`` reads a group of files into per-file fragments (one Arrow IPC file each) in the cache; parts
    run in parallel processes (``tasks.parallel.map_parts``) and are independent, so a Prefect/Dask/Ray
    mapping over ``plan.parts`` works the same way.
 3. ``merge_fragments`` streams the fragments, in file order, into the artifact's shards and assigns ordinals.
@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,7 +30,7 @@ import pyarrow.parquet as pq
 
 from storage.artifacts import StageContext, write_json_atomic
 from storage.hashing import stable_id, stream_hash
-from storage.shards import DOC_SCHEMA, LedgerWriter, ParquetShardWriter, iter_batches
+from storage.shards import DOC_SCHEMA, LedgerWriter, ParquetShardWriter
 from tasks import readers
 from tasks.config import SourceConfig
 from tasks.parallel import balanced_groups, default_workers, map_parts
@@ -39,7 +38,20 @@ from tasks.readers import Record, SourceFile
 
 VERSION = "2"
 FLUSH_ROWS = 1024
-FLUSH_BYTES = 32 * 2**20
+FLUSH_BYTES = 2 * 2**20  # also the row-group size of the merged shards: clean maps over row groups
+FRAGMENT_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("locator", pa.string()),
+        ("ordinal", pa.int64()),
+        ("text", pa.large_string()),  # null when dropped
+        ("n_bytes", pa.int64()),
+        ("metadata", pa.string()),
+        ("reason", pa.string()),
+        ("score", pa.float64()),
+        ("scores", pa.map_(pa.string(), pa.float64())),
+    ]
+)
 FILES_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
@@ -74,16 +86,8 @@ class FileJob:
     source: SourceConfig
     file: SourceFile
     content_hash: str | None
-    fragment: str  # folder of this file's cached fragment
+    fragment: str  # this file's cached fragment (Arrow IPC)
     cached: bool
-
-
-@dataclass
-class FragmentInfo:
-    records: int = 0
-    kept: int = 0
-    bytes_kept: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
 
 
 def _reader_settings(source: SourceConfig) -> str:
@@ -150,12 +154,12 @@ def plan_ingest(sources: list[SourceConfig], cache_dir: Path) -> IngestPlan:
             status["new" if previous is None else "unchanged" if previous[2] == digest else "changed"] += 1
             if digest is not None:
                 seen[f.rel] = [f.size, f.mtime, digest]
-                folder = cache_dir / "fragments" / fragment_key(source, f.rel, digest)
-                cached = (folder / "info.json").exists()
+                fragment = cache_dir / "fragments" / f"{fragment_key(source, f.rel, digest)}.arrow"
+                cached = fragment.exists()
             else:
-                folder = cache_dir / "fragments" / f"unhashed-{stable_id(source.name, f.rel)}"
+                fragment = cache_dir / "fragments" / f"unhashed-{stable_id(source.name, f.rel)}.arrow"
                 cached = False
-            jobs.append(FileJob(source, f, digest, str(folder), cached))
+            jobs.append(FileJob(source, f, digest, str(fragment), cached))
         gone = sorted(set(state.files) - {j.file.rel for j in jobs if j.source.name == source.name})
         removed += [f"{source.name}:{rel}" for rel in gone]
         status["removed"] += len(gone)
@@ -166,62 +170,56 @@ def plan_ingest(sources: list[SourceConfig], cache_dir: Path) -> IngestPlan:
 # --- 2. read files into fragments ------------------------------------------------------------------------
 
 
+class _FragmentWriter:
+    """One file's records as an Arrow IPC file (one row per record: a document, or its drop reason)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = []
+        self.pending_bytes = 0
+        options = pa.ipc.IpcWriteOptions(compression="lz4")
+        self._writer = pa.ipc.new_file(str(path), FRAGMENT_SCHEMA, options=options)
+
+    def add(self, row: dict, n_bytes: int) -> None:
+        self.rows.append(row)
+        self.pending_bytes += n_bytes
+        if len(self.rows) >= FLUSH_ROWS or self.pending_bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self._writer.write_batch(pa.RecordBatch.from_pylist(self.rows, schema=FRAGMENT_SCHEMA))
+        self.rows, self.pending_bytes = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+
 def _read_into_fragment(job: FileJob) -> None:
     fs, _ = readers.source_filesystem(job.source)
     final = Path(job.fragment)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    info = FragmentInfo()
-    dropped: Counter[str] = Counter()
-    docs = ParquetShardWriter(tmp, "docs", DOC_SCHEMA, rows_per_shard=2**62)
-    ledger = LedgerWriter(tmp, "ingest")
-    doc_rows: list[dict] = []
-    ledger_rows: list[dict] = []
-    pending_bytes = 0
+    writer = _FragmentWriter(tmp)
     name = job.source.name
-    for record in readers.read_file(fs, job.file, job.source):
-        doc_id = doc_id_of(name, record)
-        row = {"doc_id": doc_id, "source": name, "locator": record.locator, "scores": record.scores or None}
-        if record.reason is None:
-            assert record.text is not None
-            n_bytes = len(record.text.encode("utf-8", "surrogatepass"))
-            doc_rows.append(
-                {
-                    "doc_id": doc_id,
-                    "source": name,
-                    "locator": record.locator,
-                    "ordinal": info.records,  # position within the file; the merge offsets it
-                    "text": record.text,
-                    "n_bytes": n_bytes,
-                    "metadata": record.metadata,
-                }
-            )
-            info.kept += 1
-            info.bytes_kept += n_bytes
-            pending_bytes += n_bytes
-            ledger_rows.append(row | {"fate": "kept"})
-        else:
-            dropped[record.reason] += 1
-            ledger_rows.append(row | {"fate": "dropped", "reason": record.reason, "score": record.scores.get("bytes")})
-        info.records += 1
-        if len(doc_rows) >= FLUSH_ROWS or pending_bytes >= FLUSH_BYTES:
-            docs.write_rows(doc_rows)
-            doc_rows, pending_bytes = [], 0
-        if len(ledger_rows) >= 8 * FLUSH_ROWS:
-            ledger.record(ledger_rows)
-            ledger_rows = []
-    docs.write_rows(doc_rows)
-    ledger.record(ledger_rows)
-    docs.close()
-    ledger.close()
-    info.dropped = dict(dropped)
-    (tmp / "info.json").write_text(json.dumps(info.__dict__, sort_keys=True))
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another run made the same fragment (identical by construction) or a stale one is there
-        if job.cached or not final.exists():
-            raise
-        shutil.rmtree(final)
-        os.rename(tmp, final)
+    for ordinal, record in enumerate(readers.read_file(fs, job.file, job.source)):
+        text = record.text if record.reason is None else None
+        n_bytes = len(text.encode("utf-8", "surrogatepass")) if text is not None else 0
+        row = {
+            "doc_id": doc_id_of(name, record),
+            "locator": record.locator,
+            "ordinal": ordinal,  # position within the file; the merge offsets it
+            "text": text,
+            "n_bytes": n_bytes,
+            "metadata": record.metadata,
+            "reason": record.reason,
+            "score": record.scores.get("bytes") if record.reason else None,
+            "scores": record.scores or None,
+        }
+        writer.add(row, n_bytes)
+    writer.close()
+    os.replace(tmp, final)  # identical content by construction if another run made it meanwhile
 
 
 def ingest_part(jobs: list[FileJob]) -> list[FileJob]:
@@ -262,32 +260,54 @@ def merge_fragments(jobs: list[FileJob], problems: list[SourceFile], out_dir: Pa
     per_source: Counter[str] = Counter()
     docs = ParquetShardWriter(out_dir / "docs", "docs", DOC_SCHEMA)
     ledger = LedgerWriter(out_dir / "ledger", "ingest")
+    pending = _RowGroupBuffer(docs)
     file_rows: list[dict] = []
     ordinal = 0
     bytes_kept = 0
-    pending = _RowGroupBuffer(docs)
     for job in jobs:
-        folder = Path(job.fragment)
-        info = FragmentInfo(**json.loads((folder / "info.json").read_text()))
-        for batch in iter_batches(sorted(folder.glob("docs-*.parquet")), batch_size=FLUSH_ROWS):
-            ordinals = pc.add(batch.column("ordinal"), pa.scalar(ordinal, pa.int64()))
-            pending.add(batch.set_column(DOC_SCHEMA.get_field_index("ordinal"), "ordinal", ordinals))
-        for batch in iter_batches(sorted(folder.glob("ledger-*.parquet")), batch_size=64 * FLUSH_ROWS):
-            ledger.write(batch)
-        ordinal += info.records
-        bytes_kept += info.bytes_kept
-        per_source[job.source.name] += info.records
-        reasons.update(info.dropped)
+        name = job.source.name
+        records = kept = 0
+        file_reasons: Counter[str] = Counter()
+        with pa.OSFile(job.fragment) as source:  # not a memory map: batches outlive the file in the buffer
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                n = batch.num_rows
+                names = pa.array([name] * n, pa.string())
+                is_kept = pc.is_null(batch.column("reason"))
+                ledger.record_columns(
+                    {
+                        "doc_id": batch.column("doc_id"),
+                        "source": names,
+                        "locator": batch.column("locator"),
+                        "fate": pc.if_else(is_kept, "kept", "dropped"),
+                        "reason": batch.column("reason"),
+                        "score": batch.column("score"),
+                        "scores": batch.column("scores"),
+                    }
+                )
+                ordinals = pc.add(batch.column("ordinal"), pa.scalar(ordinal, pa.int64()))
+                rows = batch.set_column(batch.schema.get_field_index("ordinal"), "ordinal", ordinals)
+                rows = rows.append_column("source", names).filter(is_kept)
+                if rows.num_rows:
+                    pending.add(rows.select(DOC_SCHEMA.names))
+                    bytes_kept += pc.sum(rows.column("n_bytes")).as_py() or 0
+                records += n
+                kept += rows.num_rows
+                file_reasons.update(r for r in batch.column("reason").to_pylist() if r is not None)
+        ordinal += records
+        per_source[name] += records
+        reasons.update(file_reasons)
+        failure = next((r for r in file_reasons if r.startswith(("unreadable", "truncated", "reader_error"))), None)
         file_rows.append(
             {
-                "source": job.source.name,
+                "source": name,
                 "rel": job.file.rel,
                 "bytes": job.file.size,
                 "content_hash": job.content_hash,
-                "records": info.records,
-                "kept": info.kept,
-                "error": next((r for r in info.dropped if r.startswith(("unreadable", "truncated"))), None)
-                or (None if info.records else "no_records"),
+                "records": records,
+                "kept": kept,
+                "error": failure or (None if records else "no_records"),
             }
         )
     pending.flush()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
@@ -26,8 +28,23 @@ def map_parts(fn: Callable[[P], R], parts: Sequence[P], workers: int | None) -> 
     if n <= 1:
         return [fn(p) for p in parts]
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=n, mp_context=context) as pool:
+    with _main_without_phantom_file(), ProcessPoolExecutor(max_workers=n, mp_context=context) as pool:
         return list(pool.map(fn, parts))
+
+
+@contextlib.contextmanager
+def _main_without_phantom_file() -> Iterator[None]:
+    """Workers re-import ``__main__`` from its file; when it has none (``python - < script``), don't try."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    phantom = path is not None and not os.path.exists(path)
+    if phantom:
+        del main.__file__  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if phantom:
+            main.__file__ = path  # type: ignore[union-attr]
 
 
 def balanced_groups(sizes: Sequence[int], target: int, max_items: int) -> list[list[int]]:

@@ -273,8 +273,11 @@ def _bounded_lines(fh: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None
         line_no += 1
         if len(raw) > limit and not raw.endswith(b"\n"):
             length = len(raw)
-            while (chunk := fh.readline(READ_CHUNK)) and (length := length + len(chunk)) and not chunk.endswith(b"\n"):
-                pass
+            while True:  # skip the rest of the line a chunk at a time
+                chunk = fh.readline(READ_CHUNK)
+                length += len(chunk)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
             yield line_no, None, length
         else:
             yield line_no, raw, len(raw)

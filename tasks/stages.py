@@ -94,7 +94,11 @@ SPECS: dict[str, StageSpec] = {
     "ingest": StageSpec(
         "ingest",
         ingest.VERSION,
-        lambda c: {"sources": [s.model_dump() for s in c.sources], "snapshot": _source_snapshot(c)},
+        # storage_options (credentials, endpoints) stay out of the fingerprint, which manifests and lineage record
+        lambda c: {
+            "sources": [s.model_dump(exclude={"storage_options"}) for s in c.sources],
+            "snapshot": _source_snapshot(c),
+        },
         lambda c, i, ctx: ingest.ingest(c.sources, ctx, ArtifactStore(c.root).cache_dir("ingest"), c.workers),
     ),
     "clean": StageSpec(

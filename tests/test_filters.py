@@ -43,6 +43,7 @@ def test_pii_redaction_replaces_emails_and_public_ips_only():
     assert text == "mail <EMAIL> or <EMAIL> from <IP> and 192.168.0.1"
     assert (emails, ips) == (2, 1)
     assert redact_pii("version 1.2.3.4.5 and 10.0.0.1", PiiConfig()) == ("version 1.2.3.4.5 and 10.0.0.1", 0, 0)
+    assert redact_pii("zero-padded 010.001.002.003", PiiConfig())[2] == 0
     assert redact_pii("a@b.com", PiiConfig(enabled=False))[1] == 0
 
 

@@ -219,3 +219,20 @@ def test_reader_options_are_validated():
         SourceConfig(name="x", path="y", split="regex")
     with pytest.raises(ValueError, match="not a valid regex"):
         SourceConfig(name="x", path="y", split="regex", split_pattern="(")
+
+
+def test_stage_reruns_on_source_change_and_reuses_unchanged_files(tmp_path: Path):
+    from conftest import tiny_config, write_corpus
+
+    from tasks.stages import run_stage, stage_fingerprint
+
+    write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "corpus", tmp_path / "root")
+    first, _ = run_stage("ingest", cfg, {}, log=lambda m: None)
+    assert stage_fingerprint("ingest", cfg, {}) == first.fingerprint  # unchanged tree: the Prefect cache hits
+    (tmp_path / "corpus" / "docs" / "added.txt").write_text(_prose(77))
+    assert stage_fingerprint("ingest", cfg, {}) != first.fingerprint  # (path, size, mtime) snapshot changed
+    second, reused = run_stage("ingest", cfg, {}, log=lambda m: None)
+    assert not reused and second.counts["files"]["read"] == 1
+    assert second.counts["files"]["reused"] == first.counts["files"]["read"]
+    assert second.counts["docs_in"] == first.counts["docs_in"] + 1
