@@ -417,7 +417,6 @@ class Clusters:
     similarity: dict[int, float] = field(default_factory=dict)
     candidate_pairs: int = 0
     verified_pairs: int = 0
-    examples: list[dict] = field(default_factory=list)
 
 
 def verify_and_cluster(
@@ -523,7 +522,6 @@ def dedup(
 
     counts = _write(doc_paths, p, cfg, old_ids, clusters, index, ctx, batch_rows)
     lap("write")
-    con.close()
     near = {
         "enabled": cfg.near,
         "signed": signed,
@@ -535,7 +533,19 @@ def dedup(
         "s_curve": s_curve_table(params),
     }
     counts |= {"near_duplicates": near, "timings_s": timings}
-    _write_report(ctx.out_dir / "report.md", cfg, params, counts, counts.pop("examples"))
+    examples = counts.pop("examples")
+    if examples:  # name representatives by locator too (they may be indexed documents of an earlier run)
+        con.register("wanted", pa.table({"doc_id": [e["duplicate_of"] for e in examples]}))
+        files = [str(f) for f in doc_paths]
+        where = dict(
+            con.execute(
+                f"SELECT doc_id, locator FROM read_parquet({files!r}) WHERE doc_id IN (SELECT doc_id FROM wanted)"
+            ).fetchall()
+        )
+        for e in examples:
+            e["kept"] = where.get(e["duplicate_of"], e["duplicate_of"])
+    con.close()
+    _write_report(ctx.out_dir / "report.md", cfg, params, counts, examples)
     return counts
 
 
@@ -578,7 +588,7 @@ def _write(doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, c
         for doc in batch.to_pylist():
             node = int(p.node_of_pos[pos])  # type: ignore[union-attr]
             pos += 1
-            base = {"doc_id": doc["doc_id"], "source": doc["source"], "content_hash": doc["content_hash"]}
+            base = {k: doc[k] for k in ("doc_id", "source", "locator", "content_hash")}
             verdict = _verdict(node, p, clusters, n_old, final)
             if verdict is None:
                 kept.append(doc | {"split_key": doc["doc_id"]})
@@ -603,7 +613,7 @@ def _write(doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, c
                 }
             )
             if reason == "near_duplicate" and len(examples) < 8:
-                examples.append({"doc_id": doc["doc_id"], "duplicate_of": rep_id, "similarity": sim})
+                examples.append({"removed": doc["locator"], "duplicate_of": rep_id, "similarity": sim})
         docs.write_rows(kept)
         ledger.record(rows)
         exact_index.write_rows(index_rows)
@@ -689,7 +699,7 @@ def _write_report(path: Path, cfg: DedupConfig, params: MinHashParams, counts: d
         "",
         "| removed | kept representative | similarity |",
         "| --- | --- | ---: |",
-        *[f"| {e['doc_id']} | {e['duplicate_of']} | {e['similarity']:.3f} |" for e in examples],
+        *[f"| {e['removed']} | {e['kept']} | {e['similarity']:.3f} |" for e in examples],
         "",
     ]
     path.write_text("\n".join(lines))
