@@ -643,7 +643,7 @@ def _verdict(node: int, p: Plan, clusters: Clusters, n_old: int, final) -> tuple
         if rep + n_old in clusters.rep:  # the exact representative is itself a near-duplicate
             rep_id, sim, in_index = final(rep)
             return "exact_duplicate", rep_id, sim, in_index
-        return "exact_duplicate", str(p.doc_id[rep]), 1.0, False
+        return "exact_duplicate", str(p.doc_id[rep]), 1.0, bool(p.indexed[rep])
     if node + n_old in clusters.rep:
         rep_id, sim, in_index = final(node)
         return "near_duplicate", rep_id, sim, in_index

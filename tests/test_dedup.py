@@ -208,3 +208,30 @@ def test_without_verification_the_minhash_estimate_decides(planted, tmp_path: Pa
     }
     near = [r for r in ledger.values() if r["reason"] == "near_duplicate"]
     assert all(abs(r["similarity"] - verified[r["doc_id"]]["similarity"]) < 0.15 for r in near)
+
+
+def test_incremental_run_over_the_whole_corpus_signs_only_unindexed_documents(tmp_path: Path):
+    corpus = tmp_path / "corpus"
+    (corpus / "docs").mkdir(parents=True)
+    for i in range(5):
+        (corpus / "docs" / f"old_{i}.txt").write_text(lines(words(i)))
+    root = tmp_path / "root"
+
+    def build(**dedup: object):
+        cfg = _incremental_config(corpus, root, **dedup)
+        ingest, _ = run_stage("ingest", cfg, {}, log=lambda m: None)
+        clean, _ = run_stage("clean", cfg, {"ingest": ingest}, log=lambda m: None)
+        return run_stage("dedup", cfg, {"clean": clean}, log=lambda m: None)[0]
+
+    first = build()
+    (corpus / "docs" / "new_edit_of_old_3.txt").write_text(lines(edit(words(3), 0.01, 9)))
+    (corpus / "docs" / "new_fresh.txt").write_text(lines(words(55)))
+    second = build(against=str(first.path))
+    assert second.counts["near_duplicates"]["signed"] == 2  # the five indexed documents are not signed again
+    assert second.counts["kept"] == 6 and second.counts["dropped"] == {"near_duplicate": 1}
+    row = next(
+        r
+        for r in pq.read_table(second.files_under("ledger/")).to_pylist()
+        if r["doc_id"] == doc_id_for("docs", "new_edit_of_old_3.txt")
+    )
+    assert row["duplicate_of"] == doc_id_for("docs", "old_3.txt")
