@@ -294,21 +294,25 @@ def sign(doc_paths: list[Path], p: Plan, params: MinHashParams, cfg: DedupConfig
 # --- pass 3: candidate pairs --------------------------------------------------------------------------------
 
 
-def candidate_pairs(con: duckdb.DuckDBPyConnection, bands: Path) -> np.ndarray:
-    """Star edges (bucket's best-ranked node, other member) over all band buckets, distinct, shape (n, 2)."""
-    rows = con.execute(
-        """
-        WITH buckets AS (
-            SELECT band, h, min(node) AS root FROM read_parquet($bands) GROUP BY band, h HAVING count(*) > 1
-        )
-        SELECT DISTINCT b.root AS a, x.node AS b
-        FROM read_parquet($bands) x JOIN buckets b USING (band, h)
-        WHERE x.node <> b.root
-        ORDER BY a, b
-        """,
-        {"bands": str(bands)},
-    ).fetchnumpy()
-    return np.stack([rows["a"], rows["b"]], axis=1).astype(np.int64) if len(rows["a"]) else np.empty((0, 2), np.int64)
+def candidate_pairs(con: duckdb.DuckDBPyConnection, bands: Path, n_bands: int) -> np.ndarray:
+    """Star edges (bucket's best-ranked node, other member) over all band buckets, distinct, shape (n, 2).
+
+    One query per band: a band's buckets are independent of the others', so the group-by's hash table holds
+    1/bands of the rows (and at scale, bands are the unit that fans out over machines).
+    """
+    found = [np.empty((0, 2), np.int64)]
+    for band in range(n_bands):
+        rows = con.execute(
+            """
+            WITH x AS (SELECT node, h FROM read_parquet($bands) WHERE band = $band),
+            buckets AS (SELECT h, min(node) AS root FROM x GROUP BY h HAVING count(*) > 1)
+            SELECT b.root AS a, x.node AS b FROM x JOIN buckets b USING (h) WHERE x.node <> b.root
+            """,
+            {"bands": str(bands), "band": band},
+        ).fetchnumpy()
+        if len(rows["a"]):
+            found.append(np.stack([rows["a"], rows["b"]], axis=1).astype(np.int64))
+    return np.unique(np.concatenate(found), axis=0)
 
 
 def index_matches(
@@ -502,7 +506,7 @@ def dedup(
         bands_file = ctx.work_dir / "bands.parquet"
         signed = sign(doc_paths, p, params, cfg, bands_file, ctx.log)
         lap("sign")
-        edges = candidate_pairs(con, bands_file)
+        edges = candidate_pairs(con, bands_file, params.bands)
         old_edges = np.empty((0, 2), np.int64)
         if index is not None:
             old_ids, old_edges = index_matches(con, bands_file, index, p)
