@@ -8,12 +8,15 @@ The flow process alone writes the lineage DuckDB file.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.states import State
@@ -46,11 +49,76 @@ def stage_summary_markdown(manifest: Manifest, reused: bool) -> str:
     )
 
 
-@task(retries=1, retry_delay_seconds=1, cache_key_fn=_stage_cache_key, persist_result=True, result_serializer="json")
+GPU_CONCURRENCY_LIMIT = "gpu"
+
+
+def _retry_unless_unrecoverable(task, task_run, state: State) -> bool:
+    """Retry a failed stage unless its error says a retry cannot help (``retryable = False``, e.g. first-step OOM)."""
+    try:
+        state.result()
+    except Exception as err:  # noqa: BLE001 - any stage error; only its retryable flag matters
+        return getattr(err, "retryable", True)
+    return True
+
+
+def uses_gpu(name: str, cfg: PipelineConfig) -> bool:
+    """Whether this stage will run on CUDA (only training does)."""
+    if name != "train" or cfg.train.device == "cpu":
+        return False
+    import torch
+
+    return cfg.train.device == "cuda" or torch.cuda.is_available()
+
+
+def _gpu_slot(name: str, cfg: PipelineConfig):
+    """One GPU job at a time: hold a slot of the ``gpu`` global concurrency limit (created with limit 1 if absent)."""
+    if not uses_gpu(name, cfg):
+        return nullcontext()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_CONCURRENCY_LIMIT)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_CONCURRENCY_LIMIT, limit=1))
+    return concurrency(GPU_CONCURRENCY_LIMIT, occupy=1, strict=True)
+
+
+def progress_reporter(name: str) -> Callable[[float, str], None]:
+    """A ``ctx.progress`` callback that keeps one Prefect progress artifact per stage run up to date."""
+    artifact_id = None
+
+    def report(fraction: float, message: str) -> None:
+        nonlocal artifact_id
+        percent = round(100 * min(max(fraction, 0.0), 1.0), 1)
+        try:
+            if artifact_id is None:
+                artifact_id = create_progress_artifact(percent, key=f"{name}-progress", description=message)
+            else:
+                update_progress_artifact(artifact_id, percent, description=message)
+        except Exception as err:  # noqa: BLE001 - progress display must never fail the stage
+            get_run_logger().warning(f"{name}: could not update the progress artifact: {err}")
+
+    return report
+
+
+@task(
+    retries=1,
+    retry_delay_seconds=1,
+    retry_condition_fn=_retry_unless_unrecoverable,
+    cache_key_fn=_stage_cache_key,
+    persist_result=True,
+    result_serializer="json",
+)
 def stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict], run_id: str, force: bool = False) -> dict:
     """Run one stage through the artifact store and publish a markdown summary to Prefect."""
     logger = get_run_logger()
-    manifest, reused = run_stage(name, cfg, _manifests(inputs), run_id=run_id, force=force, log=logger.info)
+    with _gpu_slot(name, cfg):
+        manifest, reused = run_stage(
+            name, cfg, _manifests(inputs), run_id=run_id, force=force, log=logger.info, progress=progress_reporter(name)
+        )
     logger.info(f"{name}: {'reused' if reused else 'built'} {manifest.path}")
     create_markdown_artifact(
         key=f"{name}-summary", markdown=stage_summary_markdown(manifest, reused), description=f"{name} stage"

@@ -75,6 +75,8 @@ def tokenize(
     """Encode documents in batches (the library's own thread pool) and write token shards plus a ledger."""
     tokenizer = load_tokenizer(tokenizer_dir)
     eot = tokenizer.token_to_id(tok_cfg.special_tokens[0])
+    # encode_batch_fast skips computing character offsets, which tokenize never uses (tokenizers >= 0.20).
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     dtype = token_dtype(tokenizer.get_vocab_size())
     folder = ctx.out_dir / "tokens"
     folder.mkdir(parents=True)
@@ -87,7 +89,7 @@ def tokenize(
         columns.append("split_key")
     for batch in iter_batches(doc_paths, columns=columns, batch_size=cfg.batch_docs):
         docs = batch.to_pylist()
-        encodings = tokenizer.encode_batch([d["text"] for d in docs], add_special_tokens=False)
+        encodings = encode([d["text"] for d in docs], add_special_tokens=False)
         rows = []
         for doc, enc in zip(docs, encodings, strict=True):
             split = split_of(doc.get("split_key") or doc["doc_id"], cfg)

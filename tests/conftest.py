@@ -86,7 +86,7 @@ def tiny_config(corpus: Path, root: Path, **overrides: object) -> PipelineConfig
             {"name": "records", "path": str(corpus / "records.jsonl.gz")},
         ],
         "clean": {"min_chars": 32},
-        "tokenizer": {"vocab_size": 300, "min_frequency": 2},
+        "tokenizer": {"vocab_size": 300, "min_frequency": 2, "holdout_fraction": 0.2},
         "tokenize": {"val_fraction": 0.15, "test_fraction": 0.15},
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
         "train": {

@@ -8,7 +8,7 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_config, write_corpus
+from conftest import _prose, tiny_config, write_corpus
 
 from storage.shards import read_token_shard
 from tasks.clean import normalize
@@ -119,9 +119,8 @@ def test_split_is_stable_when_documents_are_added(built, tmp_path: Path):
     cfg, m = built
     before = {r["doc_id"]: r["split"] for r in _ledger(m["tokenize"])}
     corpus = Path(cfg.sources[0].path)
-    topics = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
-    for i in range(10):  # distinct topics: documents differing only in a number would be near-duplicates
-        (corpus / f"new_{i}.txt").write_text(f"A brand new document about {topics[i]} " * 10)
+    for i in range(10):
+        (corpus / f"new_{i}.txt").write_text(_prose(1000 + i))  # real prose, so it passes the quality filters
     grown = cfg.model_copy(update={"root": str(tmp_path / "grown")})
     try:
         m2 = run_all(grown, log=lambda m: None)
@@ -162,3 +161,22 @@ def test_missing_source_is_a_clear_error(tmp_path: Path):
     cfg = tiny_config(tmp_path / "nowhere", tmp_path / "root")
     with pytest.raises(FileNotFoundError, match="source 'docs'"):
         run_stage("ingest", cfg, {})
+
+
+def test_tokenizer_reports_compression_on_held_out_documents(built):
+    _, m = built
+    counts = m["tokenizer"].counts
+    assert counts["heldout_docs"] > 0
+    assert counts["bytes_per_token"] == round(counts["heldout_bytes"] / counts["heldout_tokens"], 4)
+    assert counts["bytes_per_token"] > 1.0  # BPE merges compress below one token per byte
+
+
+def test_tokenizer_training_is_deterministic(built, tmp_path: Path):
+    cfg, m = built
+    from storage.artifacts import StageContext
+    from tasks.tokenizer import train_tokenizer
+
+    out = tmp_path / "tok"
+    out.mkdir()
+    train_tokenizer(m["dedup"].files_under("docs/"), cfg.tokenizer, StageContext(out_dir=out, work_dir=tmp_path))
+    assert (out / "tokenizer.json").read_bytes() == (Path(m["tokenizer"].path) / "tokenizer.json").read_bytes()
