@@ -40,19 +40,19 @@ def lines(ws: list[str]) -> str:
     return "\n".join(" ".join(ws[i : i + 12]) for i in range(0, len(ws), 12)) + "\n"
 
 
-def write_docs(folder: Path, texts: list[tuple[str, str]], source: str = "s") -> list[Path]:
-    """Clean-stage-shaped shards from (doc_id, text) pairs."""
+def write_docs(folder: Path, texts: list[tuple[str, ...]]) -> list[Path]:
+    """Clean-stage-shaped shards from (doc_id, text[, source]) tuples."""
     rows = [
         {
             "doc_id": doc_id,
-            "source": source,
+            "source": source[0] if source else "s",
             "locator": doc_id,
             "ordinal": i,
             "text": text,
             "n_bytes": len(text.encode()),
             "content_hash": f"{hash(text) & (2**64 - 1):032x}",
         }
-        for i, (doc_id, text) in enumerate(texts)
+        for i, (doc_id, text, *source) in enumerate(texts)
     ]
     with ParquetShardWriter(folder, "docs", CLEAN_SCHEMA, rows_per_shard=7) as writer:
         writer.write_rows(rows)
@@ -136,6 +136,9 @@ def test_keep_policies_choose_the_representative(tmp_path: Path):
     assert first["long"]["duplicate_of"] == "short"
     _, longest, _ = run(tmp_path / "longest", texts, keep="longest")
     assert longest["short"]["duplicate_of"] == "long"
+    sourced = [(doc_id, text, "web" if doc_id != "edited" else "books") for doc_id, text in texts]
+    _, priority, _ = run(tmp_path / "priority", sourced, keep="source_priority", source_priority=["books"])
+    assert priority["short"]["duplicate_of"] == priority["long"]["duplicate_of"] == "edited"
 
 
 def test_connected_components_label_by_smallest_node():
