@@ -70,10 +70,16 @@ def print_run_summary(root: str, run_id: str) -> None:
         for split, m in metrics.items():
             if m.get("tokens"):
                 console.print(
-                    f"{split}: loss {m['loss']:.4f} (unigram {m['unigram_loss']:.4f}), perplexity "
-                    f"{m['perplexity']:.2f}, bits/byte {m['bits_per_byte']:.4f} "
-                    f"(unigram {m['unigram_bits_per_byte']:.4f})"
+                    f"{split}: loss {m['loss']:.4f} (bigram {m.get('bigram_loss', float('nan')):.4f}, unigram "
+                    f"{m['unigram_loss']:.4f}), perplexity {m['perplexity']:.2f}, bits/byte "
+                    f"{m['bits_per_byte']:.4f} (bigram {m.get('bigram_bits_per_byte', float('nan')):.4f}, "
+                    f"unigram {m['unigram_bits_per_byte']:.4f})"
                 )
+        probes = metrics.get("probes") or {}
+        if probes:
+            console.print("probes: " + ", ".join(f"{k.replace('_', ' ')} {100 * v:.1f}%" for k, v in probes.items()))
+    for report in lineage.query("SELECT path FROM reports WHERE run_id = ? AND format = 'html'", [run_id]):
+        console.print(f"report: {report['path']}")
     console.print(f"lineage DB: {lineage.path}")
 
 
@@ -89,6 +95,109 @@ def run(
 
     result = pipeline(config=cfg, force=force)
     print_run_summary(cfg.root, result["run_id"])
+
+
+@app.command()
+def stage(
+    name: str = typer.Argument(..., help="Stage to rerun: ingest, clean, dedup, tokenizer, tokenize, train, evaluate."),
+    run_id: str = typer.Option(..., "--run", help="The lineage run whose recorded inputs to use."),
+    root: str = typer.Option("./data", "--root", "-r"),
+    force: bool = typer.Option(False, "--force", help="Recompute even if the stage's artifact exists."),
+) -> None:
+    """Rerun one stage of a recorded run from the configuration and upstream artifacts lineage kept for it."""
+    from tasks.stages import STAGES
+
+    if name not in STAGES:
+        raise typer.BadParameter(f"{name!r} is not a stage; stages are {', '.join(STAGES)}", param_hint="NAME")
+    from flows.stage import stage as stage_flow
+
+    try:
+        _lineage(root).run(run_id)  # unknown runs are refused before a flow run starts
+        stage_flow(name=name, run_id=run_id, root=root, force=force)
+    except LookupError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    print_run_summary(root, run_id)
+
+
+@app.command()
+def refresh(
+    config: Path | None = ConfigOpt,
+    root: str | None = RootOpt,
+    train_steps: int | None = typer.Option(None, min=1, help="Training budget for this refresh (optimizer steps)."),
+) -> None:
+    """Run the nightly refresh now: the pipeline on the current sources, plus the per-source document diff."""
+    cfg = load_config(config, root)
+    from flows.refresh import nightly_refresh
+
+    result = nightly_refresh(config=cfg, train_steps=train_steps)
+    print_run_summary(cfg.root, result["run_id"])
+    table = Table(title=f"documents vs run {result['previous_run_id']}")
+    for col in ("source", "added", "removed", "changed", "unchanged"):
+        table.add_column(col)
+    for row in result["diff"]:
+        table.add_row(*(str(row[c]) for c in ("source", "added", "removed", "changed", "unchanged")))
+    console.print(table)
+
+
+def _check_timezone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise typer.BadParameter(f"{value!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)") from None
+    return value
+
+
+@app.command()
+def serve(
+    config: Path | None = ConfigOpt,
+    root: str | None = RootOpt,
+    cron: str = typer.Option("0 2 * * *", help="Cron schedule of the nightly refresh."),
+    timezone: str = typer.Option(
+        "UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", callback=_check_timezone, help="IANA time zone of --cron."
+    ),
+    limit: int = typer.Option(4, min=1, help="Flow runs executed at once."),
+    wait_for_api: float = typer.Option(0, help="Seconds to wait for the server to come up (0: expect it running)."),
+) -> None:
+    """Serve every deployment (pipeline, nightly refresh, one per stage) from this process; needs PREFECT_API_URL."""
+    from deployments.serve import serve_all
+
+    serve_all(load_config(config, root), cron=cron, timezone=timezone, limit=limit, wait_s=wait_for_api)
+
+
+@app.command()
+def deploy(
+    work_pool: str = typer.Option(..., "--pool", help="Work pool (process, docker or kubernetes) to deploy to."),
+    config: Path | None = ConfigOpt,
+    root: str | None = RootOpt,
+    image: str | None = typer.Option(None, help="Image with tokenmill installed (Docker/Kubernetes pools)."),
+    cron: str = typer.Option("0 2 * * *", help="Cron schedule of the nightly refresh."),
+    timezone: str = typer.Option(
+        "UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", callback=_check_timezone, help="IANA time zone of --cron."
+    ),
+) -> None:
+    """Register the same deployments with a work pool; its workers run them (`prefect worker start --pool P`)."""
+    from deployments.serve import deploy_all
+
+    ids = deploy_all(load_config(config, root), work_pool, image=image, cron=cron, timezone=timezone)
+    console.print(f"{len(ids)} deployments registered with work pool {work_pool!r}")
+
+
+@app.command()
+def server(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(4200, help="Port for the API and the UI."),
+) -> None:
+    """Start a local Prefect server with its UI at http://HOST:PORT (set PREFECT_API_URL=http://HOST:PORT/api
+    for `tokenmill serve` and `tokenmill run`)."""
+    import subprocess
+
+    from deployments.server import server_command, server_env
+
+    console.print(f"Prefect UI: http://{host}:{port}   API: http://{host}:{port}/api")
+    raise typer.Exit(subprocess.call(server_command(host, port), env=server_env(host, port)))
 
 
 @app.command()
@@ -315,24 +424,86 @@ def lineage_check(run_id: str | None = typer.Argument(None), root: str = LRoot, 
 @app.command()
 def generate(
     prompt: str,
-    model: Path = typer.Option(..., "--model", "-m", help="A train artifact folder."),
-    tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="A tokenizer artifact folder."),
-    tokens: int = 100,
-    temperature: float = 0.8,
-    top_k: int = 40,
+    model: Path = typer.Option(..., "--model", "-m", help="A train artifact folder or an export folder."),
+    tokenizer: Path | None = typer.Option(
+        None, "--tokenizer", "-t", help="tokenizer.json or its folder (default: found from the model's lineage)."
+    ),
+    tokens: int = typer.Option(100, help="New tokens to sample at most."),
+    temperature: float = typer.Option(0.8, help="0 = greedy."),
+    top_k: int | None = typer.Option(40, help="Sample among the k most likely tokens."),
+    top_p: float | None = typer.Option(0.95, help="Nucleus: the smallest set of tokens with this probability mass."),
     seed: int = 0,
 ) -> None:
-    """Sample a continuation of PROMPT from a trained model."""
+    """Sample a continuation of PROMPT from a trained or exported model (KV-cached)."""
     import torch
     from tokenizers import Tokenizer
 
-    from tasks.train import load_model
+    from tasks.export import find_tokenizer, load_any_model
 
-    gpt = load_model(model)
-    tok = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
-    ids = tok.encode(prompt, add_special_tokens=False).ids or [0]
-    out = gpt.generate(torch.tensor([ids]), tokens, temperature, top_k, torch.Generator().manual_seed(seed))
+    try:
+        gpt = load_any_model(model)
+        path = find_tokenizer(model) if tokenizer is None else tokenizer
+        tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    eot = tok.token_to_id("<|endoftext|>")
+    ids = tok.encode(prompt, add_special_tokens=False).ids[-gpt.cfg.block_size :] or [eot or 0]
+    generator = torch.Generator().manual_seed(seed)
+    out = gpt.generate(torch.tensor([ids]), tokens, temperature, top_k, generator, stop_token=eot, top_p=top_p)
     sys.stdout.write(prompt + tok.decode(out[0, len(ids) :].tolist()) + "\n")
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., "--model", "-m", help="A train artifact folder."),
+    tokens: Path = typer.Option(..., "--tokens", help="A tokenize artifact folder (its val and test shards)."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="Tokenizer artifact (default: lineage)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Pipeline YAML whose evaluate section to use."),
+    root: str | None = typer.Option(None, "--root", "-r", help="Data root for the results (default: the model's)."),
+    name: str = typer.Option("evaluate", help="Run name in lineage (the previous run of this name is compared)."),
+    export: bool = typer.Option(False, "--export", help="Also export the model for transformers."),
+    force: bool = typer.Option(False, "--force", help="Re-evaluate even if this evaluation is cached."),
+) -> None:
+    """Evaluate an existing checkpoint on existing token shards as a Prefect flow (no retraining)."""
+    cfg = load_config(config, None)
+    from flows.evaluate import evaluate_flow
+
+    try:
+        result = evaluate_flow(
+            model=str(model),
+            tokens=str(tokens),
+            tokenizer=str(tokenizer) if tokenizer else None,
+            root=root,
+            evaluate=cfg.evaluate,
+            seed=cfg.seed,
+            name=name,
+            export=export,
+            force=force,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    print_run_summary(result["root"], result["run_id"])
+
+
+@app.command("export")
+def export_command(
+    model: Path = typer.Option(..., "--model", "-m", help="A train artifact folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (transformers layout)."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="tokenizer.json (default: lineage)."),
+    special_tokens: list[str] = typer.Option(["<|endoftext|>", "<|pad|>"], "--special-token"),
+) -> None:
+    """Write MODEL as safetensors + config + tokenizer that transformers' AutoModelForCausalLM loads."""
+    from tasks.export import export_model, find_tokenizer
+
+    try:
+        path = find_tokenizer(model) if tokenizer is None else tokenizer
+        counts = export_model(model, path / "tokenizer.json" if path.is_dir() else path, special_tokens, out)
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"exported {counts['params']:,} parameters to {out} ({counts['format']})")
 
 
 if __name__ == "__main__":

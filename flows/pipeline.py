@@ -7,6 +7,7 @@ The flow process alone writes the lineage DuckDB file.
 
 from __future__ import annotations
 
+import json
 import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -15,16 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.states import State
 
-from storage.artifacts import ArtifactStore, Manifest
+from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
-from tasks.stages import STAGES, UPSTREAM, cache_key, run_stage
+from tasks.report import publish_run_report
+from tasks.stages import STAGES, UPSTREAM, StageName, cache_key, data_version, run_stage
 
 
 def _manifests(inputs: dict[str, dict]) -> dict[str, Manifest]:
@@ -123,18 +130,38 @@ def stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict], run_id: 
     create_markdown_artifact(
         key=f"{name}-summary", markdown=stage_summary_markdown(manifest, reused), description=f"{name} stage"
     )
+    create_table_artifact(key=f"{name}-counts", table=counts_table(manifest.counts), description=f"{name} counts")
     return manifest.model_dump()
 
 
-def _run_id() -> str:
-    flow_run_id = flow_run.get_id() or "local"
-    return f"{datetime.now(UTC):%Y%m%d}-{str(flow_run_id)[:8]}"
+def counts_table(counts: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stage's counts as table rows: scalar counts, then one row per drop reason."""
+    rows = [{"count": k, "value": v} for k, v in counts.items() if not isinstance(v, dict | list)]
+    rows += [{"count": f"dropped: {reason}", "value": n} for reason, n in (counts.get("dropped") or {}).items()]
+    return rows
+
+
+def _run_id(lineage: LineageStore) -> str:
+    """The lineage run id; a retried flow run (same Prefect id) continues the lineage run it started."""
+    flow_run_id = flow_run.get_id()
+    if flow_run_id and (existing := lineage.run_for_flow_run(str(flow_run_id))):
+        return existing
+    return f"{datetime.now(UTC):%Y%m%d}-{str(flow_run_id or 'local')[:8]}"
+
+
+def flow_run_name_for(kind: str = "") -> str:
+    """``<config name>[-kind]-data-<data version>-<UTC time>``: what ran, on which data, when."""
+    config = flow_run.get_parameters().get("config") or {}
+    try:
+        cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
+        name, version = cfg.name, data_version(cfg)
+    except Exception:  # noqa: BLE001 - naming must never fail a run; validation reports bad parameters
+        name, version = "pipeline", "unknown"
+    return f"{name}{'-' + kind if kind else ''}-data-{version}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
 def _flow_run_name() -> str:
-    config = flow_run.get_parameters().get("config") or {}
-    name = config.get("name", "pipeline") if isinstance(config, dict) else config.name
-    return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    return flow_run_name_for()
 
 
 def run_stages(
@@ -150,24 +177,73 @@ def run_stages(
     store = ArtifactStore(cfg.root)
     for name in stages:
         started = datetime.now(UTC)
-        task_fn = stage_task.with_options(
-            name=name,
-            task_run_name=name,
-            result_storage=store.results_dir,
-            refresh_cache=name in force or None,
-        )
         inputs = {u: manifests[u] for u in UPSTREAM[name]}
-        state: State = task_fn(name, cfg, inputs, run_id, name in force, return_state=True)
-        if state.is_failed() or state.is_crashed():
-            error = "".join(traceback.format_exception_only(_exception_of(state))).strip()
-            lineage.record_stage(run_id, name, "failed", started, error=error)
-            lineage.finish_run(run_id, "failed", f"{name}: {error}")
-            state.result()  # re-raises the stage's exception and fails the flow
+        state = _run_stage_task(name, cfg, inputs, run_id, name in force, store, lineage, started)
         manifest = Manifest.model_validate(state.result())
-        status = "cached" if state.name == "Cached" or manifest.run_id != run_id else "completed"
-        lineage.record_stage(run_id, name, status, started, manifest=manifest)
+        cached = state.name == "Cached" or manifest.run_id != run_id
+        if cached:
+            try:  # a cache hit skips the stage body, so check here that its files are still what was published
+                store.verify(manifest)
+            except CorruptArtifactError as err:
+                get_run_logger().warning(f"{err}: rebuilding {name} by rerunning it")
+                state = _run_stage_task(name, cfg, inputs, run_id, True, store, lineage, started)
+                manifest, cached = Manifest.model_validate(state.result()), False
+        lineage.record_stage(run_id, name, "cached" if cached else "completed", started, manifest=manifest)
         manifests[name] = manifest.model_dump()
     return manifests
+
+
+def _run_stage_task(
+    name: str,
+    cfg: PipelineConfig,
+    inputs: dict[str, dict],
+    run_id: str,
+    force: bool,
+    store: ArtifactStore,
+    lineage: LineageStore,
+    started: datetime,
+) -> State:
+    """Run one stage task; on failure record it in lineage and fail the flow with the stage's exception."""
+    task_fn = stage_task.with_options(
+        name=name, task_run_name=name, result_storage=store.results_dir, refresh_cache=force or None
+    )
+    state: State = task_fn(name, cfg, inputs, run_id, force, return_state=True)
+    if state.is_failed() or state.is_crashed():
+        error = "".join(traceback.format_exception_only(_exception_of(state))).strip()
+        lineage.record_stage(run_id, name, "failed", started, error=error)
+        lineage.finish_run(run_id, "failed", f"{name}: {error}")
+        state.result()  # re-raises the stage's exception and fails the flow
+    return state
+
+
+def publish_report(
+    store: ArtifactStore, lineage: LineageStore, run_id: str, pipeline_name: str, manifests: dict[str, dict]
+) -> dict[str, Path]:
+    """Write the run report (Markdown + self-contained HTML), record it in lineage, publish it to Prefect."""
+    _, paths = publish_run_report(store, lineage, run_id, pipeline_name, _manifests(manifests))
+    create_markdown_artifact(
+        key="evaluation-report", markdown=paths["markdown"].read_text(), description=f"run report: {paths['html']}"
+    )
+    return paths
+
+
+def stage_counts_table(lineage: LineageStore, run_id: str) -> list[dict[str, Any]]:
+    """One row per stage attempt of a run: status, time and the document counts."""
+    rows = []
+    for r in lineage.stage_runs(run_id):
+        counts = json.loads(r["counts"]) if r["counts"] else {}
+        rows.append(
+            {
+                "stage": r["stage"],
+                "attempt": r["attempt"],
+                "status": r["status"],
+                "seconds": round(r["elapsed_s"] or 0.0, 2),
+                "docs_in": counts.get("docs_in"),
+                "kept": counts.get("kept"),
+                "dropped": sum((counts.get("dropped") or {}).values()),
+            }
+        )
+    return rows
 
 
 def _exception_of(state: State) -> BaseException:
@@ -179,7 +255,7 @@ def _exception_of(state: State) -> BaseException:
 
 
 @flow(name="pipeline", flow_run_name=_flow_run_name, persist_result=True, log_prints=True)
-def pipeline(config: PipelineConfig = PipelineConfig(), force: list[str] | None = None) -> dict[str, Any]:
+def pipeline(config: PipelineConfig = PipelineConfig(), force: list[StageName] | None = None) -> dict[str, Any]:
     """Raw text → cleaned, deduplicated corpus → tokenizer → token shards → trained and evaluated model."""
     force = force or []
     unknown = sorted(set(force) - set(STAGES))
@@ -187,15 +263,17 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[str] | None 
         raise ValueError(f"force names unknown stages {unknown}; stages are {list(STAGES)}")
     store = ArtifactStore(config.root)
     lineage = LineageStore(store.lineage_path)
-    run_id = _run_id()
+    run_id = _run_id(lineage)
+    get_run_logger().info(f"lineage run {run_id} in {store.lineage_path}")
     lineage.start_run(run_id, config.name, config.model_dump(), config.seed, str(flow_run.get_id()))
     manifests = run_stages(config, STAGES, run_id, force, lineage)
+    report = publish_report(store, lineage, run_id, config.name, manifests)
     lineage.finish_run(run_id, "completed")
-    report = Path(manifests["evaluate"]["path"]) / "report.md"
-    create_markdown_artifact(key="evaluation-report", markdown=report.read_text(), description="evaluation report")
+    create_table_artifact(key="stage-counts", table=stage_counts_table(lineage, run_id), description="per stage")
     return {
         "run_id": run_id,
         "root": str(store.root),
         "lineage": str(store.lineage_path),
         "artifacts": {k: v["path"] for k, v in manifests.items()},
+        "report": str(report["html"]),
     }

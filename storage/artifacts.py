@@ -149,6 +149,10 @@ class ArtifactStore:
     def lineage_path(self) -> Path:
         return self.root / "lineage.duckdb"
 
+    def report_dir(self, run_id: str) -> Path:
+        """Where a pipeline run's human-readable report goes (run-level, not content-addressed)."""
+        return self.root / "reports" / run_id
+
     @property
     def results_dir(self) -> Path:
         return self.root / ".prefect-results"
@@ -158,6 +162,29 @@ class ArtifactStore:
         if not path.exists():
             return None
         return Manifest.model_validate_json(path.read_text())
+
+    @staticmethod
+    def of_artifact(folder: str | Path) -> tuple[ArtifactStore, Manifest]:
+        """The store an artifact folder (``<root>/<stage>/<fingerprint>``) belongs to, and its manifest."""
+        folder = Path(folder).expanduser().resolve()
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a tokenmill artifact (no {MANIFEST})")
+        manifest = Manifest.model_validate_json(path.read_text())
+        return ArtifactStore(folder.parent.parent), manifest.model_copy(update={"path": str(folder)})
+
+    def ancestors(self, manifest: Manifest) -> dict[str, Manifest]:
+        """Every artifact upstream of ``manifest`` that this store holds, by stage (nearest first)."""
+        found: dict[str, Manifest] = {}
+        pending = list(manifest.inputs)
+        while pending:
+            ref = pending.pop(0)
+            upstream = self.load(ref.stage, ref.fingerprint)
+            if upstream is None or ref.stage in found:
+                continue
+            found[ref.stage] = upstream.model_copy(update={"path": str(self.artifact_dir(ref.stage, ref.fingerprint))})
+            pending += upstream.inputs
+        return found
 
     def verify(self, manifest: Manifest, deep: bool = True) -> None:
         """Raise CorruptArtifactError if a file is missing, resized or (deep) rehashes differently."""

@@ -64,6 +64,20 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (fingerprint, step)
     );
     """,
+    """
+    CREATE TABLE metrics (
+        run_id VARCHAR, stage VARCHAR, split VARCHAR, source VARCHAR, scorer VARCHAR, metric VARCHAR, value DOUBLE,
+        step BIGINT
+    );
+    CREATE TABLE samples (run_id VARCHAR, idx INTEGER, prompt VARCHAR, completion VARCHAR, seed BIGINT);
+    CREATE TABLE reports (run_id VARCHAR, format VARCHAR, path VARCHAR, created_at TIMESTAMPTZ);
+    """,
+    """
+    CREATE TABLE refresh_diffs (
+        run_id VARCHAR, previous_run_id VARCHAR, source VARCHAR, added BIGINT, removed BIGINT, changed BIGINT,
+        unchanged BIGINT, computed_at TIMESTAMPTZ, PRIMARY KEY (run_id, source)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 TRAIN_METRIC_COLUMNS = (
@@ -79,7 +93,7 @@ TRAIN_METRIC_COLUMNS = (
     "train_seconds",
 )
 
-RELATIONS = {"train": "trained_on", "evaluate": "evaluated_on"}
+RELATIONS = {"train": "trained_on", "evaluate": "evaluated_on", "export": "exported_from"}
 
 
 def code_version() -> str:
@@ -314,7 +328,41 @@ class LineageStore:
                 )
         return len(rows)
 
+    def record_report(
+        self, run_id: str, metrics: list[dict], samples: list[dict], paths: dict[str, str | Path]
+    ) -> None:
+        """Replace a run's metrics, samples and report paths (a run's report is written once, at its end)."""
+        columns = ("stage", "split", "source", "scorer", "metric", "value", "step")
+        with self._connect() as con:
+            con.execute("BEGIN")
+            for table in ("metrics", "samples", "reports"):
+                con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            if metrics:
+                con.executemany(
+                    "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [[run_id, *(m.get(c) for c in columns)] for m in metrics],
+                )
+            if samples:
+                con.executemany(
+                    "INSERT INTO samples VALUES (?, ?, ?, ?, ?)",
+                    [[run_id, i, s["prompt"], s["completion"], s.get("seed")] for i, s in enumerate(samples)],
+                )
+            for fmt, path in paths.items():
+                con.execute("INSERT INTO reports VALUES (?, ?, ?, ?)", [run_id, fmt, str(path), _now()])
+            con.execute("COMMIT")
+
     # --- reads ------------------------------------------------------------------------------------------
+
+    def record_refresh_diff(self, run_id: str, previous_run_id: str | None, rows: list[dict]) -> None:
+        """Store a refresh's per-source document diff (``LineageQueries.diff``) against ``previous_run_id``."""
+        with self._connect() as con:
+            con.execute("DELETE FROM refresh_diffs WHERE run_id = ?", [run_id])
+            for r in rows:
+                values = [r["source"], r["added"], r["removed"], r["changed"], r["unchanged"]]
+                con.execute(
+                    "INSERT INTO refresh_diffs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [run_id, previous_run_id, *values, _now()],
+                )
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict]:
         cursor = self._read_connection().execute(sql, params or [])
@@ -373,3 +421,45 @@ class LineageStore:
             if stages is None or artifact["stage"] in stages:
                 files += sorted(str(p) for p in Path(artifact["uri"]).glob("ledger/*.parquet"))
         return files
+
+    def metrics(self, run_id: str) -> list[dict]:
+        return self.query(
+            "SELECT stage, split, source, scorer, metric, value, step FROM metrics WHERE run_id = ? "
+            "ORDER BY stage, split, source, scorer, metric, step",
+            [run_id],
+        )
+
+    def previous_evaluated_run(self, pipeline: str, run_id: str) -> str | None:
+        """The latest run of ``pipeline`` that started before ``run_id`` and has evaluation metrics."""
+        rows = self.query(
+            """
+            SELECT r.run_id FROM runs r
+            WHERE r.pipeline = ? AND r.run_id <> ?
+              AND r.started_at <= coalesce((SELECT started_at FROM runs WHERE run_id = ?), now())
+              AND EXISTS (SELECT 1 FROM metrics m WHERE m.run_id = r.run_id AND m.stage = 'evaluate')
+            ORDER BY r.started_at DESC LIMIT 1
+            """,
+            [pipeline, run_id, run_id],
+        )
+        return rows[0]["run_id"] if rows else None
+
+    def run_for_flow_run(self, flow_run_id: str) -> str | None:
+        """The lineage run a Prefect flow run started (a retried flow run continues it)."""
+        rows = self.query("SELECT run_id FROM runs WHERE flow_run_id = ? ORDER BY started_at LIMIT 1", [flow_run_id])
+        return rows[0]["run_id"] if rows else None
+
+    def latest_completed_run(self, pipeline: str, before: str | None = None) -> str | None:
+        """The newest completed run of ``pipeline`` (other than ``before``): the baseline of a refresh diff."""
+        rows = self.query(
+            "SELECT run_id FROM runs WHERE pipeline = ? AND status = 'completed' AND run_id IS DISTINCT FROM ? "
+            "ORDER BY ended_at DESC LIMIT 1",
+            [pipeline, before],
+        )
+        return rows[0]["run_id"] if rows else None
+
+    def refresh_diffs(self, run_id: str) -> list[dict]:
+        return self.query(
+            "SELECT source, added, removed, changed, unchanged, previous_run_id FROM refresh_diffs "
+            "WHERE run_id = ? ORDER BY source",
+            [run_id],
+        )

@@ -24,6 +24,7 @@ STAGE_MODULES = {
     "tokenize": "tasks/tokenize.py",
     "train": "tasks/train.py",
     "evaluate": "tasks/evaluate.py",
+    "export": "tasks/export.py",
 }
 
 

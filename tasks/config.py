@@ -161,6 +161,8 @@ class PiiConfig(Section):
 
 
 class CleanConfig(Section):
+    """Quality filters: documents failing one are dropped with that reason in the ledger."""
+
     min_chars: int = Field(64, ge=0, description="Drop documents shorter than this after normalization.")
     max_chars: int = Field(500_000, ge=1, description="Drop documents longer than this.")
     max_line_chars: int | None = Field(
@@ -254,6 +256,8 @@ class DedupConfig(Section):
 
 
 class TokenizerConfig(Section):
+    """The byte-level BPE tokenizer trained on the deduplicated corpus."""
+
     vocab_size: int = Field(4096, ge=260, le=2**20, description="BPE vocabulary size (including specials).")
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a merge.")
     sample_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of kept documents used for training.")
@@ -265,6 +269,8 @@ class TokenizerConfig(Section):
 
 
 class TokenizeConfig(Section):
+    """Splitting documents into train/val/test and encoding them into token shards."""
+
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of documents in the validation split.")
     test_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of documents in the test split.")
     shard_tokens: int = Field(8_000_000, ge=1024, description="Tokens per shard file.")
@@ -286,11 +292,11 @@ class ModelConfig(Section):
     preset: Literal["tiny", "quickstart", "small", "gpt2-124M", "gpt2-350M"] | None = Field(
         None, description="Named size (tiny, quickstart ~1M, small ~10M, gpt2-124M, gpt2-350M); fields override it."
     )
-    n_layer: int = Field(4, ge=1, le=96)
-    n_head: int = Field(4, ge=1, le=128)
-    n_embd: int = Field(128, ge=8, le=16384)
+    n_layer: int = Field(4, ge=1, le=96, description="Transformer blocks.")
+    n_head: int = Field(4, ge=1, le=128, description="Attention heads per block; must divide n_embd.")
+    n_embd: int = Field(128, ge=8, le=16384, description="Embedding width.")
     block_size: int = Field(128, ge=8, le=32768, description="Context length in tokens.")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability during training.")
 
     @model_validator(mode="before")
     @classmethod
@@ -313,6 +319,8 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
+    """The training loop: budget, optimizer, schedule, checkpoints."""
+
     max_steps: int = Field(300, ge=1, description="Optimizer steps (the budget unless max_tokens is set).")
     max_tokens: int | None = Field(
         None, ge=1, description="Token budget: train ceil(max_tokens / batch tokens) steps instead of max_steps."
@@ -325,16 +333,16 @@ class TrainConfig(Section):
         description="Tokens per optimizer step over all processes; sets grad_accum = batch_tokens / "
         "(batch_size * block_size * nproc), which must divide exactly.",
     )
-    learning_rate: float = Field(3e-3, gt=0, le=1)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(30, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
+    learning_rate: float = Field(3e-3, gt=0, le=1, description="Peak AdamW learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0 = off).")
-    eval_interval: int = Field(100, ge=1)
+    eval_interval: int = Field(100, ge=1, description="Steps between validation evaluations.")
     eval_batches: int = Field(8, ge=1, description="Batches of the fixed validation subset per periodic eval.")
-    checkpoint_interval: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    checkpoint_interval: int = Field(100, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when available.")
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores).")
     nproc: int = Field(
@@ -343,13 +351,21 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    batch_size: int = Field(32, ge=1)
+    """Held-out loss, perplexity and bits per byte, and a few samples."""
+
+    batch_size: int = Field(32, ge=1, description="Sequences per evaluation batch.")
     max_tokens_per_split: int | None = Field(None, ge=1, description="Cap on evaluated tokens (default: whole split).")
-    samples: int = Field(3, ge=0)
-    sample_tokens: int = Field(80, ge=1)
-    temperature: float = Field(0.8, gt=0)
-    top_k: int = Field(40, ge=1)
-    prompts: list[str] = Field(default=["def ", "import ", "class "])
+    samples: int = Field(3, ge=0, description="Text samples generated for the report.")
+    sample_tokens: int = Field(80, ge=1, description="Tokens per sample.")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature.")
+    top_k: int = Field(40, ge=1, description="Sample from the k most likely tokens.")
+    top_p: float = Field(
+        0.95, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this mass."
+    )
+    prompts: list[str] = Field(
+        default=[], description="Sample prompts; empty means the openings of the first held-out documents."
+    )
+    probe_items: int = Field(200, ge=0, description="Items per probe (last word, multiple choice); 0 = no probes.")
 
 
 class PipelineConfig(Section):
@@ -368,6 +384,7 @@ class PipelineConfig(Section):
             )
         ],
         min_length=1,
+        description="Inputs to ingest; at least one, with unique names.",
     )
     clean: CleanConfig = CleanConfig()
     dedup: DedupConfig = DedupConfig()

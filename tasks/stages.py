@@ -1,4 +1,4 @@
-"""The seven stages bound to the artifact store: parameters, inputs and the function that produces each.
+"""The stages bound to the artifact store: parameters, inputs and the function that produces each.
 
 This is the one place that knows which configuration section and which upstream artifacts each stage
 reads. It has no Prefect import: the CLI, the Prefect tasks and tests all call ``run_stage``.
@@ -10,16 +10,18 @@ import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from storage.artifacts import ArtifactStore, Manifest, StageContext
 from storage.faults import maybe_fail
 from storage.hashing import canonical_json, fingerprint
 from storage.shards import compact_ledger_folder
-from tasks import clean, dedup, evaluate, ingest, tokenize, tokenizer, train
+from tasks import clean, dedup, evaluate, export, ingest, tokenize, tokenizer, train
 from tasks.config import PipelineConfig
 
-STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate")
+STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export")
+StageName = Literal["ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export"]
+assert get_args(StageName) == STAGES
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "ingest": (),
     "clean": ("ingest",),
@@ -28,6 +30,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "tokenize": ("dedup", "tokenizer"),
     "train": ("tokenize",),
     "evaluate": ("train", "tokenizer", "tokenize"),
+    "export": ("train", "tokenizer"),
 }
 
 
@@ -48,6 +51,20 @@ def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
             digest.update(f"{f.rel}\x1f{f.size}\x1f{f.mtime}\x1f{f.error}\n".encode())
         snapshot[source.name] = digest.hexdigest()
     return snapshot
+
+
+def data_version(cfg: PipelineConfig) -> str:
+    """A short hash of the sources' snapshot (paths, sizes, mtimes): changes whenever ingest would rerun."""
+    return fingerprint("data", "1", _source_snapshot(cfg), [])[:8]
+
+
+def downstream(name: str) -> tuple[str, ...]:
+    """The stage and every stage that (transitively) reads its output, in pipeline order."""
+    affected = {name}
+    for stage in STAGES:
+        if affected & set(UPSTREAM[stage]):
+            affected.add(stage)
+    return tuple(s for s in STAGES if s in affected)
 
 
 def _tombstones(cfg: PipelineConfig) -> list[str]:
@@ -140,6 +157,17 @@ SPECS: dict[str, StageSpec] = {
             c.evaluate,
             c.seed,
             ctx,
+            ledger_files=i["tokenize"].files_under("ledger/"),
+        ),
+    ),
+    # Its own stage (not part of evaluate): it depends only on weights and tokenizer, so changing evaluation
+    # settings does not re-export, and a model can be exported without being evaluated.
+    "export": StageSpec(
+        "export",
+        export.VERSION,
+        lambda c: {"special_tokens": c.tokenizer.special_tokens},
+        lambda c, i, ctx: export.export_stage(
+            i["train"].file(""), i["tokenizer"].file(""), c.tokenizer.special_tokens, ctx
         ),
     ),
 }

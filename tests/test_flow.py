@@ -62,3 +62,22 @@ def test_a_failing_stage_is_retried_by_prefect(prefect_harness, corpus: Path, tm
     result = pipeline(config=cfg)
     assert (tmp_path / "faults" / "tokenmill-fault-dedup-end").exists()  # the fault fired once
     assert _statuses(cfg.root, result["run_id"]) == dict.fromkeys(STAGES, "completed")
+
+
+def test_a_corrupted_cached_artifact_is_detected_and_rebuilt(prefect_harness, corpus: Path, tmp_path: Path):
+    from flows.pipeline import pipeline
+
+    cfg = tiny_config(corpus, tmp_path / "root")
+    first = pipeline(config=cfg)
+    shard = sorted(Path(first["artifacts"]["tokenize"], "tokens").glob("train-*.arrow"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # a bit flip the manifest's SHA-256 no longer matches
+    shard.write_bytes(bytes(data))
+    second = pipeline(config=cfg)
+    statuses = _statuses(cfg.root, second["run_id"])
+    assert statuses["tokenize"] == "completed"  # rebuilt, although Prefect had it cached
+    assert statuses["ingest"] == statuses["train"] == "cached"  # same content hash, so downstream stays cached
+    assert second["artifacts"] == first["artifacts"]
+    ArtifactStore(cfg.root).verify(
+        Manifest.model_validate_json(Path(second["artifacts"]["tokenize"], "manifest.json").read_text())
+    )

