@@ -66,7 +66,9 @@ _RANK = {
 
 
 def minhash_params(cfg: DedupConfig) -> MinHashParams:
-    return MinHashParams(ngram=cfg.ngram, permutations=cfg.permutations, bands=cfg.bands, rows=cfg.rows, seed=cfg.seed)
+    return MinHashParams(
+        ngram=cfg.ngram, permutations=cfg.permutations, bands=cfg.bands, rows=cfg.rows, seed=cfg.minhash_seed
+    )
 
 
 # --- the earlier index (incremental dedup) ----------------------------------------------------------------
