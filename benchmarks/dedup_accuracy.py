@@ -78,6 +78,7 @@ SETTINGS = {
     "14x8, verified ≥0.7": {"permutations": 112, "bands": 14, "rows": 8},
     "16x6, verified ≥0.7": {"permutations": 96, "bands": 16, "rows": 6},
     "20x5, unverified (estimate ≥0.7)": {"verify": False},
+    "25x4, verified ≥0.5 (recall-oriented)": {"bands": 25, "rows": 4, "threshold": 0.5},
 }
 
 

@@ -66,7 +66,9 @@ _RANK = {
 
 
 def minhash_params(cfg: DedupConfig) -> MinHashParams:
-    return MinHashParams(ngram=cfg.ngram, permutations=cfg.permutations, bands=cfg.bands, rows=cfg.rows, seed=cfg.seed)
+    return MinHashParams(
+        ngram=cfg.ngram, permutations=cfg.permutations, bands=cfg.bands, rows=cfg.rows, seed=cfg.minhash_seed
+    )
 
 
 # --- the earlier index (incremental dedup) ----------------------------------------------------------------
@@ -294,21 +296,25 @@ def sign(doc_paths: list[Path], p: Plan, params: MinHashParams, cfg: DedupConfig
 # --- pass 3: candidate pairs --------------------------------------------------------------------------------
 
 
-def candidate_pairs(con: duckdb.DuckDBPyConnection, bands: Path) -> np.ndarray:
-    """Star edges (bucket's best-ranked node, other member) over all band buckets, distinct, shape (n, 2)."""
-    rows = con.execute(
-        """
-        WITH buckets AS (
-            SELECT band, h, min(node) AS root FROM read_parquet($bands) GROUP BY band, h HAVING count(*) > 1
-        )
-        SELECT DISTINCT b.root AS a, x.node AS b
-        FROM read_parquet($bands) x JOIN buckets b USING (band, h)
-        WHERE x.node <> b.root
-        ORDER BY a, b
-        """,
-        {"bands": str(bands)},
-    ).fetchnumpy()
-    return np.stack([rows["a"], rows["b"]], axis=1).astype(np.int64) if len(rows["a"]) else np.empty((0, 2), np.int64)
+def candidate_pairs(con: duckdb.DuckDBPyConnection, bands: Path, n_bands: int) -> np.ndarray:
+    """Star edges (bucket's best-ranked node, other member) over all band buckets, distinct, shape (n, 2).
+
+    One query per band: a band's buckets are independent of the others', so the group-by's hash table holds
+    1/bands of the rows (and at scale, bands are the unit that fans out over machines).
+    """
+    found = [np.empty((0, 2), np.int64)]
+    for band in range(n_bands):
+        rows = con.execute(
+            """
+            WITH x AS (SELECT node, h FROM read_parquet($bands) WHERE band = $band),
+            buckets AS (SELECT h, min(node) AS root FROM x GROUP BY h HAVING count(*) > 1)
+            SELECT b.root AS a, x.node AS b FROM x JOIN buckets b USING (h) WHERE x.node <> b.root
+            """,
+            {"bands": str(bands), "band": band},
+        ).fetchnumpy()
+        if len(rows["a"]):
+            found.append(np.stack([rows["a"], rows["b"]], axis=1).astype(np.int64))
+    return np.unique(np.concatenate(found), axis=0)
 
 
 def index_matches(
@@ -417,7 +423,6 @@ class Clusters:
     similarity: dict[int, float] = field(default_factory=dict)
     candidate_pairs: int = 0
     verified_pairs: int = 0
-    examples: list[dict] = field(default_factory=list)
 
 
 def verify_and_cluster(
@@ -503,7 +508,7 @@ def dedup(
         bands_file = ctx.work_dir / "bands.parquet"
         signed = sign(doc_paths, p, params, cfg, bands_file, ctx.log)
         lap("sign")
-        edges = candidate_pairs(con, bands_file)
+        edges = candidate_pairs(con, bands_file, params.bands)
         old_edges = np.empty((0, 2), np.int64)
         if index is not None:
             old_ids, old_edges = index_matches(con, bands_file, index, p)
@@ -523,7 +528,6 @@ def dedup(
 
     counts = _write(doc_paths, p, cfg, old_ids, clusters, index, ctx, batch_rows)
     lap("write")
-    con.close()
     near = {
         "enabled": cfg.near,
         "signed": signed,
@@ -535,7 +539,19 @@ def dedup(
         "s_curve": s_curve_table(params),
     }
     counts |= {"near_duplicates": near, "timings_s": timings}
-    _write_report(ctx.out_dir / "report.md", cfg, params, counts, counts.pop("examples"))
+    examples = counts.pop("examples")
+    if examples:  # name representatives by locator too (they may be indexed documents of an earlier run)
+        con.register("wanted", pa.table({"doc_id": [e["duplicate_of"] for e in examples]}))
+        files = [str(f) for f in doc_paths]
+        where = dict(
+            con.execute(
+                f"SELECT doc_id, locator FROM read_parquet({files!r}) WHERE doc_id IN (SELECT doc_id FROM wanted)"
+            ).fetchall()
+        )
+        for e in examples:
+            e["kept"] = where.get(e["duplicate_of"], e["duplicate_of"])
+    con.close()
+    _write_report(ctx.out_dir / "report.md", cfg, params, counts, examples)
     return counts
 
 
@@ -578,7 +594,7 @@ def _write(doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, c
         for doc in batch.to_pylist():
             node = int(p.node_of_pos[pos])  # type: ignore[union-attr]
             pos += 1
-            base = {"doc_id": doc["doc_id"], "source": doc["source"], "content_hash": doc["content_hash"]}
+            base = {k: doc[k] for k in ("doc_id", "source", "locator", "content_hash")}
             verdict = _verdict(node, p, clusters, n_old, final)
             if verdict is None:
                 kept.append(doc | {"split_key": doc["doc_id"]})
@@ -603,7 +619,7 @@ def _write(doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, c
                 }
             )
             if reason == "near_duplicate" and len(examples) < 8:
-                examples.append({"doc_id": doc["doc_id"], "duplicate_of": rep_id, "similarity": sim})
+                examples.append({"removed": doc["locator"], "duplicate_of": rep_id, "similarity": sim})
         docs.write_rows(kept)
         ledger.record(rows)
         exact_index.write_rows(index_rows)
@@ -633,7 +649,7 @@ def _verdict(node: int, p: Plan, clusters: Clusters, n_old: int, final) -> tuple
         if rep + n_old in clusters.rep:  # the exact representative is itself a near-duplicate
             rep_id, sim, in_index = final(rep)
             return "exact_duplicate", rep_id, sim, in_index
-        return "exact_duplicate", str(p.doc_id[rep]), 1.0, False
+        return "exact_duplicate", str(p.doc_id[rep]), 1.0, bool(p.indexed[rep])
     if node + n_old in clusters.rep:
         rep_id, sim, in_index = final(node)
         return "near_duplicate", rep_id, sim, in_index
@@ -689,7 +705,7 @@ def _write_report(path: Path, cfg: DedupConfig, params: MinHashParams, counts: d
         "",
         "| removed | kept representative | similarity |",
         "| --- | --- | ---: |",
-        *[f"| {e['doc_id']} | {e['duplicate_of']} | {e['similarity']:.3f} |" for e in examples],
+        *[f"| {e['removed']} | {e['kept']} | {e['similarity']:.3f} |" for e in examples],
         "",
     ]
     path.write_text("\n".join(lines))

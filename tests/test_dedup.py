@@ -40,19 +40,19 @@ def lines(ws: list[str]) -> str:
     return "\n".join(" ".join(ws[i : i + 12]) for i in range(0, len(ws), 12)) + "\n"
 
 
-def write_docs(folder: Path, texts: list[tuple[str, str]], source: str = "s") -> list[Path]:
-    """Clean-stage-shaped shards from (doc_id, text) pairs."""
+def write_docs(folder: Path, texts: list[tuple[str, ...]]) -> list[Path]:
+    """Clean-stage-shaped shards from (doc_id, text[, source]) tuples."""
     rows = [
         {
             "doc_id": doc_id,
-            "source": source,
+            "source": source[0] if source else "s",
             "locator": doc_id,
             "ordinal": i,
             "text": text,
             "n_bytes": len(text.encode()),
             "content_hash": f"{hash(text) & (2**64 - 1):032x}",
         }
-        for i, (doc_id, text) in enumerate(texts)
+        for i, (doc_id, text, *source) in enumerate(texts)
     ]
     with ParquetShardWriter(folder, "docs", CLEAN_SCHEMA, rows_per_shard=7) as writer:
         writer.write_rows(rows)
@@ -136,6 +136,9 @@ def test_keep_policies_choose_the_representative(tmp_path: Path):
     assert first["long"]["duplicate_of"] == "short"
     _, longest, _ = run(tmp_path / "longest", texts, keep="longest")
     assert longest["short"]["duplicate_of"] == "long"
+    sourced = [(doc_id, text, "web" if doc_id != "edited" else "books") for doc_id, text in texts]
+    _, priority, _ = run(tmp_path / "priority", sourced, keep="source_priority", source_priority=["books"])
+    assert priority["short"]["duplicate_of"] == priority["long"]["duplicate_of"] == "edited"
 
 
 def test_connected_components_label_by_smallest_node():
@@ -208,3 +211,30 @@ def test_without_verification_the_minhash_estimate_decides(planted, tmp_path: Pa
     }
     near = [r for r in ledger.values() if r["reason"] == "near_duplicate"]
     assert all(abs(r["similarity"] - verified[r["doc_id"]]["similarity"]) < 0.15 for r in near)
+
+
+def test_incremental_run_over_the_whole_corpus_signs_only_unindexed_documents(tmp_path: Path):
+    corpus = tmp_path / "corpus"
+    (corpus / "docs").mkdir(parents=True)
+    for i in range(5):
+        (corpus / "docs" / f"old_{i}.txt").write_text(lines(words(i)))
+    root = tmp_path / "root"
+
+    def build(**dedup: object):
+        cfg = _incremental_config(corpus, root, **dedup)
+        ingest, _ = run_stage("ingest", cfg, {}, log=lambda m: None)
+        clean, _ = run_stage("clean", cfg, {"ingest": ingest}, log=lambda m: None)
+        return run_stage("dedup", cfg, {"clean": clean}, log=lambda m: None)[0]
+
+    first = build()
+    (corpus / "docs" / "new_edit_of_old_3.txt").write_text(lines(edit(words(3), 0.01, 9)))
+    (corpus / "docs" / "new_fresh.txt").write_text(lines(words(55)))
+    second = build(against=str(first.path))
+    assert second.counts["near_duplicates"]["signed"] == 2  # the five indexed documents are not signed again
+    assert second.counts["kept"] == 6 and second.counts["dropped"] == {"near_duplicate": 1}
+    row = next(
+        r
+        for r in pq.read_table(second.files_under("ledger/")).to_pylist()
+        if r["doc_id"] == doc_id_for("docs", "new_edit_of_old_3.txt")
+    )
+    assert row["duplicate_of"] == doc_id_for("docs", "old_3.txt")
