@@ -4,8 +4,9 @@ Both train the model of nanoGPT's ``train_shakespeare_char`` recipe at n_layer=4
 block_size=128, batch_size=12, dropout 0.2, biases on (tokenmill's GPT-2 layout), float32, no compile, on the
 same character-level data (65 symbols: the 64 most frequent characters of this Python's standard library
 sources plus one catch-all), with the same torch thread count. Runs alternate (A B A B …) so load changes
-on a shared machine hit both. Throughput is measured in steady state, after ``--skip`` steps, excluding
-evaluation: nanoGPT from its per-iteration times, tokenmill from its per-eval-interval telemetry.
+on a shared machine hit both; ``--concurrent`` runs each pair at the same time instead, so both see the same
+outside load. Throughput is measured in steady state, after ``--skip`` steps, excluding evaluation: nanoGPT
+from its per-iteration times, tokenmill from its per-eval-interval telemetry.
 
 nanoGPT is never vendored: pass ``--nanogpt`` a checkout or a bare git directory (e.g. the one the
 ``fetch`` tool leaves under /work/.mirror); its ``train.py``, ``model.py``, ``configurator.py`` and config
@@ -91,8 +92,8 @@ def extract_nanogpt(source: Path, work: Path) -> Path:
     return target
 
 
-def run_nanogpt(folder: Path, iters: int, skip: int) -> float:
-    """nanoGPT's steady-state tokens/s from its per-iteration log lines."""
+def start_nanogpt(folder: Path, iters: int) -> subprocess.Popen:
+    """Start nanoGPT's train.py; its steady-state tokens/s comes from its per-iteration log lines."""
     args = [
         sys.executable,
         "train.py",
@@ -116,11 +117,15 @@ def run_nanogpt(folder: Path, iters: int, skip: int) -> float:
         "--log_interval=1",
         "--out_dir=out",
     ]
-    done = subprocess.run(args, cwd=folder, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"nanoGPT failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return subprocess.Popen(args, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def nanogpt_tokens_per_s(proc: subprocess.Popen, skip: int) -> float:
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"nanoGPT failed:\n{stdout[-2000:]}\n{stderr[-3000:]}")
     pattern = r"iter (\d+): loss [\d.]+, time ([\d.]+)ms"
-    times = {int(m[1]): float(m[2]) / 1000 for m in re.finditer(pattern, done.stdout)}
+    times = {int(m[1]): float(m[2]) / 1000 for m in re.finditer(pattern, stdout)}
     steady = [dt for i, dt in times.items() if i >= skip]
     return BATCH_SIZE * MODEL["block_size"] * len(steady) / sum(steady)
 
@@ -142,8 +147,8 @@ print("TELEMETRY", json.dumps(counts["telemetry"]))
 """
 
 
-def run_tokenmill(work: Path, data: dict, iters: int, skip: int) -> float:
-    """tokenmill's steady-state tokens/s: telemetry intervals after the first ``skip`` steps (eval excluded)."""
+def start_tokenmill(work: Path, data: dict, iters: int, skip: int) -> subprocess.Popen:
+    """Start tokenmill's train stage; its steady-state tokens/s comes from telemetry after ``skip`` steps."""
     args = {
         "work": str(work),
         "train": str(data["train"]),
@@ -154,12 +159,20 @@ def run_tokenmill(work: Path, data: dict, iters: int, skip: int) -> float:
         "batch_size": BATCH_SIZE,
         "interval": skip,
     }
-    done = subprocess.run(
-        [sys.executable, "-c", OURS, json.dumps(args)], cwd=ROOT, capture_output=True, text=True, check=False
+    return subprocess.Popen(
+        [sys.executable, "-c", OURS, json.dumps(args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"tokenmill failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    rows = json.loads(done.stdout.split("TELEMETRY ", 1)[1])
+
+
+def tokenmill_tokens_per_s(proc: subprocess.Popen, skip: int) -> float:
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"tokenmill failed:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    rows = json.loads(stdout.split("TELEMETRY ", 1)[1])
     steady = rows[1:]  # the first interval holds start-up
     seconds = sum(BATCH_SIZE * MODEL["block_size"] * skip / r["tokens_per_s"] for r in steady)
     return BATCH_SIZE * MODEL["block_size"] * skip * len(steady) / seconds
@@ -186,6 +199,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each")
     parser.add_argument("--chars", type=int, default=2_000_000, help="characters of data")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument(
+        "--concurrent", action="store_true", help="run each pair at the same time (for a busy shared machine)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -201,8 +217,16 @@ def main() -> None:
     folder = extract_nanogpt(args.nanogpt, work)
     ours, theirs = [], []
     for r in range(args.rounds):
-        theirs.append(run_nanogpt(folder, args.iters, args.skip))
-        ours.append(run_tokenmill(work / f"tokenmill-{r}", data, args.iters, args.skip))
+        if args.concurrent:  # both at once: identical outside load, each gets about half the machine
+            theirs_proc = start_nanogpt(folder, args.iters)
+            ours_proc = start_tokenmill(work / f"tokenmill-{r}", data, args.iters, args.skip)
+            theirs.append(nanogpt_tokens_per_s(theirs_proc, args.skip))
+            ours.append(tokenmill_tokens_per_s(ours_proc, args.skip))
+        else:
+            theirs.append(nanogpt_tokens_per_s(start_nanogpt(folder, args.iters), args.skip))
+            ours.append(
+                tokenmill_tokens_per_s(start_tokenmill(work / f"tokenmill-{r}", data, args.iters, args.skip), args.skip)
+            )
         print(f"round {r + 1}: nanoGPT {theirs[-1]:,.0f} tok/s, tokenmill {ours[-1]:,.0f} tok/s", flush=True)
     loader = loader_windows_per_s(data)
     consumed = statistics.median(ours) / MODEL["block_size"]
@@ -211,6 +235,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "steps_per_run": args.iters,
+        "concurrent": args.concurrent,
         "nanogpt_tokens_per_s": [round(x) for x in theirs],
         "tokenmill_tokens_per_s": [round(x) for x in ours],
         "ratio_tokenmill_over_nanogpt": round(statistics.median(ours) / statistics.median(theirs), 3),
