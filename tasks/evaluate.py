@@ -34,6 +34,7 @@ from tasks.probes import (
     run_multiple_choice,
     write_lm_eval_tasks,
 )
+from tasks.report import metrics_markdown, samples_markdown
 from tasks.train import load_model
 
 VERSION = "2"
@@ -244,8 +245,6 @@ def samples(
 
 def render_markdown(report: dict) -> str:
     """The evaluate artifact's own report (the per-run report in ``tasks.report`` adds data and history)."""
-    from tasks.report import metrics_markdown, samples_markdown
-
     return "\n".join(["# tokenmill evaluation", "", metrics_markdown(report), samples_markdown(report["samples"])])
 
 
