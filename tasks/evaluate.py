@@ -109,7 +109,7 @@ def document_spans(ledger_files: list[Path]) -> dict[str, list[dict]]:
 
 
 def split_documents(tokens: np.ndarray, spans: list[dict], eot: int) -> list[tuple[str, np.ndarray]]:
-    """(source, tokens without the end-of-text separator) per document of a shard; EOT-delimited if no ledger."""
+    """(source, tokens ending with its end-of-text separator) per document of a shard; EOT-cut if no ledger."""
     if spans:
         return [(r["source"], tokens[r["token_start"] : r["token_end"]]) for r in spans]
     cuts = np.flatnonzero(tokens == eot) + 1
