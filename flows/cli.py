@@ -98,10 +98,116 @@ def run(
 
 
 @app.command()
+def stage(
+    name: str = typer.Argument(..., help="Stage to rerun: ingest, clean, dedup, tokenizer, tokenize, train, evaluate."),
+    run_id: str = typer.Option(..., "--run", help="The lineage run whose recorded inputs to use."),
+    root: str = typer.Option("./data", "--root", "-r"),
+    force: bool = typer.Option(False, "--force", help="Recompute even if the stage's artifact exists."),
+) -> None:
+    """Rerun one stage of a recorded run from the configuration and upstream artifacts lineage kept for it."""
+    from tasks.stages import STAGES
+
+    if name not in STAGES:
+        raise typer.BadParameter(f"{name!r} is not a stage; stages are {', '.join(STAGES)}", param_hint="NAME")
+    from flows.stage import stage as stage_flow
+
+    try:
+        _lineage(root).run(run_id)  # unknown runs are refused before a flow run starts
+        stage_flow(name=name, run_id=run_id, root=root, force=force)
+    except LookupError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    print_run_summary(root, run_id)
+
+
+@app.command()
+def refresh(
+    config: Path | None = ConfigOpt,
+    root: str | None = RootOpt,
+    train_steps: int | None = typer.Option(None, min=1, help="Training budget for this refresh (optimizer steps)."),
+) -> None:
+    """Run the nightly refresh now: the pipeline on the current sources, plus the per-source document diff."""
+    cfg = load_config(config, root)
+    from flows.refresh import nightly_refresh
+
+    result = nightly_refresh(config=cfg, train_steps=train_steps)
+    print_run_summary(cfg.root, result["run_id"])
+    table = Table(title=f"documents vs run {result['previous_run_id']}")
+    for col in ("source", "added", "removed", "changed", "unchanged"):
+        table.add_column(col)
+    for row in result["diff"]:
+        table.add_row(*(str(row[c]) for c in ("source", "added", "removed", "changed", "unchanged")))
+    console.print(table)
+
+
+def _check_timezone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise typer.BadParameter(f"{value!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)") from None
+    return value
+
+
+@app.command()
+def serve(
+    config: Path | None = ConfigOpt,
+    root: str | None = RootOpt,
+    cron: str = typer.Option("0 2 * * *", help="Cron schedule of the nightly refresh."),
+    timezone: str = typer.Option(
+        "UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", callback=_check_timezone, help="IANA time zone of --cron."
+    ),
+    limit: int = typer.Option(4, min=1, help="Flow runs executed at once."),
+    wait_for_api: float = typer.Option(0, help="Seconds to wait for the server to come up (0: expect it running)."),
+) -> None:
+    """Serve every deployment (pipeline, nightly refresh, one per stage) from this process; needs PREFECT_API_URL."""
+    from deployments.serve import serve_all
+
+    serve_all(load_config(config, root), cron=cron, timezone=timezone, limit=limit, wait_s=wait_for_api)
+
+
+@app.command()
+def deploy(
+    work_pool: str = typer.Option(..., "--pool", help="Work pool (process, docker or kubernetes) to deploy to."),
+    config: Path | None = ConfigOpt,
+    root: str | None = RootOpt,
+    image: str | None = typer.Option(None, help="Image with tokenmill installed (Docker/Kubernetes pools)."),
+    cron: str = typer.Option("0 2 * * *", help="Cron schedule of the nightly refresh."),
+    timezone: str = typer.Option(
+        "UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", callback=_check_timezone, help="IANA time zone of --cron."
+    ),
+) -> None:
+    """Register the same deployments with a work pool; its workers run them (`prefect worker start --pool P`)."""
+    from deployments.serve import deploy_all
+
+    ids = deploy_all(load_config(config, root), work_pool, image=image, cron=cron, timezone=timezone)
+    console.print(f"{len(ids)} deployments registered with work pool {work_pool!r}")
+
+
+@app.command()
+def server(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(4200, help="Port for the API and the UI."),
+) -> None:
+    """Start a local Prefect server with its UI at http://HOST:PORT (set PREFECT_API_URL=http://HOST:PORT/api
+    for `tokenmill serve` and `tokenmill run`)."""
+    import subprocess
+
+    from deployments.server import server_command, server_env
+
+    console.print(f"Prefect UI: http://{host}:{port}   API: http://{host}:{port}/api")
+    raise typer.Exit(subprocess.call(server_command(host, port), env=server_env(host, port)))
+
+
+@app.command()
 def runs(root: str = typer.Option("./data", "--root", "-r"), limit: int = 20) -> None:
     """List recorded runs, newest first."""
+    _print_runs(_lineage(root).runs(limit))
+
+
+def _print_runs(rows: list[dict]) -> None:
     table = Table()
-    rows = _lineage(root).runs(limit)
     for col in ("run_id", "pipeline", "status", "started_at", "code_version"):
         table.add_column(col)
     for r in rows:
@@ -117,27 +223,202 @@ def show(run_id: str, root: str = typer.Option("./data", "--root", "-r")) -> Non
     print_run_summary(root, run_id)
 
 
-@lineage_app.command("doc")
-def lineage_doc(
-    doc_id: str,
-    root: str = typer.Option("./data", "--root", "-r"),
-    run_id: str | None = typer.Option(None, "--run"),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Where a document went: every stage's decision, its split, shard and token span, the models trained on it."""
+def _queries(root: str):
+    from storage.lineage_queries import LineageQueries
+
+    return LineageQueries(_lineage(root))
+
+
+def _answer(fn, as_json: bool, render) -> None:
+    """Run a lineage question; print JSON or a human rendering; turn lookup errors into a clean exit."""
     try:
-        result = _lineage(root).document(doc_id, run_id)
+        result = fn()
     except LookupError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
     if as_json:
         sys.stdout.write(json.dumps(result, default=str, indent=2) + "\n")
-        return
-    console.print(f"document {doc_id} in run {result['run_id']}")
-    for row in result["stages"]:
-        extra = {k: v for k, v in row.items() if v is not None and k not in ("doc_id", "stage", "fate")}
-        console.print(f"  {row['stage']:<9} {row['fate']:<9} {extra}")
-    console.print(f"  models trained on its shards: {result['models'] or 'none'}")
+    else:
+        render(result)
+
+
+LRoot = typer.Option("./data", "--root", "-r", help="Data root holding lineage.duckdb.")
+LRun = typer.Option(None, "--run", help="Run id (default: the latest run).")
+LJson = typer.Option(False, "--json", help="Machine-readable output.")
+
+
+def _print_models(models: list[dict]) -> None:
+    if not models:
+        console.print("  models: none")
+    for m in models:
+        console.print(f"  {m['relation']}: {m['stage']} {m['fingerprint']} ({m['uri']}) via shards {m['shards']}")
+
+
+@lineage_app.command("doc")
+def lineage_doc(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_json: bool = LJson) -> None:
+    """Where a document went: every stage's decision, its split, shard and token span, the models using it."""
+
+    def render(r: dict) -> None:
+        console.print(f"document {r['doc_id']} ({r['source']}: {r['locator']}) in run {r['run_id']}")
+        for row in r["stages"]:
+            extra = {k: v for k, v in row.items() if k not in ("doc_id", "stage", "fate", "source", "locator")}
+            console.print(f"  {row['stage']:<9} {row['fate']:<9} {extra}")
+        if r["shard"]:
+            console.print(
+                f"  placed in {r['split']} shard {r['shard']} tokens [{r['token_span'][0]}, {r['token_span'][1]})"
+            )
+        _print_models(r["models"])
+
+    _answer(lambda: _queries(root).doc(doc_id, run_id), as_json, render)
+
+
+@lineage_app.command("why")
+def lineage_why(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_json: bool = LJson) -> None:
+    """Why a document was dropped (filter and score) or which kept document it duplicates."""
+
+    def render(r: dict) -> None:
+        if r["verdict"] == "kept":
+            console.print(f"{doc_id} was kept (split {r['split']})")
+        elif r.get("duplicate_of"):
+            console.print(
+                f"{doc_id}: {r['verdict']} at {r['stage']} ({r['reason']}) of {r['duplicate_of']} "
+                f"({r['duplicate_of_locator']}), similarity {r['similarity']}"
+            )
+        else:
+            console.print(f"{doc_id}: {r['verdict']} at {r['stage']}: {r['reason']} (score {r['score']})")
+
+    _answer(lambda: _queries(root).why(doc_id, run_id), as_json, render)
+
+
+@lineage_app.command("source")
+def lineage_source(source: str, root: str = LRoot, run_id: str | None = LRun, as_json: bool = LJson) -> None:
+    """Counts per fate for a source (name or path), and the shards and models holding anything from it."""
+
+    def render(r: dict) -> None:
+        console.print(f"source {r['source']} in run {r['run_id']}")
+        for f in r["fates"]:
+            console.print(f"  {f['stage']:<9} {f['fate']:<9} {f['reason'] or '':<20} {f['docs']:>9,}")
+        for sh in r["shards"]:
+            console.print(f"  shard {sh['shard']:<14} {sh['docs']:>7,} docs {sh['tokens']:>12,} tokens")
+        _print_models(r["models"])
+
+    _answer(lambda: _queries(root).source(source, run_id), as_json, render)
+
+
+@lineage_app.command("diff")
+def lineage_diff(run_a: str, run_b: str, root: str = LRoot, as_json: bool = LJson) -> None:
+    """Documents added / removed / changed per source between two runs (or refreshes)."""
+
+    def render(r: dict) -> None:
+        table = Table(title=f"{r['run_a']} → {r['run_b']}")
+        for col in ("source", "added", "removed", "changed", "unchanged"):
+            table.add_column(col)
+        for row in r["sources"]:
+            table.add_row(*(str(row[c]) for c in ("source", "added", "removed", "changed", "unchanged")))
+        console.print(table)
+
+    _answer(lambda: _queries(root).diff(run_a, run_b), as_json, render)
+
+
+@lineage_app.command("takedown")
+def lineage_takedown(
+    target: str = typer.Argument(..., help="A doc id, a source name/path, or (with --content-hash) a hash."),
+    content_hash: bool = typer.Option(False, "--content-hash", help="TARGET is a content hash."),
+    apply: bool = typer.Option(False, "--apply", help="Record tombstones that later runs' clean stage enforces."),
+    reason: str = typer.Option("takedown request", "--reason"),
+    root: str = LRoot,
+    run_id: str | None = LRun,
+    as_json: bool = LJson,
+) -> None:
+    """Every copy of a document, the shards and models holding it, and a rebuild plan."""
+
+    def compute() -> dict:
+        queries = _queries(root)
+        result = queries.takedown(target, run_id, by="content_hash" if content_hash else "auto")
+        if apply:
+            result["tombstones_recorded"] = queries.apply_takedown(result, reason)
+        return result
+
+    def render(r: dict) -> None:
+        console.print(f"takedown {r['target']} (run {r['run_id']}): {len(r['copies'])} copies")
+        for c in r["copies"]:
+            console.print(f"  copy {c}")
+        for p in r["placements"]:
+            console.print(f"  in {p['split']} shard {p['shard']} tokens [{p['token_start']}, {p['token_end']})")
+        _print_models(r["models"])
+        for i, step in enumerate(r["plan"], 1):
+            console.print(f"  plan {i}. {step['step']}")
+        if "tombstones_recorded" in r:
+            console.print(f"  recorded {r['tombstones_recorded']} tombstones; rerun `tokenmill run` to rebuild")
+
+    _answer(compute, as_json, render)
+
+
+@lineage_app.command("graph")
+def lineage_graph(
+    run_id: str | None = typer.Argument(None), root: str = LRoot, fmt: str = typer.Option("mermaid", "--format")
+) -> None:
+    """The artifact DAG of a run as Mermaid (default) or DOT."""
+    _answer(lambda: _queries(root).graph(run_id, fmt), False, lambda text: sys.stdout.write(text + "\n"))
+
+
+@lineage_app.command("runs")
+def lineage_runs(root: str = LRoot, limit: int = 20, as_json: bool = LJson) -> None:
+    """Runs, newest first."""
+    _answer(lambda: _lineage(root).runs(limit), as_json, _print_runs)
+
+
+@lineage_app.command("show")
+def lineage_show(run_id: str, root: str = LRoot, as_json: bool = LJson) -> None:
+    """A run's config, code version, input hashes and per-stage outcomes: enough to reproduce it."""
+
+    def render(r: dict) -> None:
+        console.print(f"run {r['run_id']} ({r['pipeline']}): {r['status']}, code {r['code_version']}")
+        console.print(f"  started {r['started_at']} ended {r['ended_at']} seed {r['seed']}")
+        console.print(f"  input snapshot {r['input_snapshot']}")
+        for a in r["artifacts"]:
+            console.print(f"  {a['stage']:<9} {a['fingerprint']} {a['content_hash'][:16]}… {a['uri']}")
+        print_run_summary(root, r["run_id"])
+
+    _answer(lambda: _queries(root).show(run_id), as_json, render)
+
+
+@lineage_app.command("openlineage")
+def lineage_openlineage(
+    run_id: str = typer.Argument(..., help="Run to export."),
+    to: str = typer.Option(..., "--to", help="A JSON-lines file, or an OpenLineage HTTP endpoint (e.g. Marquez)."),
+    root: str = LRoot,
+) -> None:
+    """Export a run as OpenLineage RunEvents (needs the `openlineage` extra)."""
+    from storage.openlineage_export import export_run
+
+    try:
+        n = export_run(_lineage(root), run_id, to)
+    except (LookupError, RuntimeError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"sent {n} OpenLineage events to {to}")
+
+
+@lineage_app.command("check")
+def lineage_check(run_id: str | None = typer.Argument(None), root: str = LRoot, as_json: bool = LJson) -> None:
+    """Verify conservation per stage, manifest hashes against files, and ledger references."""
+    result = None
+
+    def render(r: dict) -> None:
+        for line in r["checked"]:
+            console.print(f"[green]ok[/green]   {line}")
+        for line in r["problems"]:
+            console.print(f"[red]FAIL[/red] {line}")
+
+    def compute() -> dict:
+        nonlocal result
+        result = _queries(root).check(run_id)
+        return result
+
+    _answer(compute, as_json, render)
+    if result is not None and not result["ok"]:
+        raise typer.Exit(1)
 
 
 @app.command()

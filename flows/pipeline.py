@@ -7,13 +7,22 @@ The flow process alone writes the lineage DuckDB file.
 
 from __future__ import annotations
 
+import json
 import traceback
+from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.states import State
@@ -22,7 +31,7 @@ from storage.artifacts import ArtifactStore, Manifest
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
 from tasks.report import publish_run_report
-from tasks.stages import STAGES, UPSTREAM, cache_key, run_stage
+from tasks.stages import STAGES, UPSTREAM, StageName, cache_key, data_version, run_stage
 
 
 def _manifests(inputs: dict[str, dict]) -> dict[str, Manifest]:
@@ -47,27 +56,112 @@ def stage_summary_markdown(manifest: Manifest, reused: bool) -> str:
     )
 
 
-@task(retries=1, retry_delay_seconds=1, cache_key_fn=_stage_cache_key, persist_result=True, result_serializer="json")
+GPU_CONCURRENCY_LIMIT = "gpu"
+
+
+def _retry_unless_unrecoverable(task, task_run, state: State) -> bool:
+    """Retry a failed stage unless its error says a retry cannot help (``retryable = False``, e.g. first-step OOM)."""
+    try:
+        state.result()
+    except Exception as err:  # noqa: BLE001 - any stage error; only its retryable flag matters
+        return getattr(err, "retryable", True)
+    return True
+
+
+def uses_gpu(name: str, cfg: PipelineConfig) -> bool:
+    """Whether this stage will run on CUDA (only training does)."""
+    if name != "train" or cfg.train.device == "cpu":
+        return False
+    import torch
+
+    return cfg.train.device == "cuda" or torch.cuda.is_available()
+
+
+def _gpu_slot(name: str, cfg: PipelineConfig):
+    """One GPU job at a time: hold a slot of the ``gpu`` global concurrency limit (created with limit 1 if absent)."""
+    if not uses_gpu(name, cfg):
+        return nullcontext()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_CONCURRENCY_LIMIT)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_CONCURRENCY_LIMIT, limit=1))
+    return concurrency(GPU_CONCURRENCY_LIMIT, occupy=1, strict=True)
+
+
+def progress_reporter(name: str) -> Callable[[float, str], None]:
+    """A ``ctx.progress`` callback that keeps one Prefect progress artifact per stage run up to date."""
+    artifact_id = None
+
+    def report(fraction: float, message: str) -> None:
+        nonlocal artifact_id
+        percent = round(100 * min(max(fraction, 0.0), 1.0), 1)
+        try:
+            if artifact_id is None:
+                artifact_id = create_progress_artifact(percent, key=f"{name}-progress", description=message)
+            else:
+                update_progress_artifact(artifact_id, percent, description=message)
+        except Exception as err:  # noqa: BLE001 - progress display must never fail the stage
+            get_run_logger().warning(f"{name}: could not update the progress artifact: {err}")
+
+    return report
+
+
+@task(
+    retries=1,
+    retry_delay_seconds=1,
+    retry_condition_fn=_retry_unless_unrecoverable,
+    cache_key_fn=_stage_cache_key,
+    persist_result=True,
+    result_serializer="json",
+)
 def stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict], run_id: str, force: bool = False) -> dict:
     """Run one stage through the artifact store and publish a markdown summary to Prefect."""
     logger = get_run_logger()
-    manifest, reused = run_stage(name, cfg, _manifests(inputs), run_id=run_id, force=force, log=logger.info)
+    with _gpu_slot(name, cfg):
+        manifest, reused = run_stage(
+            name, cfg, _manifests(inputs), run_id=run_id, force=force, log=logger.info, progress=progress_reporter(name)
+        )
     logger.info(f"{name}: {'reused' if reused else 'built'} {manifest.path}")
     create_markdown_artifact(
         key=f"{name}-summary", markdown=stage_summary_markdown(manifest, reused), description=f"{name} stage"
     )
+    create_table_artifact(key=f"{name}-counts", table=counts_table(manifest.counts), description=f"{name} counts")
     return manifest.model_dump()
 
 
-def _run_id() -> str:
-    flow_run_id = flow_run.get_id() or "local"
-    return f"{datetime.now(UTC):%Y%m%d}-{str(flow_run_id)[:8]}"
+def counts_table(counts: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stage's counts as table rows: scalar counts, then one row per drop reason."""
+    rows = [{"count": k, "value": v} for k, v in counts.items() if not isinstance(v, dict | list)]
+    rows += [{"count": f"dropped: {reason}", "value": n} for reason, n in (counts.get("dropped") or {}).items()]
+    return rows
+
+
+def _run_id(lineage: LineageStore) -> str:
+    """The lineage run id; a retried flow run (same Prefect id) continues the lineage run it started."""
+    flow_run_id = flow_run.get_id()
+    if flow_run_id and (existing := lineage.run_for_flow_run(str(flow_run_id))):
+        return existing
+    return f"{datetime.now(UTC):%Y%m%d}-{str(flow_run_id or 'local')[:8]}"
+
+
+def flow_run_name_for(kind: str = "") -> str:
+    """``<config name>[-kind]-data-<data version>-<UTC time>``: what ran, on which data, when."""
+    config = flow_run.get_parameters().get("config") or {}
+    try:
+        cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
+        name, version = cfg.name, data_version(cfg)
+    except Exception:  # noqa: BLE001 - naming must never fail a run; validation reports bad parameters
+        name, version = "pipeline", "unknown"
+    return f"{name}{'-' + kind if kind else ''}-data-{version}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
 def _flow_run_name() -> str:
-    config = flow_run.get_parameters().get("config") or {}
-    name = config.get("name", "pipeline") if isinstance(config, dict) else config.name
-    return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    return flow_run_name_for()
 
 
 def run_stages(
@@ -114,6 +208,25 @@ def publish_report(
     return paths
 
 
+def stage_counts_table(lineage: LineageStore, run_id: str) -> list[dict[str, Any]]:
+    """One row per stage attempt of a run: status, time and the document counts."""
+    rows = []
+    for r in lineage.stage_runs(run_id):
+        counts = json.loads(r["counts"]) if r["counts"] else {}
+        rows.append(
+            {
+                "stage": r["stage"],
+                "attempt": r["attempt"],
+                "status": r["status"],
+                "seconds": round(r["elapsed_s"] or 0.0, 2),
+                "docs_in": counts.get("docs_in"),
+                "kept": counts.get("kept"),
+                "dropped": sum((counts.get("dropped") or {}).values()),
+            }
+        )
+    return rows
+
+
 def _exception_of(state: State) -> BaseException:
     try:
         state.result()
@@ -123,7 +236,7 @@ def _exception_of(state: State) -> BaseException:
 
 
 @flow(name="pipeline", flow_run_name=_flow_run_name, persist_result=True, log_prints=True)
-def pipeline(config: PipelineConfig = PipelineConfig(), force: list[str] | None = None) -> dict[str, Any]:
+def pipeline(config: PipelineConfig = PipelineConfig(), force: list[StageName] | None = None) -> dict[str, Any]:
     """Raw text → cleaned, deduplicated corpus → tokenizer → token shards → trained and evaluated model."""
     force = force or []
     unknown = sorted(set(force) - set(STAGES))
@@ -131,11 +244,13 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[str] | None 
         raise ValueError(f"force names unknown stages {unknown}; stages are {list(STAGES)}")
     store = ArtifactStore(config.root)
     lineage = LineageStore(store.lineage_path)
-    run_id = _run_id()
+    run_id = _run_id(lineage)
+    get_run_logger().info(f"lineage run {run_id} in {store.lineage_path}")
     lineage.start_run(run_id, config.name, config.model_dump(), config.seed, str(flow_run.get_id()))
     manifests = run_stages(config, STAGES, run_id, force, lineage)
     report = publish_report(store, lineage, run_id, config.name, manifests)
     lineage.finish_run(run_id, "completed")
+    create_table_artifact(key="stage-counts", table=stage_counts_table(lineage, run_id), description="per stage")
     return {
         "run_id": run_id,
         "root": str(store.root),

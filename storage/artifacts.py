@@ -8,12 +8,14 @@ is written last, and the folder is renamed into place: readers see a whole artif
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,7 +100,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -138,6 +140,10 @@ class ArtifactStore:
 
     def work_dir(self, stage: str, fp: str) -> Path:
         return self.root / stage / f".{fp}.work"
+
+    def cache_dir(self, stage: str) -> Path:
+        """Reusable intermediate pieces of a stage across runs (e.g. ingest's per-file fragments)."""
+        return self.root / ".cache" / stage
 
     @property
     def lineage_path(self) -> Path:
@@ -208,7 +214,7 @@ class ArtifactStore:
             return
         for tmp in stage_dir.glob(f".{fp}.tmp-*"):
             pid = int(tmp.name.split(".tmp-")[1].split("-")[0])
-            if not _pid_alive(pid) or pid == os.getpid():
+            if not pid_alive(pid) or pid == os.getpid():
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def build(
@@ -230,6 +236,41 @@ class ArtifactStore:
         rebuilt. ``produce`` writes its files into ``ctx.out_dir`` and returns the counts for the manifest.
         """
         fp = fingerprint(stage, version, params, [m.content_hash for m in inputs])
+        with self._build_lock(stage, fp, log):
+            return self._build_locked(stage, version, fp, params, inputs, produce, run_id, force, log, progress)
+
+    @contextmanager
+    def _build_lock(self, stage: str, fp: str, log: Callable[[str], None]) -> Iterator[None]:
+        """One builder per fingerprint across processes on this machine: a second one waits, then reuses.
+
+        An ``flock`` dies with its process, so a killed build never leaves a stale lock behind.
+        """
+        lock_path = self.root / ".locks" / f"{stage}-{fp}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"{stage} {fp}: another process is building it; waiting")
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _build_locked(
+        self,
+        stage: str,
+        version: str,
+        fp: str,
+        params: dict[str, Any],
+        inputs: list[Manifest],
+        produce: Callable[[StageContext], dict[str, Any]],
+        run_id: str | None,
+        force: bool,
+        log: Callable[[str], None],
+        progress: Callable[[float, str], None] | None,
+    ) -> tuple[Manifest, bool]:
         final = self.artifact_dir(stage, fp)
         existing = self.load(stage, fp)
         if existing is not None and not force:

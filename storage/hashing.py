@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import xxhash
 
@@ -18,6 +18,14 @@ def file_sha256(path: Path) -> str:
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stream_hash(fh: BinaryIO) -> str:
+    """128-bit hash of a binary stream's bytes (xxh3, read in 1 MiB chunks): cheap change detection of inputs."""
+    digest = xxhash.xxh3_128()
+    while chunk := fh.read(CHUNK):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

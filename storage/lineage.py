@@ -1,15 +1,19 @@
-"""The DuckDB lineage store: runs, stage runs, artifacts and their edges, plus queries over the Parquet ledger.
+"""The DuckDB lineage store: runs, stage runs, artifacts and their edges, tombstones, schema migrations.
 
-Only the flow process writes the ``.duckdb`` file, in short transactions (DuckDB allows one writing
-process); stages and workers write the per-document ledger as Parquet inside their artifacts, and DuckDB
-queries those files in place.
+Only the flow process (or a CLI command a user runs) writes the ``.duckdb`` file, in short transactions:
+DuckDB allows one writing process. Stages and workers write the per-document ledger as sorted Parquet inside
+their artifacts (``ledger/ledger.parquet``) and DuckDB queries those files in place; see
+``storage.lineage_queries`` for the questions users ask.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -19,37 +23,75 @@ from typing import Any
 
 import duckdb
 
-from storage.artifacts import Manifest
+from storage.artifacts import Manifest, pid_alive
 
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id VARCHAR PRIMARY KEY, pipeline VARCHAR, flow_run_id VARCHAR, config JSON, code_version VARCHAR,
-    package_version VARCHAR, seed BIGINT, status VARCHAR, started_at TIMESTAMPTZ, ended_at TIMESTAMPTZ,
-    error VARCHAR
-);
-CREATE TABLE IF NOT EXISTS stage_runs (
-    run_id VARCHAR, stage VARCHAR, fingerprint VARCHAR, status VARCHAR, attempt INTEGER,
-    started_at TIMESTAMPTZ, ended_at TIMESTAMPTZ, elapsed_s DOUBLE, counts JSON, error VARCHAR
-);
-CREATE TABLE IF NOT EXISTS artifacts (
-    stage VARCHAR, fingerprint VARCHAR, uri VARCHAR, content_hash VARCHAR, version VARCHAR, params JSON,
-    counts JSON, n_files INTEGER, n_bytes BIGINT, created_at TIMESTAMPTZ, run_id VARCHAR,
-    PRIMARY KEY (stage, fingerprint)
-);
-CREATE TABLE IF NOT EXISTS artifact_edges (
-    src_stage VARCHAR, src_fingerprint VARCHAR, dst_stage VARCHAR, dst_fingerprint VARCHAR, relation VARCHAR,
-    PRIMARY KEY (src_stage, src_fingerprint, dst_stage, dst_fingerprint)
-);
-CREATE TABLE IF NOT EXISTS metrics (
-    run_id VARCHAR, stage VARCHAR, split VARCHAR, source VARCHAR, scorer VARCHAR, metric VARCHAR, value DOUBLE,
-    step BIGINT
-);
-CREATE TABLE IF NOT EXISTS samples (run_id VARCHAR, idx INTEGER, prompt VARCHAR, completion VARCHAR, seed BIGINT);
-CREATE TABLE IF NOT EXISTS reports (run_id VARCHAR, format VARCHAR, path VARCHAR, created_at TIMESTAMPTZ);
-"""
+# Each migration moves the schema from version i to i + 1; never edit one that has shipped, append a new one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE runs (
+        run_id VARCHAR PRIMARY KEY, pipeline VARCHAR, flow_run_id VARCHAR, config JSON, code_version VARCHAR,
+        package_version VARCHAR, seed BIGINT, status VARCHAR, started_at TIMESTAMPTZ, ended_at TIMESTAMPTZ,
+        error VARCHAR
+    );
+    CREATE TABLE stage_runs (
+        run_id VARCHAR, stage VARCHAR, fingerprint VARCHAR, status VARCHAR, attempt INTEGER,
+        started_at TIMESTAMPTZ, ended_at TIMESTAMPTZ, elapsed_s DOUBLE, counts JSON, error VARCHAR
+    );
+    CREATE TABLE artifacts (
+        stage VARCHAR, fingerprint VARCHAR, uri VARCHAR, content_hash VARCHAR, version VARCHAR, params JSON,
+        counts JSON, n_files INTEGER, n_bytes BIGINT, created_at TIMESTAMPTZ, run_id VARCHAR,
+        PRIMARY KEY (stage, fingerprint)
+    );
+    CREATE TABLE artifact_edges (
+        src_stage VARCHAR, src_fingerprint VARCHAR, dst_stage VARCHAR, dst_fingerprint VARCHAR, relation VARCHAR,
+        PRIMARY KEY (src_stage, src_fingerprint, dst_stage, dst_fingerprint)
+    );
+    """,
+    """
+    ALTER TABLE artifact_edges ADD COLUMN coverage JSON;
+    CREATE TABLE tombstones (
+        doc_id VARCHAR, content_hash VARCHAR, reason VARCHAR, requested_by VARCHAR, created_at TIMESTAMPTZ
+    );
+    """,
+    """
+    ALTER TABLE runs ADD COLUMN host VARCHAR;
+    ALTER TABLE runs ADD COLUMN pid INTEGER;
+    """,
+    """
+    CREATE TABLE train_metrics (
+        fingerprint VARCHAR, step BIGINT, tokens BIGINT, loss DOUBLE, val_loss DOUBLE, lr DOUBLE, grad_norm DOUBLE,
+        tokens_per_s DOUBLE, mfu DOUBLE, peak_mem_mb DOUBLE, train_seconds DOUBLE, run_id VARCHAR,
+        PRIMARY KEY (fingerprint, step)
+    );
+    """,
+    """
+    CREATE TABLE metrics (
+        run_id VARCHAR, stage VARCHAR, split VARCHAR, source VARCHAR, scorer VARCHAR, metric VARCHAR, value DOUBLE,
+        step BIGINT
+    );
+    CREATE TABLE samples (run_id VARCHAR, idx INTEGER, prompt VARCHAR, completion VARCHAR, seed BIGINT);
+    CREATE TABLE reports (run_id VARCHAR, format VARCHAR, path VARCHAR, created_at TIMESTAMPTZ);
+    """,
+    """
+    CREATE TABLE refresh_diffs (
+        run_id VARCHAR, previous_run_id VARCHAR, source VARCHAR, added BIGINT, removed BIGINT, changed BIGINT,
+        unchanged BIGINT, computed_at TIMESTAMPTZ, PRIMARY KEY (run_id, source)
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+TRAIN_METRIC_COLUMNS = (
+    "step",
+    "tokens",
+    "loss",
+    "val_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "peak_mem_mb",
+    "train_seconds",
+)
 
 RELATIONS = {"train": "trained_on", "evaluate": "evaluated_on", "export": "exported_from"}
 
@@ -83,40 +125,109 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+# Open read connections per database file in this process: a writer in the same process must close them first
+# (DuckDB refuses a read-write and a read-only connection to one file in one process at the same time).
+_READERS: dict[Path, weakref.WeakSet[LineageStore]] = {}
+
+
 class LineageStore:
-    """Writes and queries one lineage ``.duckdb`` file."""
+    """Writes and reads one lineage ``.duckdb`` file.
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    Reads go through one cached read-only connection (with DuckDB's Parquet metadata cache on), so repeated
+    questions don't pay for opening the file and parsing ledger footers again; any write from this process
+    closes those readers first.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False):
+        self.path = Path(path).resolve()
+        self._reader: duckdb.DuckDBPyConnection | None = None
+        if read_only:
+            if not self.path.exists():
+                raise FileNotFoundError(f"no lineage DB at {self.path}: run the pipeline first")
+            return
         with self._connect() as con:
-            con.execute(SCHEMA)
-            if not con.execute("SELECT count(*) FROM schema_version").fetchone()[0]:
-                con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+            self._migrate(con)
 
-    @contextmanager
-    def _connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open briefly, retrying while another process holds the write lock."""
-        deadline = time.monotonic() + 30
+    @staticmethod
+    def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+        row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        if current > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"lineage DB schema is version {current}, this tokenmill knows {SCHEMA_VERSION}: upgrade tokenmill"
+            )
+        for version in range(current, SCHEMA_VERSION):
+            con.execute("BEGIN")
+            con.execute(MIGRATIONS[version])
+            con.execute("INSERT INTO schema_version VALUES (?)", [version + 1])
+            con.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this store's cached read connection (reopened on the next read)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def _read_connection(self) -> duckdb.DuckDBPyConnection:
+        if self._reader is None:
+            self._reader = self._open(read_only=True)
+            self._reader.execute("SET parquet_metadata_cache = true")
+            _READERS.setdefault(self.path, weakref.WeakSet()).add(self)
+        return self._reader
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """Open the file, retrying while another process holds the write lock (up to 60 s)."""
+        if not read_only:
+            for reader in list(_READERS.get(self.path, ())):
+                reader.close()
+        deadline = time.monotonic() + 60
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
-                break
+                return duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
             except duckdb.IOException as err:
                 if "lock" not in str(err).lower() or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+    @contextmanager
+    def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived read-write connection for one write transaction."""
+        con = self._open(read_only=False)
         try:
             yield con
         finally:
             con.close()
 
-    # --- writes (flow process only) ---------------------------------------------------------------------
+    # --- writes -----------------------------------------------------------------------------------------
 
     def start_run(self, run_id: str, pipeline: str, config: dict, seed: int, flow_run_id: str | None) -> None:
+        """Record a run as running, and mark runs of this host whose process died (SIGKILL, OOM) as crashed."""
+        host = socket.gethostname()
         with self._connect() as con:
+            stale = con.execute(
+                "SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ? AND run_id <> ?", [host, run_id]
+            ).fetchall()
+            for stale_id, pid in stale:
+                if pid is not None and not pid_alive(pid):
+                    con.execute(
+                        "UPDATE runs SET status = 'crashed', error = ? WHERE run_id = ?",
+                        [f"process {pid} died without finishing the run", stale_id],
+                    )
             con.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, NULL, NULL)",
-                [run_id, pipeline, flow_run_id, json.dumps(config), code_version(), package_version(), seed, _now()],
+                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, NULL, NULL, ?, ?)",
+                [
+                    run_id,
+                    pipeline,
+                    flow_run_id,
+                    json.dumps(config),
+                    code_version(),
+                    package_version(),
+                    seed,
+                    _now(),
+                    host,
+                    os.getpid(),
+                ],
             )
 
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
@@ -174,17 +285,48 @@ class LineageStore:
                     manifest.run_id,
                 ],
             )
-            for ref in manifest.inputs:
+            for row in manifest.counts.get("telemetry") or []:  # the train stage's per-eval-interval metrics
                 con.execute(
-                    "INSERT OR IGNORE INTO artifact_edges VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO train_metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [manifest.fingerprint, *(row.get(c) for c in TRAIN_METRIC_COLUMNS), manifest.run_id],
+                )
+            for ref in manifest.inputs:
+                coverage = self._coverage(con, manifest.stage, ref.stage, ref.fingerprint)
+                con.execute(
+                    "INSERT OR IGNORE INTO artifact_edges VALUES (?, ?, ?, ?, ?, ?)",
                     [
                         ref.stage,
                         ref.fingerprint,
                         manifest.stage,
                         manifest.fingerprint,
                         RELATIONS.get(manifest.stage, "derived_from"),
+                        json.dumps(coverage) if coverage is not None else None,
                     ],
                 )
+
+    @staticmethod
+    def _coverage(con: duckdb.DuckDBPyConnection, dst_stage: str, src_stage: str, src_fp: str) -> dict | None:
+        """Which token shards (and how many tokens of each) a model trained or was evaluated on."""
+        if src_stage != "tokenize" or dst_stage not in RELATIONS:
+            return None
+        row = con.execute(
+            "SELECT counts FROM artifacts WHERE stage = 'tokenize' AND fingerprint = ?", [src_fp]
+        ).fetchone()
+        if row is None:
+            return None
+        splits = json.loads(row[0]).get("splits", {})
+        wanted = ("train",) if dst_stage == "train" else ("val", "test")
+        return {s["shard"]: s["tokens"] for split in wanted for s in splits.get(split, {}).get("shards", [])}
+
+    def add_tombstones(self, rows: list[dict[str, Any]]) -> int:
+        """Record documents (by id and content hash) that every later run's clean stage must drop."""
+        with self._connect() as con:
+            for row in rows:
+                con.execute(
+                    "INSERT INTO tombstones VALUES (?, ?, ?, ?, ?)",
+                    [row.get("doc_id"), row.get("content_hash"), row.get("reason"), row.get("requested_by"), _now()],
+                )
+        return len(rows)
 
     def record_report(
         self, run_id: str, metrics: list[dict], samples: list[dict], paths: dict[str, str | Path]
@@ -209,13 +351,26 @@ class LineageStore:
                 con.execute("INSERT INTO reports VALUES (?, ?, ?, ?)", [run_id, fmt, str(path), _now()])
             con.execute("COMMIT")
 
-    # --- queries ----------------------------------------------------------------------------------------
+    # --- reads ------------------------------------------------------------------------------------------
+
+    def record_refresh_diff(self, run_id: str, previous_run_id: str | None, rows: list[dict]) -> None:
+        """Store a refresh's per-source document diff (``LineageQueries.diff``) against ``previous_run_id``."""
+        with self._connect() as con:
+            con.execute("DELETE FROM refresh_diffs WHERE run_id = ?", [run_id])
+            for r in rows:
+                values = [r["source"], r["added"], r["removed"], r["changed"], r["unchanged"]]
+                con.execute(
+                    "INSERT INTO refresh_diffs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [run_id, previous_run_id, *values, _now()],
+                )
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict]:
-        with self._connect(read_only=True) as con:
-            cursor = con.execute(sql, params or [])
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        cursor = self._read_connection().execute(sql, params or [])
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def tombstones(self) -> list[dict]:
+        return self.query("SELECT doc_id, content_hash, reason FROM tombstones ORDER BY created_at, doc_id")
 
     def runs(self, limit: int = 20) -> list[dict]:
         return self.query(
@@ -224,9 +379,22 @@ class LineageStore:
             [limit],
         )
 
-    def latest_run_id(self) -> str | None:
-        rows = self.query("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")
+    def run(self, run_id: str) -> dict:
+        rows = self.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        if not rows:
+            raise LookupError(f"no run {run_id!r} in {self.path}; `tokenmill lineage runs` lists them")
+        return rows[0]
+
+    def latest_run_id(self, status: str | None = None) -> str | None:
+        where = "WHERE status = ?" if status else ""
+        rows = self.query(
+            f"SELECT run_id FROM runs {where} ORDER BY started_at DESC LIMIT 1", [status] if status else []
+        )
         return rows[0]["run_id"] if rows else None
+
+    def train_metrics(self, fingerprint: str) -> list[dict]:
+        """Loss, lr, grad norm, tokens/s, MFU and peak memory per eval interval of one training run."""
+        return self.query("SELECT * FROM train_metrics WHERE fingerprint = ? ORDER BY step", [fingerprint])
 
     def stage_runs(self, run_id: str) -> list[dict]:
         return self.query(
@@ -247,35 +415,12 @@ class LineageStore:
             [run_id],
         )
 
-    def ledger_files(self, run_id: str) -> list[str]:
+    def ledger_files(self, run_id: str, stages: tuple[str, ...] | None = None) -> list[str]:
         files = []
         for artifact in self.run_artifacts(run_id):
-            files += sorted(str(p) for p in Path(artifact["uri"]).glob("ledger/*.parquet"))
+            if stages is None or artifact["stage"] in stages:
+                files += sorted(str(p) for p in Path(artifact["uri"]).glob("ledger/*.parquet"))
         return files
-
-    def document(self, doc_id: str, run_id: str | None = None) -> dict:
-        """Where a document went in a run: every stage's decision, and the models that trained on its shard."""
-        run_id = run_id or self.latest_run_id()
-        if run_id is None:
-            raise LookupError("no runs recorded yet")
-        files = self.ledger_files(run_id)
-        if not files:
-            raise LookupError(f"run {run_id} has no ledger files")
-        order = "CASE stage WHEN 'ingest' THEN 0 WHEN 'clean' THEN 1 WHEN 'dedup' THEN 2 ELSE 3 END"
-        rows = self.query(
-            f"SELECT * FROM read_parquet(?, union_by_name = true) WHERE doc_id = ? ORDER BY {order}", [files, doc_id]
-        )
-        if not rows:
-            raise LookupError(f"document {doc_id} is not in run {run_id}")
-        models = []
-        if any(r["stage"] == "tokenize" for r in rows):
-            models = self.query(
-                "SELECT dst_fingerprint AS model FROM artifact_edges e JOIN stage_runs s "
-                "ON s.stage = 'tokenize' AND s.fingerprint = e.src_fingerprint AND s.run_id = ? "
-                "WHERE e.relation = 'trained_on' GROUP BY 1",
-                [run_id],
-            )
-        return {"doc_id": doc_id, "run_id": run_id, "stages": rows, "models": [m["model"] for m in models]}
 
     def metrics(self, run_id: str) -> list[dict]:
         return self.query(
@@ -297,3 +442,24 @@ class LineageStore:
             [pipeline, run_id, run_id],
         )
         return rows[0]["run_id"] if rows else None
+
+    def run_for_flow_run(self, flow_run_id: str) -> str | None:
+        """The lineage run a Prefect flow run started (a retried flow run continues it)."""
+        rows = self.query("SELECT run_id FROM runs WHERE flow_run_id = ? ORDER BY started_at LIMIT 1", [flow_run_id])
+        return rows[0]["run_id"] if rows else None
+
+    def latest_completed_run(self, pipeline: str, before: str | None = None) -> str | None:
+        """The newest completed run of ``pipeline`` (other than ``before``): the baseline of a refresh diff."""
+        rows = self.query(
+            "SELECT run_id FROM runs WHERE pipeline = ? AND status = 'completed' AND run_id IS DISTINCT FROM ? "
+            "ORDER BY ended_at DESC LIMIT 1",
+            [pipeline, before],
+        )
+        return rows[0]["run_id"] if rows else None
+
+    def refresh_diffs(self, run_id: str) -> list[dict]:
+        return self.query(
+            "SELECT source, added, removed, changed, unchanged, previous_run_id FROM refresh_diffs "
+            "WHERE run_id = ? ORDER BY source",
+            [run_id],
+        )

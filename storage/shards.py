@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ DOC_SCHEMA = pa.schema(
         ("ordinal", pa.int64()),
         ("text", pa.large_string()),
         ("n_bytes", pa.int64()),
+        ("metadata", pa.string()),  # JSON object of the record's other fields/columns, or null
     ]
 )
 
@@ -36,6 +38,8 @@ LEDGER_SCHEMA = pa.schema(
         ("shard", pa.string()),
         ("token_start", pa.int64()),
         ("token_end", pa.int64()),
+        ("scores", pa.map_(pa.string(), pa.float64())),  # every filter statistic, so thresholds can be re-tuned
+        ("cluster_id", pa.string()),  # dedup: the doc_id of the document's near-duplicate cluster representative
     ]
 )
 
@@ -112,14 +116,69 @@ def count_rows(paths: Iterable[Path]) -> int:
 
 
 class LedgerWriter(ParquetShardWriter):
-    """The per-document fate ledger of one stage: rows with defaults for the columns a stage does not fill."""
+    """The per-document fate ledger of one stage: rows with defaults for the columns a stage does not fill.
 
-    def __init__(self, folder: Path, stage: str):
-        super().__init__(folder, "ledger", LEDGER_SCHEMA, rows_per_shard=1_000_000)
+    Stages (and their parallel parts) write unsorted ``ledger/ledger-*.parquet`` files; when the stage ends,
+    ``compact_ledger_folder`` turns them into one sorted ``ledger/ledger.parquet``.
+    """
+
+    def __init__(self, folder: Path, stage: str, prefix: str = "ledger"):
+        super().__init__(folder, prefix, LEDGER_SCHEMA, rows_per_shard=1_000_000)
         self.stage = stage
 
     def record(self, rows: list[dict]) -> None:
         self.write_rows([{name: row.get(name) for name in LEDGER_SCHEMA.names} | {"stage": self.stage} for row in rows])
+
+    def record_columns(self, columns: dict[str, pa.Array]) -> None:
+        """Record rows given column-wise (Arrow arrays of equal length); absent columns are null."""
+        n = len(next(iter(columns.values())))
+        arrays = [
+            pa.array([self.stage] * n, pa.string()) if f.name == "stage" else columns.get(f.name, pa.nulls(n, f.type))
+            for f in LEDGER_SCHEMA
+        ]
+        self.write(pa.Table.from_arrays(arrays, schema=LEDGER_SCHEMA) if n else LEDGER_SCHEMA.empty_table())
+
+
+LEDGER_FILE = "ledger.parquet"
+LEDGER_ROW_GROUP = 16_384
+
+
+def compact_ledger(fragments: list[Path], folder: Path) -> Path:
+    """Sort ledger fragments by doc id into ``<folder>/ledger.parquet`` (DuckDB; spills to disk past RAM).
+
+    One sorted file with small row groups: since a doc id starts with its source name, the sort also lays each
+    source's rows together, so row-group statistics let point lookups by document and range scans by source
+    skip almost all of the file. The sort is total (doc_id, stage, locator), so same rows give same bytes.
+    """
+    import duckdb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / LEDGER_FILE
+    if not fragments:
+        pq.write_table(LEDGER_SCHEMA.empty_table(), out, compression="zstd")
+        return out
+    con = duckdb.connect()
+    con.execute(
+        f"COPY (SELECT * FROM read_parquet(?, union_by_name = true) ORDER BY doc_id, stage, locator) TO '{out}' "
+        f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {LEDGER_ROW_GROUP})",
+        [[str(p) for p in fragments]],
+    )
+    con.close()
+    return out
+
+
+def compact_ledger_folder(folder: Path) -> Path | None:
+    """Replace a stage's ledger fragment files in ``folder`` by one sorted ``ledger.parquet``."""
+    import shutil
+
+    if not folder.is_dir():
+        return None
+    staging = folder.with_name(f".{folder.name}-fragments")
+    os.rename(folder, staging)
+    try:
+        return compact_ledger(sorted(staging.glob("*.parquet")), folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --- token shards: one flat token column in an uncompressed Arrow IPC file, memory-mappable -------------

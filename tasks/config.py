@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import sysconfig
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,69 +18,294 @@ class Section(BaseModel):
 
 
 class SourceConfig(Section):
-    """One input: a folder of text files or JSONL files, named for lineage."""
+    """One input, named for lineage: a folder or file (local path or fsspec URI) of text, JSONL or Parquet files."""
 
     name: str = Field(description="Short source name, used in document ids and lineage.", pattern=r"^[A-Za-z0-9_.-]+$")
-    path: str = Field(description="Folder or file to read; 'stdlib' means this Python's standard library sources.")
-    kind: Literal["auto", "text", "jsonl"] = Field("auto", description="How to read files; 'auto' uses the extension.")
+    path: str = Field(
+        description="Folder, file or URI (file://, s3://, memory://) to read; 'stdlib' means this Python's stdlib."
+    )
+    kind: Literal["auto", "text", "jsonl", "parquet"] = Field(
+        "auto", description="How to read files; 'auto' uses the extension (.jsonl[.gz|.zst], .parquet, else text)."
+    )
     include_ext: list[str] = Field(
-        default=[".py", ".txt", ".md", ".rst", ".jsonl", ".jsonl.gz"],
+        default=[".py", ".txt", ".md", ".rst", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"],
         description="File extensions to read from a folder.",
     )
     exclude: list[str] = Field(default=[], description="Glob patterns (relative paths) to skip.")
-    text_field: str = Field("text", description="JSONL field holding the document text.")
+    text_field: str = Field("text", description="JSONL field / Parquet column holding the document text.")
+    id_field: str | None = Field(
+        None, description="JSONL field / Parquet column with a document id; ids then derive from it, not position."
+    )
+    keep_metadata: bool = Field(True, description="Keep the other JSONL fields / Parquet columns as JSON metadata.")
+    split: Literal["file", "paragraph", "regex"] = Field(
+        "file", description="How a text file becomes documents: whole file, blank-line paragraphs, or split_pattern."
+    )
+    split_pattern: str | None = Field(None, description="Regex separating documents when split is 'regex'.")
+    on_invalid_utf8: Literal["drop", "replace"] = Field(
+        "drop", description="Invalid UTF-8: drop the document with a reason, or decode with U+FFFD and record it."
+    )
     max_files: int | None = Field(None, ge=1, description="Read at most this many files (sorted order).")
-    max_file_bytes: int = Field(64 * 2**20, ge=1, description="Files larger than this are recorded as dropped.")
+    max_file_bytes: int = Field(64 * 2**20, ge=1, description="Text files larger than this are recorded as dropped.")
+    max_record_bytes: int = Field(
+        16 * 2**20, ge=1, description="JSONL lines longer than this are skipped in bounded memory and recorded."
+    )
+    storage_options: dict[str, Any] = Field(default={}, description="fsspec options (e.g. S3 endpoint, keys).")
 
-    def resolved_path(self) -> Path:
+    @model_validator(mode="after")
+    def _split_pattern(self) -> SourceConfig:
+        if self.split == "regex":
+            if not self.split_pattern:
+                raise ValueError(f"source {self.name!r}: split 'regex' needs split_pattern")
+            try:
+                re.compile(self.split_pattern)
+            except re.error as err:
+                raise ValueError(f"source {self.name!r}: split_pattern is not a valid regex: {err}") from err
+        return self
+
+    def resolved_path(self) -> str:
+        """The path or URI to read: 'stdlib' resolves to this Python's standard library folder."""
         if self.path == STDLIB:
-            return Path(sysconfig.get_paths()["stdlib"])
-        return Path(self.path).expanduser()
+            return sysconfig.get_paths()["stdlib"]
+        return self.path if "://" in self.path else str(Path(self.path).expanduser())
+
+
+class GopherQualityConfig(Section):
+    """Gopher (Rae et al. 2021) document quality heuristics for natural-language text."""
+
+    enabled: bool = True
+    min_words: int = Field(50, ge=0)
+    max_words: int = Field(100_000, ge=1)
+    min_mean_word_length: float = Field(3.0, ge=0)
+    max_mean_word_length: float = Field(10.0, ge=0)
+    max_symbol_word_ratio: float = Field(0.1, ge=0, description="'#' and '...' per word.")
+    max_bullet_lines_ratio: float = Field(0.9, ge=0, le=1)
+    max_ellipsis_lines_ratio: float = Field(0.3, ge=0, le=1)
+    min_alpha_words_ratio: float = Field(0.8, ge=0, le=1, description="Words with an alphabetic character.")
+    min_stop_words: int = Field(2, ge=0, description="Distinct English stop words required (the, be, to, of ...).")
+
+
+class GopherRepetitionConfig(Section):
+    """Gopher repetition heuristics: duplicated lines/paragraphs and n-gram repetition (character fractions)."""
+
+    enabled: bool = True
+    max_dup_line_fraction: float = Field(0.3, ge=0, le=1)
+    max_dup_para_fraction: float = Field(0.3, ge=0, le=1)
+    max_dup_line_char_fraction: float = Field(0.2, ge=0, le=1)
+    max_dup_para_char_fraction: float = Field(0.2, ge=0, le=1)
+    max_top_ngram_char_fraction: dict[int, float] = Field(
+        default={2: 0.2, 3: 0.18, 4: 0.16}, description="n → max share of characters in the most frequent n-gram."
+    )
+    max_dup_ngram_char_fraction: dict[int, float] = Field(
+        default={5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n → max share of characters in n-grams that occur more than once.",
+    )
+
+
+class C4Config(Section):
+    """C4 (Raffel et al. 2020) line rules for prose: good lines end in punctuation and have enough words."""
+
+    enabled: bool = True
+    min_words_per_line: int = Field(3, ge=0)
+    min_good_line_fraction: float = Field(0.0, ge=0, le=1, description="Drop documents with fewer good lines.")
+    remove_bad_lines: bool = Field(False, description="Delete the lines that fail the rules (C4 proper).")
+    drop_lorem_ipsum: bool = True
+    drop_curly_brace: bool = Field(False, description="Drop prose containing '{' (C4 does; off for technical docs).")
+
+
+class CodeFilterConfig(Section):
+    """Source-code heuristics (as in The Stack / StarCoder): long lines, symbol soup, generated files."""
+
+    enabled: bool = True
+    max_line_chars: int = Field(1000, ge=1, description="Longest line (minified or data files).")
+    max_mean_line_chars: float = Field(100.0, ge=1)
+    min_alnum_fraction: float = Field(0.25, ge=0, le=1)
+    autogenerated_markers: list[str] = Field(
+        default=["auto-generated", "autogenerated", "automatically generated", "generated by", "do not edit"],
+        description="Case-insensitive markers searched in the first lines.",
+    )
+    marker_lines: int = Field(5, ge=1, description="How many leading lines are searched for the markers.")
+
+
+class FilterPreset(Section):
+    """A set of quality filters; each one can be switched off or re-tuned."""
+
+    gopher_quality: GopherQualityConfig = GopherQualityConfig(enabled=False)
+    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig(enabled=False)
+    c4: C4Config = C4Config(enabled=False)
+    code: CodeFilterConfig = CodeFilterConfig(enabled=False)
+
+
+def _default_presets() -> dict[str, FilterPreset]:
+    return {
+        "prose": FilterPreset(
+            gopher_quality=GopherQualityConfig(), gopher_repetition=GopherRepetitionConfig(), c4=C4Config()
+        ),
+        "code": FilterPreset(code=CodeFilterConfig()),
+        "none": FilterPreset(),
+    }
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+class PiiConfig(Section):
+    enabled: bool = True
+    emails: bool = True
+    ips: bool = Field(True, description="IPv4 addresses that are globally routable (not private/loopback/docs).")
+    email_placeholder: str = "<EMAIL>"
+    ip_placeholder: str = "<IP>"
 
 
 class CleanConfig(Section):
+    """Quality filters: documents failing one are dropped with that reason in the ledger."""
+
     min_chars: int = Field(64, ge=0, description="Drop documents shorter than this after normalization.")
     max_chars: int = Field(500_000, ge=1, description="Drop documents longer than this.")
-    max_line_chars: int = Field(
-        1000, ge=1, description="Drop documents with a line longer than this (minified/generated)."
+    max_line_chars: int | None = Field(
+        None, ge=1, description="Deprecated alias of presets.code.code.max_line_chars (applies to the code preset)."
     )
-    min_alnum_fraction: float = Field(
-        0.25, ge=0, le=1, description="Drop documents with fewer alphanumeric characters."
+    min_alnum_fraction: float | None = Field(
+        None, ge=0, le=1, description="Deprecated alias of presets.code.code.min_alnum_fraction."
     )
+    fix_mojibake: bool = Field(True, description="Repair mojibake with ftfy (non-ASCII documents only).")
+    pii: PiiConfig = PiiConfig()
+    presets: dict[str, FilterPreset] = Field(default_factory=_default_presets, description="Named filter sets.")
+    default_preset: str = Field("prose", description="Preset for documents no other rule assigns.")
+    preset_by_extension: dict[str, str] = Field(
+        default={".py": "code", ".pyi": "code", ".c": "code", ".h": "code", ".js": "code", ".rs": "code"},
+        description="Preset by the document's file extension (from its locator).",
+    )
+    preset_by_source: dict[str, str] = Field(default={}, description="Preset by source name (wins over extension).")
+
+    @field_validator("presets", mode="before")
+    @classmethod
+    def _merge_presets(cls, given: object) -> object:
+        """A preset named like a built-in one only overrides the settings it names (deep merge)."""
+        if not isinstance(given, dict):
+            return given
+        merged: dict[str, Any] = {k: v.model_dump() for k, v in _default_presets().items()}
+        for name, value in given.items():
+            base = merged.get(name)
+            merged[name] = _deep_merge(base, value) if isinstance(base, dict) and isinstance(value, dict) else value
+        return merged
 
     @model_validator(mode="after")
     def _bounds(self) -> CleanConfig:
         if self.min_chars >= self.max_chars:
             raise ValueError(f"clean.min_chars ({self.min_chars}) must be below clean.max_chars ({self.max_chars})")
+        named = [self.default_preset, *self.preset_by_extension.values(), *self.preset_by_source.values()]
+        unknown = sorted({p for p in named if p not in self.presets})
+        if unknown:
+            raise ValueError(f"clean: unknown preset(s) {unknown}; defined presets are {sorted(self.presets)}")
+        code = self.presets.get("code")
+        if code is not None and (self.max_line_chars is not None or self.min_alnum_fraction is not None):
+            update = {
+                k: v
+                for k, v in {
+                    "max_line_chars": self.max_line_chars,
+                    "min_alnum_fraction": self.min_alnum_fraction,
+                }.items()
+                if v is not None
+            }
+            self.presets["code"] = code.model_copy(update={"code": code.code.model_copy(update=update)})
+            self.max_line_chars = self.min_alnum_fraction = None
         return self
 
 
 class DedupConfig(Section):
+    """Exact and MinHash-LSH near-duplicate removal; see docs/dedup.md for the parameters' effect."""
+
     exact: bool = Field(True, description="Remove documents whose normalized text is identical to an earlier one.")
-    keep: Literal["first", "longest"] = Field("first", description="Which copy of a duplicate group is kept.")
+    keep: Literal["first", "longest", "source_priority"] = Field(
+        "first", description="Which copy of a duplicate group is kept (ties: first seen)."
+    )
+    source_priority: list[str] = Field(
+        default=[], description="With keep=source_priority: source names, most preferred first (others last)."
+    )
+    near: bool = Field(True, description="Also remove near-duplicates found by MinHash LSH.")
+    ngram: int = Field(5, ge=1, le=64, description="Words per shingle.")
+    permutations: int = Field(100, ge=1, le=4096, description="MinHash signature length.")
+    bands: int = Field(20, ge=1, le=1024, description="LSH bands; bands × rows must not exceed permutations.")
+    rows: int = Field(5, ge=1, le=256, description="Signature rows per LSH band.")
+    threshold: float = Field(
+        0.7, gt=0, le=1, description="Jaccard similarity at or above which a candidate pair is a near-duplicate."
+    )
+    verify: bool = Field(True, description="Check candidate pairs with exact Jaccard (else the MinHash estimate).")
+    seed: int = Field(0, ge=0, description="Seed of the MinHash permutations.")
+    batch_docs: int = Field(2048, ge=1, description="Documents signed per batch.")
+    workers: int | None = Field(None, ge=1, description="Processes that sign documents (default: all cores).")
+    against: str | None = Field(
+        None,
+        description="Earlier dedup artifact (path, or 'latest' in this root) to deduplicate new documents against.",
+    )
+
+    @model_validator(mode="after")
+    def _banding(self) -> DedupConfig:
+        if self.bands * self.rows > self.permutations:
+            raise ValueError(
+                f"dedup.bands × dedup.rows ({self.bands} × {self.rows}) exceeds "
+                f"dedup.permutations ({self.permutations})"
+            )
+        if self.keep == "source_priority" and not self.source_priority:
+            raise ValueError("dedup.keep=source_priority needs dedup.source_priority: a list of source names")
+        return self
 
 
 class TokenizerConfig(Section):
+    """The byte-level BPE tokenizer trained on the deduplicated corpus."""
+
     vocab_size: int = Field(4096, ge=260, le=2**20, description="BPE vocabulary size (including specials).")
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a merge.")
     sample_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of kept documents used for training.")
+    holdout_fraction: float = Field(
+        0.02, ge=0, lt=0.5, description="Documents held out of tokenizer training to measure bytes per token."
+    )
     special_tokens: list[str] = Field(default=["<|endoftext|>", "<|pad|>"], description="First is end-of-text.")
     pretrained: str | None = Field(None, description="Path of an existing tokenizer.json to use instead of training.")
 
 
 class TokenizeConfig(Section):
+    """Splitting documents into train/val/test and encoding them into token shards."""
+
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of documents in the validation split.")
     test_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of documents in the test split.")
     shard_tokens: int = Field(8_000_000, ge=1024, description="Tokens per shard file.")
     batch_docs: int = Field(512, ge=1, description="Documents encoded per batch.")
 
 
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},  # tests and smoke runs
+    "quickstart": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},  # ~1M params at vocab 4096
+    "small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},  # nanoGPT's shakespeare-char model
+    "gpt2-124M": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
+    "gpt2-350M": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024},
+}
+
+
 class ModelConfig(Section):
-    n_layer: int = Field(4, ge=1, le=96)
-    n_head: int = Field(4, ge=1, le=128)
-    n_embd: int = Field(128, ge=8, le=16384)
+    """Model sizes: a named ``preset`` fills the sizes it names; fields given explicitly override it."""
+
+    preset: Literal["tiny", "quickstart", "small", "gpt2-124M", "gpt2-350M"] | None = Field(
+        None, description="Named size (tiny, quickstart ~1M, small ~10M, gpt2-124M, gpt2-350M); fields override it."
+    )
+    n_layer: int = Field(4, ge=1, le=96, description="Transformer blocks.")
+    n_head: int = Field(4, ge=1, le=128, description="Attention heads per block; must divide n_embd.")
+    n_embd: int = Field(128, ge=8, le=16384, description="Embedding width.")
     block_size: int = Field(128, ge=8, le=32768, description="Context length in tokens.")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability during training.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            sizes = MODEL_PRESETS.get(data["preset"])
+            if sizes is not None:  # an unknown name is reported by the Literal check
+                data = sizes | {k: v for k, v in data.items() if v is not None}
+        return data
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
@@ -87,32 +313,52 @@ class ModelConfig(Section):
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         return self
 
+    def sizes(self) -> dict[str, int | float]:
+        """The architecture fields alone (what the model is built from), without the preset name."""
+        return self.model_dump(exclude={"preset"})
+
 
 class TrainConfig(Section):
-    max_steps: int = Field(300, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(3e-3, gt=0, le=1)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(30, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
+    """The training loop: budget, optimizer, schedule, checkpoints."""
+
+    max_steps: int = Field(300, ge=1, description="Optimizer steps (the budget unless max_tokens is set).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Token budget: train ceil(max_tokens / batch tokens) steps instead of max_steps."
+    )
+    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch and process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (ignored if batch_tokens is set).")
+    batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per optimizer step over all processes; sets grad_accum = batch_tokens / "
+        "(batch_size * block_size * nproc), which must divide exactly.",
+    )
+    learning_rate: float = Field(3e-3, gt=0, le=1, description="Peak AdamW learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0 = off).")
-    eval_interval: int = Field(100, ge=1)
+    eval_interval: int = Field(100, ge=1, description="Steps between validation evaluations.")
     eval_batches: int = Field(8, ge=1, description="Batches of the fixed validation subset per periodic eval.")
-    checkpoint_interval: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    checkpoint_interval: int = Field(100, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when available.")
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores).")
+    nproc: int = Field(
+        1, ge=1, le=64, description="Data-parallel processes (DDP under torchrun; one per GPU on CUDA, gloo on CPU)."
+    )
 
 
 class EvaluateConfig(Section):
-    batch_size: int = Field(32, ge=1)
+    """Held-out loss, perplexity and bits per byte, and a few samples."""
+
+    batch_size: int = Field(32, ge=1, description="Sequences per evaluation batch.")
     max_tokens_per_split: int | None = Field(None, ge=1, description="Cap on evaluated tokens (default: whole split).")
-    samples: int = Field(3, ge=0)
-    sample_tokens: int = Field(80, ge=1)
-    temperature: float = Field(0.8, gt=0)
-    top_k: int = Field(40, ge=1)
+    samples: int = Field(3, ge=0, description="Text samples generated for the report.")
+    sample_tokens: int = Field(80, ge=1, description="Tokens per sample.")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature.")
+    top_k: int = Field(40, ge=1, description="Sample from the k most likely tokens.")
     top_p: float = Field(
         0.95, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this mass."
     )
@@ -128,6 +374,9 @@ class PipelineConfig(Section):
     name: str = Field("quickstart", description="Pipeline name, used in run names and lineage.")
     root: str = Field("./data", description="Data root: artifacts, checkpoints and the lineage DuckDB file.")
     seed: int = Field(1337, description="Seed for sampling, initialization and data order.")
+    workers: int | None = Field(
+        None, ge=1, description="Processes for the data stages (default: all cores); outputs do not depend on it."
+    )
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [
             SourceConfig(
@@ -135,6 +384,7 @@ class PipelineConfig(Section):
             )
         ],
         min_length=1,
+        description="Inputs to ingest; at least one, with unique names.",
     )
     clean: CleanConfig = CleanConfig()
     dedup: DedupConfig = DedupConfig()

@@ -1,180 +1,342 @@
-"""Ingest: read sources (folders of text files, JSONL / JSONL.gz) into raw Parquet document shards.
+"""Ingest: read sources (folders of text files, JSONL[.gz|.zst], Parquet; local or fsspec URIs) into raw Parquet.
 
-Every record found becomes exactly one ledger row: ``kept`` (passed on) or ``dropped`` with a reason
-(binary file, invalid UTF-8, oversized, malformed JSON line, missing text field, unreadable or truncated
-file). Document ids derive from (source name, locator), so a document keeps its id across runs.
+Every record found becomes exactly one ledger row: ``kept`` (passed on) or ``dropped`` with a reason (see
+``tasks.readers``). Document ids derive from (source name, locator) — or from the record's own id when the
+source names an ``id_field`` — so a document keeps its id across runs.
+
+The work is split in three so it can fan out and refresh incrementally:
+
+1. ``plan_ingest`` lists the files and decides which can reuse a cached per-file fragment: a file whose
+   (size, mtime) is unchanged since the last successful run is not opened at all; otherwise its content is
+   hashed and a fragment made from identical bytes (and reader settings) is reused.
+2. ``ingest_part`` reads a group of files into per-file fragments (Parquet docs + ledger) in the cache; parts
+   run in parallel processes (``tasks.parallel.map_parts``) and are independent, so a Prefect/Dask/Ray
+   mapping over ``plan.parts`` works the same way.
+3. ``merge_fragments`` streams the fragments, in file order, into the artifact's shards and assigns ordinals.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import gzip
 import json
 import os
+import shutil
+import uuid
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.artifacts import StageContext
-from storage.hashing import stable_id
-from storage.shards import DOC_SCHEMA, LedgerWriter, ParquetShardWriter
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.artifacts import StageContext, write_json_atomic
+from storage.hashing import stable_id, stream_hash
+from storage.shards import DOC_SCHEMA, LedgerWriter, ParquetShardWriter, iter_batches
+from tasks import readers
 from tasks.config import SourceConfig
+from tasks.parallel import balanced_groups, default_workers, map_parts
+from tasks.readers import Record, SourceFile
 
-VERSION = "1"
-BINARY_SNIFF_BYTES = 8192
+VERSION = "2"
+FLUSH_ROWS = 1024
+FLUSH_BYTES = 32 * 2**20
+FILES_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("rel", pa.string()),
+        ("bytes", pa.int64()),
+        ("content_hash", pa.string()),
+        ("records", pa.int64()),
+        ("kept", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
 
-
-@dataclass
-class Record:
-    """One document found in a source, or the reason it could not be read."""
-
-    source: str
-    locator: str
-    text: str | None
-    reason: str | None = None
+list_files = readers.list_files
 
 
 def doc_id_for(source: str, locator: str) -> str:
     return f"{source}:{stable_id(source, locator)}"
 
 
-def _file_kind(path: Path, configured: str) -> str:
-    if configured != "auto":
-        return configured
-    name = path.name.lower()
-    return "jsonl" if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")) else "text"
+def doc_id_of(source: str, record: Record) -> str:
+    return (
+        f"{source}:{stable_id(source, 'id', record.key)}"
+        if record.key is not None
+        else doc_id_for(source, record.locator)
+    )
 
 
-def list_files(source: SourceConfig) -> list[tuple[Path, str]]:
-    """Files of a source in a stable order, as (path, path relative to the source)."""
-    root = source.resolved_path()
-    if not root.exists():
-        raise FileNotFoundError(f"source {source.name!r}: {root} does not exist")
-    if root.is_file():
-        return [(root, root.name)]
-    found: list[tuple[Path, str]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        rel_dir = os.path.relpath(dirpath, root)
-        dirnames[:] = [
-            d for d in dirnames if d != "__pycache__" and not _excluded(os.path.join(rel_dir, d, ""), source.exclude)
-        ]
-        for name in sorted(filenames):
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            if not name.lower().endswith(tuple(source.include_ext)) or _excluded(rel, source.exclude):
+@dataclass(frozen=True)
+class FileJob:
+    """One file to ingest: where its fragment lives (by content) and whether it is already there."""
+
+    source: SourceConfig
+    file: SourceFile
+    content_hash: str | None
+    fragment: str  # folder of this file's cached fragment
+    cached: bool
+
+
+@dataclass
+class FragmentInfo:
+    records: int = 0
+    kept: int = 0
+    bytes_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+def _reader_settings(source: SourceConfig) -> str:
+    """The source settings that change what a file's records are (not which files are listed)."""
+    settings = source.model_dump(exclude={"path", "include_ext", "exclude", "max_files", "storage_options"})
+    return json.dumps(settings, sort_keys=True)
+
+
+def fragment_key(source: SourceConfig, rel: str, content_hash: str) -> str:
+    return stable_id(VERSION, _reader_settings(source), rel, content_hash) + content_hash[:16]
+
+
+def _content_hash(fs, f: SourceFile) -> str | None:
+    try:
+        with readers.open_binary(fs, f.path) as fh:
+            return stream_hash(fh)
+    except OSError:
+        return None  # the reader records why the file cannot be read
+
+
+# --- 1. plan ------------------------------------------------------------------------------------------
+
+
+class IngestState:
+    """What the last successful ingest saw per source: rel → (size, mtime, content hash). Lives in the cache."""
+
+    def __init__(self, cache_dir: Path, source: SourceConfig):
+        self.path = cache_dir / "state" / f"{source.name}-{stable_id(source.resolved_path())}.json"
+        self.files: dict[str, list] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def save(self, files: dict[str, list]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, files)
+
+
+@dataclass
+class IngestPlan:
+    jobs: list[FileJob]
+    problems: list[SourceFile]  # listing problems (unreadable folders, symlinked folders skipped)
+    status: Counter[str]  # new / changed / unchanged / removed files
+    removed: list[str]
+    states: dict[str, tuple[IngestState, dict[str, list]]]
+
+
+def plan_ingest(sources: list[SourceConfig], cache_dir: Path) -> IngestPlan:
+    jobs: list[FileJob] = []
+    problems: list[SourceFile] = []
+    status: Counter[str] = Counter()
+    removed: list[str] = []
+    states: dict[str, tuple[IngestState, dict[str, list]]] = {}
+    for source in sources:
+        fs, _ = readers.source_filesystem(source)
+        state = IngestState(cache_dir, source)
+        seen: dict[str, list] = {}
+        for f in list_files(source):
+            if f.error is not None:
+                problems.append(f)
                 continue
-            found.append((Path(dirpath) / name, rel))
-    return found[: source.max_files] if source.max_files else found
+            previous = state.files.get(f.rel)
+            if previous and f.size is not None and f.mtime is not None and previous[:2] == [f.size, f.mtime]:
+                digest = previous[2]  # unchanged stat: trust the recorded content hash, do not open the file
+            else:
+                digest = _content_hash(fs, f)
+            status["new" if previous is None else "unchanged" if previous[2] == digest else "changed"] += 1
+            if digest is not None:
+                seen[f.rel] = [f.size, f.mtime, digest]
+                folder = cache_dir / "fragments" / fragment_key(source, f.rel, digest)
+                cached = (folder / "info.json").exists()
+            else:
+                folder = cache_dir / "fragments" / f"unhashed-{stable_id(source.name, f.rel)}"
+                cached = False
+            jobs.append(FileJob(source, f, digest, str(folder), cached))
+        gone = sorted(set(state.files) - {j.file.rel for j in jobs if j.source.name == source.name})
+        removed += [f"{source.name}:{rel}" for rel in gone]
+        status["removed"] += len(gone)
+        states[source.name] = (state, seen)
+    return IngestPlan(jobs, problems, status, removed, states)
 
 
-def _excluded(rel: str, patterns: list[str]) -> bool:
-    rel = rel.removeprefix("./")
-    return any(fnmatch.fnmatch(rel, p) for p in patterns)
+# --- 2. read files into fragments ------------------------------------------------------------------------
 
 
-def _read_text_file(source: SourceConfig, path: Path, rel: str) -> Iterator[Record]:
-    try:
-        size = path.stat().st_size
-        if size > source.max_file_bytes:
-            yield Record(source.name, rel, None, "too_large_file")
-            return
-        data = path.read_bytes()
-    except OSError as err:
-        yield Record(source.name, rel, None, f"unreadable:{type(err).__name__}")
-        return
-    if b"\x00" in data[:BINARY_SNIFF_BYTES]:
-        yield Record(source.name, rel, None, "binary")
-        return
-    try:
-        yield Record(source.name, rel, data.decode("utf-8"))
-    except UnicodeDecodeError:
-        yield Record(source.name, rel, None, "invalid_utf8")
-
-
-def _read_jsonl_file(source: SourceConfig, path: Path, rel: str) -> Iterator[Record]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    line_no = 0
-    try:
-        with opener(path, "rb") as fh:
-            for line_no, raw in enumerate(fh, start=1):  # noqa: B007 - line_no is read after the loop
-                locator = f"{rel}:{line_no}"
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    yield Record(source.name, locator, None, "malformed_json")
-                    continue
-                text = obj.get(source.text_field) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    yield Record(source.name, locator, None, "missing_text_field")
-                    continue
-                yield Record(source.name, locator, text)
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
-        # The rest of a truncated or unreadable file is one ledger row, located after the last good line.
-        yield Record(source.name, f"{rel}:{line_no + 1}-", None, f"unreadable:{type(err).__name__}")
-
-
-def read_source(source: SourceConfig) -> Iterator[Record]:
-    for path, rel in list_files(source):
-        if _file_kind(path, source.kind) == "jsonl":
-            yield from _read_jsonl_file(source, path, rel)
-        else:
-            yield from _read_text_file(source, path, rel)
-
-
-def ingest(sources: list[SourceConfig], ctx: StageContext, batch_rows: int = 1024) -> dict:
-    """Read every source into ``docs/docs-*.parquet`` and ``ledger/ledger-*.parquet`` under ``ctx.out_dir``."""
-    reasons: Counter[str] = Counter()
-    per_source: Counter[str] = Counter()
-    docs = ParquetShardWriter(ctx.out_dir / "docs", "docs", DOC_SCHEMA)
-    ledger = LedgerWriter(ctx.out_dir / "ledger", "ingest")
+def _read_into_fragment(job: FileJob) -> None:
+    fs, _ = readers.source_filesystem(job.source)
+    final = Path(job.fragment)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    info = FragmentInfo()
+    dropped: Counter[str] = Counter()
+    docs = ParquetShardWriter(tmp, "docs", DOC_SCHEMA, rows_per_shard=2**62)
+    ledger = LedgerWriter(tmp, "ingest")
     doc_rows: list[dict] = []
     ledger_rows: list[dict] = []
-    ordinal = 0
-    bytes_kept = 0
-    for source in sources:
-        for record in read_source(source):
-            doc_id = doc_id_for(record.source, record.locator)
-            per_source[record.source] += 1
-            if record.reason is None:
-                assert record.text is not None
-                n_bytes = len(record.text.encode("utf-8", "surrogatepass"))
-                bytes_kept += n_bytes
-                doc_rows.append(
-                    {
-                        "doc_id": doc_id,
-                        "source": record.source,
-                        "locator": record.locator,
-                        "ordinal": ordinal,
-                        "text": record.text,
-                        "n_bytes": n_bytes,
-                    }
-                )
-                fate, reason = "kept", None
-            else:
-                fate, reason = "dropped", record.reason
-                reasons[record.reason] += 1
-            ledger_rows.append(
-                {"doc_id": doc_id, "source": record.source, "locator": record.locator, "fate": fate, "reason": reason}
+    pending_bytes = 0
+    name = job.source.name
+    for record in readers.read_file(fs, job.file, job.source):
+        doc_id = doc_id_of(name, record)
+        row = {"doc_id": doc_id, "source": name, "locator": record.locator, "scores": record.scores or None}
+        if record.reason is None:
+            assert record.text is not None
+            n_bytes = len(record.text.encode("utf-8", "surrogatepass"))
+            doc_rows.append(
+                {
+                    "doc_id": doc_id,
+                    "source": name,
+                    "locator": record.locator,
+                    "ordinal": info.records,  # position within the file; the merge offsets it
+                    "text": record.text,
+                    "n_bytes": n_bytes,
+                    "metadata": record.metadata,
+                }
             )
-            ordinal += 1
-            if len(doc_rows) >= batch_rows:
-                docs.write_rows(doc_rows)
-                doc_rows = []
-            if len(ledger_rows) >= batch_rows:
-                ledger.record(ledger_rows)
-                ledger_rows = []
-        ctx.log(f"ingest: source {source.name!r}: {per_source[source.name]} records")
+            info.kept += 1
+            info.bytes_kept += n_bytes
+            pending_bytes += n_bytes
+            ledger_rows.append(row | {"fate": "kept"})
+        else:
+            dropped[record.reason] += 1
+            ledger_rows.append(row | {"fate": "dropped", "reason": record.reason, "score": record.scores.get("bytes")})
+        info.records += 1
+        if len(doc_rows) >= FLUSH_ROWS or pending_bytes >= FLUSH_BYTES:
+            docs.write_rows(doc_rows)
+            doc_rows, pending_bytes = [], 0
+        if len(ledger_rows) >= 8 * FLUSH_ROWS:
+            ledger.record(ledger_rows)
+            ledger_rows = []
     docs.write_rows(doc_rows)
     ledger.record(ledger_rows)
     docs.close()
     ledger.close()
+    info.dropped = dict(dropped)
+    (tmp / "info.json").write_text(json.dumps(info.__dict__, sort_keys=True))
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another run made the same fragment (identical by construction) or a stale one is there
+        if job.cached or not final.exists():
+            raise
+        shutil.rmtree(final)
+        os.rename(tmp, final)
+
+
+def ingest_part(jobs: list[FileJob]) -> list[FileJob]:
+    """Read the files of one part into their cached fragments (skipping those already cached)."""
+    for job in jobs:
+        if not job.cached:
+            _read_into_fragment(job)
+    return jobs
+
+
+# --- 3. merge ------------------------------------------------------------------------------------------
+
+
+class _RowGroupBuffer:
+    """Collects the many small per-file batches into row groups of about FLUSH_ROWS rows / FLUSH_BYTES."""
+
+    def __init__(self, writer: ParquetShardWriter):
+        self.writer = writer
+        self.batches: list[pa.RecordBatch] = []
+        self.rows = self.bytes = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.batches.append(batch)
+        self.rows += batch.num_rows
+        self.bytes += batch.nbytes
+        if self.rows >= FLUSH_ROWS or self.bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batches:
+            self.writer.write(pa.Table.from_batches(self.batches))
+        self.batches, self.rows, self.bytes = [], 0, 0
+
+
+def merge_fragments(jobs: list[FileJob], problems: list[SourceFile], out_dir: Path) -> dict:
+    """Stream fragments in file order into ``docs/``, ``ledger/`` and ``files/files.parquet``; return counts."""
+    reasons: Counter[str] = Counter()
+    per_source: Counter[str] = Counter()
+    docs = ParquetShardWriter(out_dir / "docs", "docs", DOC_SCHEMA)
+    ledger = LedgerWriter(out_dir / "ledger", "ingest")
+    file_rows: list[dict] = []
+    ordinal = 0
+    bytes_kept = 0
+    pending = _RowGroupBuffer(docs)
+    for job in jobs:
+        folder = Path(job.fragment)
+        info = FragmentInfo(**json.loads((folder / "info.json").read_text()))
+        for batch in iter_batches(sorted(folder.glob("docs-*.parquet")), batch_size=FLUSH_ROWS):
+            ordinals = pc.add(batch.column("ordinal"), pa.scalar(ordinal, pa.int64()))
+            pending.add(batch.set_column(DOC_SCHEMA.get_field_index("ordinal"), "ordinal", ordinals))
+        for batch in iter_batches(sorted(folder.glob("ledger-*.parquet")), batch_size=64 * FLUSH_ROWS):
+            ledger.write(batch)
+        ordinal += info.records
+        bytes_kept += info.bytes_kept
+        per_source[job.source.name] += info.records
+        reasons.update(info.dropped)
+        file_rows.append(
+            {
+                "source": job.source.name,
+                "rel": job.file.rel,
+                "bytes": job.file.size,
+                "content_hash": job.content_hash,
+                "records": info.records,
+                "kept": info.kept,
+                "error": next((r for r in info.dropped if r.startswith(("unreadable", "truncated"))), None)
+                or (None if info.records else "no_records"),
+            }
+        )
+    pending.flush()
+    file_rows += [{"source": p.source, "rel": p.rel, "records": 0, "kept": 0, "error": p.error} for p in problems]
+    docs.close()
+    ledger.close()
+    (out_dir / "files").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(file_rows, schema=FILES_SCHEMA), out_dir / "files" / "files.parquet")
+    assert ledger.rows == ordinal, f"ingest ledger has {ledger.rows} rows for {ordinal} records"
     return {
         "docs_in": ordinal,
         "kept": docs.rows,
         "dropped": dict(sorted(reasons.items())),
         "per_source": dict(per_source),
         "bytes_kept": bytes_kept,
+        "source_errors": dict(Counter(p.error for p in problems if p.error)),
     }
+
+
+def ingest(
+    sources: list[SourceConfig],
+    ctx: StageContext,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+    part_bytes: int = 64 * 2**20,
+    parallel_min_bytes: int = 4 * 2**20,
+) -> dict:
+    """Read every source into ``docs/docs-*.parquet`` and ``ledger/ledger-*.parquet`` under ``ctx.out_dir``.
+
+    ``cache_dir`` keeps per-file fragments and the per-source state across runs (incremental refresh);
+    without it fragments go to the stage's work folder and nothing is reused.
+    """
+    cache = cache_dir or ctx.work_dir / "cache"
+    plan = plan_ingest(sources, cache)
+    todo = [j for j in plan.jobs if not j.cached]
+    n_workers = default_workers(workers)
+    total = sum(j.file.size or 0 for j in todo)
+    target = max(1 << 20, min(part_bytes, total // (4 * n_workers) + 1))
+    parts = [[todo[i] for i in group] for group in balanced_groups([j.file.size or 0 for j in todo], target, 256)]
+    ctx.log(
+        f"ingest: {len(plan.jobs)} files ({dict(plan.status)}), reading {len(todo)} "
+        f"({total / 2**20:.1f} MiB) in {len(parts)} parts on {min(n_workers, max(len(parts), 1))} workers"
+    )
+    map_parts(ingest_part, parts, n_workers if total >= parallel_min_bytes else 1)
+    counts = merge_fragments(plan.jobs, plan.problems, ctx.out_dir)
+    for state, seen in plan.states.values():
+        state.save(seen)
+    counts["files"] = dict(plan.status) | {"read": len(todo), "reused": len(plan.jobs) - len(todo)}
+    counts["removed_files"] = plan.removed[:1000]
+    for name, n in counts["per_source"].items():
+        ctx.log(f"ingest: source {name!r}: {n} records")
+    return counts

@@ -1,8 +1,11 @@
-"""Training windows over memory-mapped token shards, in a seeded order with an exact resume position.
+"""Training windows over memory-mapped token shards, in a seeded order with an exact, reshardable resume position.
 
 Each shard is cut into non-overlapping windows of ``block_size + 1`` tokens (inputs and shifted targets).
-An epoch visits every window once in an order drawn from (seed, epoch); rank ``r`` of ``world`` takes every
-``world``-th window of that order. ``state()`` = (epoch, offset) resumes exactly where training stopped.
+The sampler turns (seed, epoch) into a permutation of all windows and concatenates the epochs into one
+endless stream. Every optimizer micro-step consumes the next ``batch_size * world_size`` windows of the
+stream; rank ``r`` takes every ``world_size``-th of them starting at ``r``. The resume state is the one global
+stream position (stored as epoch + offset), so the remaining data order does not depend on how many ranks
+consumed the first part: a checkpoint can resume on a different number of processes with the same data.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import as_strided
 
 from storage.shards import read_token_shard
 
@@ -19,8 +23,7 @@ from storage.shards import read_token_shard
 @dataclass
 class LoaderState:
     epoch: int = 0
-    offset: int = 0  # windows already consumed by this rank in this epoch
-    world_size: int = 1
+    offset: int = 0  # windows of this epoch already consumed by all ranks together
 
 
 class TokenWindows:
@@ -31,48 +34,76 @@ class TokenWindows:
         self.shards = [read_token_shard(p) for p in shard_paths]
         counts = [max((len(s) - 1) // block_size, 0) for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        # a read-only (n_windows, block_size + 1) view of each memory-mapped shard: windows overlap by one token
+        self.views = [
+            as_strided(s, shape=(n, block_size + 1), strides=(block_size * s.itemsize, s.itemsize), writeable=False)
+            for s, n in zip(self.shards, counts, strict=True)
+        ]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def window(self, index: int) -> np.ndarray:
         shard = int(np.searchsorted(self.starts, index, side="right") - 1)
-        offset = (index - int(self.starts[shard])) * self.block_size
-        return self.shards[shard][offset : offset + self.block_size + 1]
+        return self.views[shard][index - int(self.starts[shard])]
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """The windows at ``indices`` as one ``(len(indices), block_size + 1)`` int64 array (a row take per shard)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"window index out of range [0, {len(self)})")
+        out = np.empty((len(indices), self.block_size + 1), dtype=np.int64)
+        if len(self.views) == 1:
+            out[:] = self.views[0][indices]
+            return out
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
+        for shard in np.unique(shard_of):
+            rows = np.flatnonzero(shard_of == shard)
+            out[rows] = self.views[shard][indices[rows] - self.starts[shard]]
+        return out
+
+    def tensor(self, indices: np.ndarray, pin_memory: bool = False) -> torch.Tensor:
+        """The windows at ``indices`` as one ``(B, block_size + 1)`` tensor, optionally in pinned memory."""
+        tensor = torch.from_numpy(self.gather(indices))
+        return tensor.pin_memory() if pin_memory else tensor
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        data = np.stack([self.window(int(i)) for i in indices]).astype(np.int64)
-        tensor = torch.from_numpy(data)
+        """Inputs and targets ``(B, block_size)`` for the windows at ``indices`` (views of one tensor)."""
+        tensor = self.tensor(indices)
         return tensor[:, :-1], tensor[:, 1:]
 
 
 class WindowSampler:
-    """Seeded epoch-permutation sampling of window indices for one rank, with resumable state."""
+    """Seeded epoch-permutation sampling of window indices for one rank, with a resumable global position."""
 
     def __init__(self, n_windows: int, seed: int, rank: int = 0, world_size: int = 1, state: LoaderState | None = None):
-        if n_windows < world_size:
-            raise ValueError(f"only {n_windows} training windows for {world_size} ranks: add data or lower block_size")
+        if n_windows < 1:
+            raise ValueError("no training windows: the train split has fewer than block_size + 1 tokens")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
         self.n_windows, self.seed, self.rank, self.world_size = n_windows, seed, rank, world_size
-        self.state = state or LoaderState(world_size=world_size)
-        if self.state.world_size != world_size:
+        self.state = state or LoaderState()
+        if not 0 <= self.state.offset <= n_windows:
             raise ValueError(
-                f"checkpoint was written with world size {self.state.world_size}, now {world_size}: the data "
-                "position cannot be resharded; resume with the same number of processes"
+                f"loader position {self.state.offset} is outside an epoch of {n_windows} windows: "
+                "the checkpoint was written for different training data"
             )
-        self._order = self._epoch_order(self.state.epoch)
+        self._orders: dict[int, np.ndarray] = {}
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        return rng.permutation(self.n_windows)[self.rank :: self.world_size]
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        return self._orders[epoch]
 
     def next(self, batch_size: int) -> np.ndarray:
-        out = []
-        while len(out) < batch_size:
-            if self.state.offset >= len(self._order):
-                self.state.epoch += 1
-                self.state.offset = 0
-                self._order = self._epoch_order(self.state.epoch)
-            take = min(batch_size - len(out), len(self._order) - self.state.offset)
-            out.extend(self._order[self.state.offset : self.state.offset + take])
-            self.state.offset += take
-        return np.asarray(out, dtype=np.int64)
+        """This rank's next ``batch_size`` window indices; advances the global position by ``batch_size * world``."""
+        n, first = self.n_windows, self.state.epoch * self.n_windows + self.state.offset
+        stream = first + self.rank + self.world_size * np.arange(batch_size, dtype=np.int64)
+        epochs, positions = np.divmod(stream, n)
+        out = np.empty(batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            out[mask] = self._epoch_order(int(epoch))[positions[mask]]
+        self.state.epoch, self.state.offset = divmod(first + batch_size * self.world_size, n)
+        return out

@@ -6,18 +6,22 @@ reads. It has no Prefect import: the CLI, the Prefect tasks and tests all call `
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from storage.artifacts import ArtifactStore, Manifest, StageContext
 from storage.faults import maybe_fail
 from storage.hashing import canonical_json, fingerprint
+from storage.shards import compact_ledger_folder
 from tasks import clean, dedup, evaluate, export, ingest, tokenize, tokenizer, train
 from tasks.config import PipelineConfig
 
 STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export")
+StageName = Literal["ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export"]
+assert get_args(StageName) == STAGES
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "ingest": (),
     "clean": ("ingest",),
@@ -40,19 +44,46 @@ class StageSpec:
 
 def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
     """What ingest reads, cheaply: every listed file's relative path, size and mtime. Changes rerun ingest."""
-    import hashlib
-
     snapshot = {}
     for source in cfg.sources:
         digest = hashlib.sha256()
-        for path, rel in ingest.list_files(source):
-            try:
-                st = path.stat()
-                digest.update(f"{rel}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
-            except OSError:
-                digest.update(f"{rel}\x1funreadable\n".encode())
+        for f in ingest.list_files(source):
+            digest.update(f"{f.rel}\x1f{f.size}\x1f{f.mtime}\x1f{f.error}\n".encode())
         snapshot[source.name] = digest.hexdigest()
     return snapshot
+
+
+def data_version(cfg: PipelineConfig) -> str:
+    """A short hash of the sources' snapshot (paths, sizes, mtimes): changes whenever ingest would rerun."""
+    return fingerprint("data", "1", _source_snapshot(cfg), [])[:8]
+
+
+def downstream(name: str) -> tuple[str, ...]:
+    """The stage and every stage that (transitively) reads its output, in pipeline order."""
+    affected = {name}
+    for stage in STAGES:
+        if affected & set(UPSTREAM[stage]):
+            affected.add(stage)
+    return tuple(s for s in STAGES if s in affected)
+
+
+def _tombstones(cfg: PipelineConfig) -> list[str]:
+    """Doc ids and content hashes taken down through lineage; the clean stage drops them (sorted, stable)."""
+    from storage.lineage import LineageStore
+
+    path = ArtifactStore(cfg.root).lineage_path
+    if not path.exists():
+        return []
+    rows = LineageStore(path, read_only=True).tombstones()
+    return sorted({r["doc_id"] for r in rows if r["doc_id"]} | {r["content_hash"] for r in rows if r["content_hash"]})
+
+
+def _clean_params(cfg: PipelineConfig) -> dict[str, Any]:
+    params = cfg.clean.model_dump()
+    blocked = _tombstones(cfg)
+    if blocked:  # only present when there are takedowns, so fingerprints of ordinary runs stay unchanged
+        params["tombstones"] = hashlib.sha256("\n".join(blocked).encode()).hexdigest()
+    return params
 
 
 def _splits(m: Manifest, split: str) -> list:
@@ -64,19 +95,23 @@ SPECS: dict[str, StageSpec] = {
         "ingest",
         ingest.VERSION,
         lambda c: {"sources": [s.model_dump() for s in c.sources], "snapshot": _source_snapshot(c)},
-        lambda c, i, ctx: ingest.ingest(c.sources, ctx),
+        lambda c, i, ctx: ingest.ingest(c.sources, ctx, ArtifactStore(c.root).cache_dir("ingest"), c.workers),
     ),
     "clean": StageSpec(
         "clean",
         clean.VERSION,
-        lambda c: c.clean.model_dump(),
-        lambda c, i, ctx: clean.clean(i["ingest"].files_under("docs/"), c.clean, ctx),
+        _clean_params,
+        lambda c, i, ctx: clean.clean(
+            i["ingest"].files_under("docs/"), c.clean, ctx, workers=c.workers, blocked=set(_tombstones(c))
+        ),
     ),
     "dedup": StageSpec(
         "dedup",
         dedup.VERSION,
-        lambda c: c.dedup.model_dump(),
-        lambda c, i, ctx: dedup.dedup(i["clean"].files_under("docs/"), c.dedup, ctx),
+        dedup.stage_params,
+        lambda c, i, ctx: dedup.dedup(
+            i["clean"].files_under("docs/"), c.dedup, ctx, previous=dedup.resolve_previous(c.dedup.against, c.root)
+        ),
     ),
     "tokenizer": StageSpec(
         "tokenizer",
@@ -95,7 +130,11 @@ SPECS: dict[str, StageSpec] = {
     "train": StageSpec(
         "train",
         train.VERSION,
-        lambda c: {"model": c.model.model_dump(), "train": c.train.model_dump(exclude={"threads"}), "seed": c.seed},
+        lambda c: {
+            "model": c.model.sizes(),
+            "train": c.train.model_dump(exclude={"threads", "nproc"}),
+            "seed": c.seed,
+        },
         lambda c, i, ctx: train.train(
             _splits(i["tokenize"], "train"),
             _splits(i["tokenize"], "val"),
@@ -141,8 +180,6 @@ def stage_fingerprint(name: str, cfg: PipelineConfig, inputs: dict[str, Manifest
 
 def cache_key(name: str, cfg: PipelineConfig, inputs: dict[str, Manifest]) -> str:
     """The Prefect cache key: the stage fingerprint, scoped to the data root (other roots don't share it)."""
-    import hashlib
-
     root = hashlib.sha256(canonical_json(str(ArtifactStore(cfg.root).root)).encode()).hexdigest()[:8]
     return f"tokenmill-{name}-{stage_fingerprint(name, cfg, inputs)}-{root}"
 
@@ -171,6 +208,7 @@ def run_stage(
     def produce(ctx: StageContext) -> dict[str, Any]:
         maybe_fail(name, "start")
         counts = spec.produce(cfg, inputs, ctx)
+        compact_ledger_folder(ctx.out_dir / "ledger")
         maybe_fail(name, "end")
         return counts
 
@@ -188,9 +226,29 @@ def run_stage(
     )
 
 
-def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, Manifest]:
-    """Run every stage in order in this process (no Prefect): the reference for tests and debugging."""
+def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print, run_id: str | None = None) -> dict[str, Manifest]:
+    """Run every stage in order in this process, without Prefect, recording the run in lineage.
+
+    The reference runner for tests and debugging; the Prefect flow does the same through tasks.
+    """
+    from datetime import UTC, datetime
+
+    from storage.lineage import LineageStore
+
+    run_id = run_id or f"local-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
+    lineage = LineageStore(ArtifactStore(cfg.root).lineage_path)
+    lineage.start_run(run_id, cfg.name, cfg.model_dump(), cfg.seed, None)
     manifests: dict[str, Manifest] = {}
     for name in STAGES:
-        manifests[name], _ = run_stage(name, cfg, {u: manifests[u] for u in UPSTREAM[name]}, log=log)
+        started = datetime.now(UTC)
+        try:
+            manifests[name], reused = run_stage(
+                name, cfg, {u: manifests[u] for u in UPSTREAM[name]}, run_id=run_id, log=log
+            )
+        except Exception as err:
+            lineage.record_stage(run_id, name, "failed", started, error=f"{type(err).__name__}: {err}")
+            lineage.finish_run(run_id, "failed", f"{name}: {err}")
+            raise
+        lineage.record_stage(run_id, name, "cached" if reused else "completed", started, manifest=manifests[name])
+    lineage.finish_run(run_id, "completed")
     return manifests

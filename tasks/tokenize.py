@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from storage.artifacts import StageContext
 from storage.hashing import unit_interval
@@ -74,18 +75,24 @@ def tokenize(
     """Encode documents in batches (the library's own thread pool) and write token shards plus a ledger."""
     tokenizer = load_tokenizer(tokenizer_dir)
     eot = tokenizer.token_to_id(tok_cfg.special_tokens[0])
+    # encode_batch_fast skips computing character offsets, which tokenize never uses (tokenizers >= 0.20).
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     dtype = token_dtype(tokenizer.get_vocab_size())
     folder = ctx.out_dir / "tokens"
     folder.mkdir(parents=True)
     splits = {name: _SplitShards(folder, name, dtype, cfg.shard_tokens) for name in SPLITS}
     ledger = LedgerWriter(ctx.out_dir / "ledger", "tokenize")
     per_source_tokens: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
-    for batch in iter_batches(doc_paths, columns=["doc_id", "source", "text", "n_bytes"], batch_size=cfg.batch_docs):
+    # Dedup gives each document a split key (its near-duplicate cluster), so a cluster never straddles splits.
+    columns = ["doc_id", "source", "text", "n_bytes"]
+    if doc_paths and "split_key" in pq.ParquetFile(doc_paths[0]).schema_arrow.names:
+        columns.append("split_key")
+    for batch in iter_batches(doc_paths, columns=columns, batch_size=cfg.batch_docs):
         docs = batch.to_pylist()
-        encodings = tokenizer.encode_batch([d["text"] for d in docs], add_special_tokens=False)
+        encodings = encode([d["text"] for d in docs], add_special_tokens=False)
         rows = []
         for doc, enc in zip(docs, encodings, strict=True):
-            split = split_of(doc["doc_id"], cfg)
+            split = split_of(doc.get("split_key") or doc["doc_id"], cfg)
             shard, start, end = splits[split].add([*enc.ids, eot], doc["n_bytes"])
             per_source_tokens[doc["source"]][split] += end - start
             rows.append(

@@ -17,11 +17,35 @@ VERSION = "1"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def _sample_texts(doc_paths: list[Path], fraction: float) -> Iterator[str]:
+def _texts(doc_paths: list[Path], cfg: TokenizerConfig, held_out: bool) -> Iterator[str]:
+    """The training sample (``held_out=False``) or the held-out documents used to measure compression."""
     for batch in iter_batches(doc_paths, columns=["doc_id", "text"]):
         for doc_id, text in zip(batch.column("doc_id").to_pylist(), batch.column("text").to_pylist(), strict=True):
-            if fraction >= 1.0 or unit_interval(doc_id, "tokenizer-sample") < fraction:
+            if (unit_interval(doc_id, "tokenizer-holdout") < cfg.holdout_fraction) != held_out:
+                continue
+            if (
+                held_out
+                or cfg.sample_fraction >= 1.0
+                or unit_interval(doc_id, "tokenizer-sample") < cfg.sample_fraction
+            ):
                 yield text
+
+
+def compression(tokenizer: Tokenizer, texts: Iterator[str], max_docs: int = 2000) -> dict:
+    """UTF-8 bytes per token on held-out text: how much the tokenizer compresses text it did not train on."""
+    n_bytes = n_tokens = n_docs = 0
+    for text in texts:
+        n_bytes += len(text.encode("utf-8"))
+        n_tokens += len(tokenizer.encode(text, add_special_tokens=False).ids)
+        n_docs += 1
+        if n_docs >= max_docs:
+            break
+    return {
+        "heldout_docs": n_docs,
+        "heldout_bytes": n_bytes,
+        "heldout_tokens": n_tokens,
+        "bytes_per_token": round(n_bytes / n_tokens, 4) if n_tokens else None,
+    }
 
 
 def new_bpe(cfg: TokenizerConfig) -> tuple[Tokenizer, trainers.BpeTrainer]:
@@ -48,13 +72,17 @@ def train_tokenizer(doc_paths: list[Path], cfg: TokenizerConfig, ctx: StageConte
         shutil.copyfile(source, out)
     else:
         tokenizer, trainer = new_bpe(cfg)
-        tokenizer.train_from_iterator(_sample_texts(doc_paths, cfg.sample_fraction), trainer)
+        tokenizer.train_from_iterator(_texts(doc_paths, cfg, held_out=False), trainer)
         tokenizer.save(str(out))
     tokenizer = Tokenizer.from_file(str(out))
     missing = [t for t in cfg.special_tokens if tokenizer.token_to_id(t) is None]
     if missing:
         raise ValueError(f"tokenizer lacks special tokens {missing}; add them or change tokenizer.special_tokens")
-    return {"vocab_size": tokenizer.get_vocab_size(), "eot_id": tokenizer.token_to_id(cfg.special_tokens[0])}
+    return {
+        "vocab_size": tokenizer.get_vocab_size(),
+        "eot_id": tokenizer.token_to_id(cfg.special_tokens[0]),
+        **compression(tokenizer, _texts(doc_paths, cfg, held_out=True)),
+    }
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:

@@ -36,9 +36,17 @@ def _prose(seed: int, n_words: int = 120) -> str:
 
 
 def _code(seed: int) -> str:
-    return "".join(
-        f'def function_{seed}_{i}(x, y):\n    """Add {i} to the sum."""\n    return x + y + {i}\n\n\n' for i in range(8)
-    )
+    """A small Python module; names and docstrings vary by seed so modules are not near-duplicates."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(8):
+        name = "_".join(rng.sample(WORDS, 3))
+        doc = " ".join(rng.choice(WORDS) for _ in range(8)).capitalize()
+        a, b = rng.sample(WORDS, 2)
+        out.append(f'def {name}({a}, {b}):\n    """{doc}."""\n    return {a} + {b}\n\n\n')
+    return "".join(out)
 
 
 def write_corpus(root: Path) -> dict[str, int]:
@@ -86,7 +94,7 @@ def tiny_config(corpus: Path, root: Path, **overrides: object) -> PipelineConfig
             {"name": "records", "path": str(corpus / "records.jsonl.gz")},
         ],
         "clean": {"min_chars": 32},
-        "tokenizer": {"vocab_size": 300, "min_frequency": 2},
+        "tokenizer": {"vocab_size": 300, "min_frequency": 2, "holdout_fraction": 0.2},
         "tokenize": {"val_fraction": 0.15, "test_fraction": 0.15},
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
         "train": {

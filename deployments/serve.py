@@ -1,0 +1,133 @@
+"""Every tokenmill deployment, declared once.
+
+- ``pipeline/tokenmill``: the whole pipeline (Run → Custom run in the UI edits the config form);
+- ``nightly-refresh/nightly``: the refresh on a cron schedule (02:00 in a configurable time zone);
+- ``stage/<name>`` for each of the seven stages: rerun one stage of a recorded run.
+
+``tokenmill serve`` serves them all from one process (a process "work pool" with no worker to run);
+``tokenmill deploy --pool P`` registers the same deployments with a work pool (process, Docker, Kubernetes),
+whose workers import the flows from the installed ``tokenmill`` package.
+
+Run as a module to serve: ``python -m deployments.serve --config configs/quickstart.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from uuid import UUID
+
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron
+
+from tasks.config import PipelineConfig
+from tasks.stages import STAGES
+
+NIGHTLY_CRON = "0 2 * * *"
+PIPELINE_DEPLOYMENT = "pipeline/tokenmill"
+NIGHTLY_DEPLOYMENT = "nightly-refresh/nightly"
+TAGS = ["tokenmill"]
+
+
+def build_deployments(
+    config: PipelineConfig,
+    *,
+    cron: str = NIGHTLY_CRON,
+    timezone: str | None = None,
+    entrypoint_type: EntrypointType = EntrypointType.FILE_PATH,
+) -> list[RunnerDeployment]:
+    """The deployments, with ``config`` as the default parameters and the nightly cron in ``timezone``."""
+    from flows.pipeline import pipeline
+    from flows.refresh import nightly_refresh
+    from flows.stage import stage
+
+    timezone = timezone or os.environ.get("TOKENMILL_TIMEZONE", "UTC")
+    params = {"config": config.model_dump(mode="json")}
+    common = {"tags": TAGS, "entrypoint_type": entrypoint_type}
+    deployments = [
+        pipeline.to_deployment(
+            name="tokenmill", parameters=params, description="The whole pipeline, sources to evaluated model.", **common
+        ),
+        nightly_refresh.to_deployment(
+            name="nightly",
+            parameters=params,
+            schedules=[Cron(cron, timezone=timezone)],
+            description=f"Nightly data refresh at '{cron}' ({timezone}).",
+            **common,
+        ),
+    ]
+    for name in STAGES:
+        deployments.append(
+            stage.to_deployment(
+                name=name,
+                parameters={"name": name, "root": config.root},
+                description=f"Rerun the {name} stage of a recorded run (give its run_id).",
+                **common,
+            )
+        )
+    return deployments
+
+
+def wait_for_api(timeout_s: float) -> None:
+    """Wait until the server at PREFECT_API_URL answers its health check (e.g. when started alongside it)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise RuntimeError("PREFECT_API_URL is not set: start a server (`tokenmill server`) and export its API URL")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no Prefect server answered at {url} within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def serve_all(
+    config: PipelineConfig,
+    *,
+    cron: str = NIGHTLY_CRON,
+    timezone: str | None = None,
+    limit: int = 4,
+    wait_s: float = 0,
+) -> None:
+    """Serve every deployment from this process until interrupted; flow runs start as child processes."""
+    from prefect import serve
+
+    deployments = build_deployments(config, cron=cron, timezone=timezone)
+    if wait_s:
+        wait_for_api(wait_s)
+    serve(*deployments, limit=limit)
+
+
+def deploy_all(
+    config: PipelineConfig,
+    work_pool: str,
+    *,
+    image: str | None = None,
+    cron: str = NIGHTLY_CRON,
+    timezone: str | None = None,
+) -> list[UUID]:
+    """Register every deployment with ``work_pool``; its workers import the flows from the installed package.
+
+    ``image`` (for Docker/Kubernetes pools) names an image that has tokenmill installed; it is used as is.
+    """
+    from prefect import deploy
+
+    deployments = build_deployments(config, cron=cron, timezone=timezone, entrypoint_type=EntrypointType.MODULE_PATH)
+    return deploy(
+        *deployments, work_pool_name=work_pool, image=image, build=False, push=False, print_next_steps_message=False
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows.cli import app
+
+    app(["serve", *sys.argv[1:]])

@@ -1,0 +1,388 @@
+"""Questions users ask of lineage: where did a document go, why was it dropped, what does a source feed,
+what changed between two runs, what must be rebuilt to take a document down, is a run consistent.
+
+Each function reads the small DuckDB tables and the runs' sorted Parquet ledgers (DuckDB scans them in place,
+skipping row groups by doc-id statistics). All return plain dicts, so the CLI prints them or emits JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest
+from storage.lineage import LineageStore
+
+STAGE_ORDER = ("ingest", "clean", "dedup", "tokenize")
+LEDGER_STAGES = STAGE_ORDER
+DOWNSTREAM_OF_CLEAN = ("clean", "dedup", "tokenizer", "tokenize", "train", "evaluate")
+
+
+def _order_sql() -> str:
+    cases = " ".join(f"WHEN '{s}' THEN {i}" for i, s in enumerate(STAGE_ORDER))
+    return f"CASE stage {cases} ELSE 9 END"
+
+
+class LineageQueries:
+    def __init__(self, store: LineageStore):
+        self.store = store
+        self._artifacts: dict[str, list[dict]] = {}
+
+    # --- helpers ----------------------------------------------------------------------------------------
+
+    def _run(self, run_id: str | None) -> str:
+        run_id = run_id or self.store.latest_run_id()
+        if run_id is None:
+            raise LookupError("no runs recorded yet")
+        self.store.run(run_id)
+        return run_id
+
+    def _run_artifacts(self, run_id: str) -> list[dict]:
+        if run_id not in self._artifacts:
+            self._artifacts[run_id] = self.store.run_artifacts(run_id)
+        return self._artifacts[run_id]
+
+    def _ledger(self, run_id: str, stages: tuple[str, ...] = LEDGER_STAGES) -> list[str]:
+        files = [
+            str(Path(a["uri"]) / "ledger" / "ledger.parquet")
+            for a in self._run_artifacts(run_id)
+            if a["stage"] in stages
+        ]
+        if not files:
+            raise LookupError(f"run {run_id} has no ledger for stages {stages}")
+        return files
+
+    def _rows(self, run_id: str, where: str, params: list[Any], stages: tuple[str, ...] = LEDGER_STAGES) -> list[dict]:
+        return self.store.query(
+            f"SELECT * FROM read_parquet(?, union_by_name = true) WHERE {where} ORDER BY doc_id, {_order_sql()}",
+            [self._ledger(run_id, stages), *params],
+        )
+
+    def _models_for_shards(self, tokenize_fp: str, shards: set[str]) -> list[dict]:
+        """Train/evaluate artifacts whose edge from this tokenize artifact covers any of ``shards``."""
+        edges = self.store.query(
+            "SELECT e.dst_stage, e.dst_fingerprint, e.relation, e.coverage, a.uri, a.run_id FROM artifact_edges e "
+            "LEFT JOIN artifacts a ON a.stage = e.dst_stage AND a.fingerprint = e.dst_fingerprint "
+            "WHERE e.src_stage = 'tokenize' AND e.src_fingerprint = ?",
+            [tokenize_fp],
+        )
+        out = []
+        for e in edges:
+            covered = set(json.loads(e["coverage"] or "{}"))
+            hit = sorted(covered & shards)
+            if hit:
+                out.append(
+                    {
+                        "stage": e["dst_stage"],
+                        "fingerprint": e["dst_fingerprint"],
+                        "relation": e["relation"],
+                        "uri": e["uri"],
+                        "first_run": e["run_id"],
+                        "shards": hit,
+                    }
+                )
+        return out
+
+    def _artifact_fp(self, run_id: str, stage: str) -> str | None:
+        for a in self._run_artifacts(run_id):
+            if a["stage"] == stage:
+                return a["fingerprint"]
+        return None
+
+    # --- questions --------------------------------------------------------------------------------------
+
+    def doc(self, doc_id: str, run_id: str | None = None) -> dict:
+        """A document's path through a run: each stage's decision, its split/shard/span, the models using it."""
+        run_id = self._run(run_id)
+        rows = self._rows(run_id, "doc_id = ?", [doc_id])
+        if not rows:
+            raise LookupError(f"document {doc_id} is not in run {run_id}")
+        first = rows[0]
+        placed = next((r for r in rows if r["stage"] == "tokenize"), None)
+        models = []
+        if placed is not None:
+            fp = self._artifact_fp(run_id, "tokenize")
+            models = self._models_for_shards(fp, {placed["shard"]}) if fp else []
+        return {
+            "doc_id": doc_id,
+            "run_id": run_id,
+            "source": first["source"],
+            "locator": first["locator"],
+            "content_hash": next((r["content_hash"] for r in rows if r["content_hash"]), None),
+            "final_fate": rows[-1]["fate"] if rows[-1]["stage"] != "tokenize" else "in_shards",
+            "split": placed["split"] if placed else None,
+            "shard": placed["shard"] if placed else None,
+            "token_span": [placed["token_start"], placed["token_end"]] if placed else None,
+            "stages": [{k: v for k, v in r.items() if v is not None} for r in rows],
+            "models": models,
+        }
+
+    def why(self, doc_id: str, run_id: str | None = None) -> dict:
+        """Why a document is not in the shards: the stage, reason and score, or the document it duplicates."""
+        info = self.doc(doc_id, run_id)
+        decisive = next((r for r in info["stages"] if r["fate"] != "kept"), None)
+        if decisive is None:
+            return {"doc_id": doc_id, "run_id": info["run_id"], "verdict": "kept", "split": info["split"]}
+        out = {
+            "doc_id": doc_id,
+            "run_id": info["run_id"],
+            "verdict": decisive["fate"],
+            "stage": decisive["stage"],
+            "reason": decisive.get("reason"),
+            "score": decisive.get("score"),
+        }
+        if decisive.get("duplicate_of"):
+            rep = self._rows(info["run_id"], "doc_id = ?", [decisive["duplicate_of"]], ("ingest",))
+            out |= {
+                "duplicate_of": decisive["duplicate_of"],
+                "duplicate_of_locator": rep[0]["locator"] if rep else None,
+                "similarity": decisive.get("similarity"),
+            }
+        return out
+
+    def source(self, source: str, run_id: str | None = None) -> dict:
+        """Counts per fate for one source, and the shards and models that contain anything from it."""
+        run_id = self._run(run_id)
+        name = self._source_name(run_id, source)
+        files = self._ledger(run_id)
+        lo, hi = f"{name}:", f"{name};"  # doc ids are '<source>:<hash>': one contiguous, sorted range
+        fates = self.store.query(
+            "SELECT stage, fate, coalesce(reason, '') AS reason, count(*) AS docs "
+            "FROM read_parquet(?, union_by_name = true) WHERE doc_id >= ? AND doc_id < ? "
+            f"GROUP BY stage, fate, reason ORDER BY {_order_sql()}, fate, reason",
+            [files, lo, hi],
+        )
+        shards = self.store.query(
+            "SELECT split, shard, count(*) AS docs, sum(token_end - token_start) AS tokens "
+            "FROM read_parquet(?) WHERE doc_id >= ? AND doc_id < ? GROUP BY ALL ORDER BY shard",
+            [self._ledger(run_id, ("tokenize",)), lo, hi],
+        )
+        fp = self._artifact_fp(run_id, "tokenize")
+        models = self._models_for_shards(fp, {s["shard"] for s in shards}) if fp else []
+        return {"source": name, "run_id": run_id, "fates": fates, "shards": shards, "models": models}
+
+    def _source_name(self, run_id: str, source: str) -> str:
+        config = json.loads(self.store.run(run_id)["config"])
+        for s in config.get("sources", []):
+            if source in (s["name"], s["path"]) or Path(s["path"]).expanduser().resolve() == Path(source).resolve():
+                return s["name"]
+        names = [s["name"] for s in config.get("sources", [])]
+        raise LookupError(f"no source {source!r} in run {run_id}; its sources are {names}")
+
+    def diff(self, run_a: str, run_b: str) -> dict:
+        """Documents added, removed and changed (content hash differs) per source between two runs."""
+        self.store.run(run_a)
+        self.store.run(run_b)
+
+        def docs(run_id: str) -> str:
+            ingest = self._ledger(run_id, ("ingest",))
+            clean = self._ledger(run_id, ("clean",))
+            return (
+                f"(SELECT i.doc_id, i.source, c.content_hash FROM read_parquet({ingest!r}) i "
+                f"LEFT JOIN read_parquet({clean!r}) c USING (doc_id))"
+            )
+
+        rows = self.store.query(
+            f"""
+            SELECT coalesce(a.source, b.source) AS source,
+                   count(*) FILTER (WHERE a.doc_id IS NULL) AS added,
+                   count(*) FILTER (WHERE b.doc_id IS NULL) AS removed,
+                   count(*) FILTER (WHERE a.doc_id IS NOT NULL AND b.doc_id IS NOT NULL
+                                    AND a.content_hash IS DISTINCT FROM b.content_hash) AS changed,
+                   count(*) FILTER (WHERE a.content_hash = b.content_hash) AS unchanged
+            FROM {docs(run_a)} a FULL OUTER JOIN {docs(run_b)} b USING (doc_id)
+            GROUP BY ALL ORDER BY source
+            """
+        )
+        return {"run_a": run_a, "run_b": run_b, "sources": rows}
+
+    def takedown(self, target: str, run_id: str | None = None, by: str = "auto") -> dict:
+        """Every copy of a document (following duplicate links both ways), where they sit, what to rebuild."""
+        run_id = self._run(run_id)
+        ledger = self._ledger(run_id)
+        if by == "auto":
+            by = "doc" if ":" in target else "content_hash" if len(target) == 32 else "source"
+        if by == "doc":
+            seeds = self.store.query(
+                "SELECT DISTINCT doc_id, content_hash FROM read_parquet(?, union_by_name = true) "
+                "WHERE doc_id = ? AND content_hash IS NOT NULL",
+                [ledger, target],
+            ) or [{"doc_id": target, "content_hash": None}]
+        elif by == "content_hash":
+            seeds = self.store.query(
+                "SELECT DISTINCT doc_id, content_hash FROM read_parquet(?, union_by_name = true) "
+                "WHERE content_hash = ?",
+                [ledger, target],
+            )
+        else:
+            name = self._source_name(run_id, target)
+            seeds = self.store.query(
+                "SELECT DISTINCT doc_id, content_hash FROM read_parquet(?, union_by_name = true) "
+                "WHERE doc_id >= ? AND doc_id < ? AND stage = 'clean'",
+                [ledger, f"{name}:", f"{name};"],
+            )
+        copies = self._close_over_copies(ledger, {s["doc_id"] for s in seeds}, {s["content_hash"] for s in seeds})
+        placed = self.store.query(
+            "SELECT doc_id, split, shard, token_start, token_end FROM read_parquet(?) "
+            "WHERE list_contains(?, doc_id) ORDER BY doc_id",
+            [self._ledger(run_id, ("tokenize",)), sorted(copies)],
+        )
+        fp = self._artifact_fp(run_id, "tokenize")
+        models = self._models_for_shards(fp, {p["shard"] for p in placed}) if fp and placed else []
+        hashes = sorted(
+            {
+                r["content_hash"]
+                for r in self.store.query(
+                    "SELECT DISTINCT content_hash FROM read_parquet(?, union_by_name = true) "
+                    "WHERE list_contains(?, doc_id) AND content_hash IS NOT NULL",
+                    [ledger, sorted(copies)],
+                )
+            }
+        )
+        plan = [
+            {
+                "step": "apply a tombstone for every copy (tokenmill lineage takedown … --apply)",
+                "documents": len(copies),
+                "content_hashes": len(hashes),
+            },
+            {"step": "rerun the pipeline: the clean stage drops tombstoned documents", "stages": DOWNSTREAM_OF_CLEAN},
+        ]
+        if models:
+            plan.append({"step": "retire or retrain the models trained on the old shards", "models": models})
+        return {
+            "target": target,
+            "run_id": run_id,
+            "copies": sorted(copies),
+            "content_hashes": hashes,
+            "placements": placed,
+            "models": models,
+            "plan": plan,
+        }
+
+    def _close_over_copies(self, ledger: list[str], doc_ids: set[str], hashes: set[str | None]) -> set[str]:
+        """Grow a set of documents to a fixed point over same-content and duplicate_of links, both directions."""
+        doc_ids, hashes = set(doc_ids), {h for h in hashes if h}
+        while True:
+            rows = self.store.query(
+                "SELECT doc_id, content_hash, duplicate_of FROM read_parquet(?, union_by_name = true) "
+                "WHERE list_contains(?, doc_id) OR list_contains(?, duplicate_of) OR list_contains(?, content_hash)",
+                [ledger, sorted(doc_ids), sorted(doc_ids), sorted(hashes)],
+            )
+            grown_ids = doc_ids | {r["doc_id"] for r in rows} | {r["duplicate_of"] for r in rows if r["duplicate_of"]}
+            grown_hashes = hashes | {r["content_hash"] for r in rows if r["content_hash"]}
+            if grown_ids == doc_ids and grown_hashes == hashes:
+                return doc_ids
+            doc_ids, hashes = grown_ids, grown_hashes
+
+    def apply_takedown(self, result: dict, reason: str, requested_by: str = "cli") -> int:
+        """Record tombstones for every copy found by ``takedown``; later clean stages drop them."""
+        rows = [{"doc_id": d, "reason": reason, "requested_by": requested_by} for d in result["copies"]]
+        rows += [{"content_hash": h, "reason": reason, "requested_by": requested_by} for h in result["content_hashes"]]
+        return self.store.add_tombstones(rows)
+
+    def graph(self, run_id: str | None = None, fmt: str = "mermaid") -> str:
+        """The artifact DAG of a run as Mermaid or DOT."""
+        run_id = self._run(run_id)
+        arts = {(a["stage"], a["fingerprint"]): a for a in self.store.run_artifacts(run_id)}
+        edges = self.store.query("SELECT * FROM artifact_edges")
+        edges = [
+            e
+            for e in edges
+            if (e["src_stage"], e["src_fingerprint"]) in arts and (e["dst_stage"], e["dst_fingerprint"]) in arts
+        ]
+
+        def node(stage: str, fp: str) -> str:
+            return f"{stage}_{fp[:8]}"
+
+        if fmt == "dot":
+            lines = ["digraph tokenmill {", "  rankdir=LR;"]
+            lines += [f'  {node(s, f)} [label="{s}\\n{f[:12]}"];' for s, f in arts]
+            lines += [
+                f"  {node(e['src_stage'], e['src_fingerprint'])} -> {node(e['dst_stage'], e['dst_fingerprint'])} "
+                f'[label="{e["relation"]}"];'
+                for e in edges
+            ]
+            return "\n".join([*lines, "}"])
+        lines = ["flowchart LR"]
+        lines += [f'  {node(s, f)}["{s}<br/>{f[:12]}"]' for s, f in arts]
+        for e in edges:
+            src, dst = node(e["src_stage"], e["src_fingerprint"]), node(e["dst_stage"], e["dst_fingerprint"])
+            lines.append(f"  {src} -->|{e['relation']}| {dst}")
+        return "\n".join(lines)
+
+    def show(self, run_id: str) -> dict:
+        """Everything needed to reproduce a run: config, code version, input hashes, outcomes per stage."""
+        run = self.store.run(run_id)
+        run["config"] = json.loads(run["config"])
+        stages = self.store.stage_runs(run_id)
+        for s in stages:
+            s["counts"] = json.loads(s["counts"]) if s["counts"] else None
+        arts = self.store.run_artifacts(run_id)
+        ingest = next((a for a in arts if a["stage"] == "ingest"), None)
+        run["input_snapshot"] = json.loads(ingest["params"]).get("snapshot") if ingest else None
+        run["stages"] = stages
+        run["artifacts"] = [{k: a[k] for k in ("stage", "fingerprint", "content_hash", "uri")} for a in arts]
+        return run
+
+    def check(self, run_id: str | None = None) -> dict:
+        """Conservation per stage, manifest hashes against the files, and ledger references to real artifacts."""
+        run_id = self._run(run_id)
+        problems: list[str] = []
+        checked: list[str] = []
+        arts = {a["stage"]: a for a in self.store.run_artifacts(run_id)}
+        store = ArtifactStore(Path(self.store.path).parent)
+        for stage, art in arts.items():
+            manifest = Manifest.model_validate_json(Path(art["uri"], "manifest.json").read_text())
+            try:
+                store.verify(manifest)
+                checked.append(f"{stage}: {len(manifest.files)} files match manifest hashes")
+            except (CorruptArtifactError, OSError) as err:
+                problems.append(str(err))
+            counts = manifest.counts
+            if stage in LEDGER_STAGES:
+                rows = self.store.query(
+                    "SELECT fate, coalesce(reason, '') AS reason, count(*) AS n FROM read_parquet(?) GROUP BY ALL",
+                    [self._ledger(run_id, (stage,))],
+                )
+                total = sum(r["n"] for r in rows)
+                kept = sum(r["n"] for r in rows if r["fate"] == "kept")
+                dropped = {r["reason"]: r["n"] for r in rows if r["fate"] != "kept"}
+                if (total, kept, dropped) != (counts["docs_in"], counts["kept"], counts.get("dropped", {})):
+                    problems.append(
+                        f"{stage}: ledger has {total} rows ({kept} kept, dropped {dropped}) but the manifest says "
+                        f"{counts['docs_in']} in, {counts['kept']} kept, dropped {counts.get('dropped')}"
+                    )
+                elif total != kept + sum(dropped.values()):
+                    problems.append(f"{stage}: {total} in != {kept} kept + {sum(dropped.values())} dropped")
+                else:
+                    checked.append(f"{stage}: {total} in = {kept} kept + {sum(dropped.values())} dropped {dropped}")
+        if "tokenize" in arts:
+            shards = {Path(f).stem for f in Path(arts["tokenize"]["uri"]).glob("tokens/*.arrow")}
+            missing = self.store.query(
+                "SELECT DISTINCT shard FROM read_parquet(?) WHERE NOT list_contains(?, shard)",
+                [self._ledger(run_id, ("tokenize",)), sorted(shards)],
+            )
+            if missing:
+                problems.append(f"tokenize: ledger points at missing shards {[m['shard'] for m in missing]}")
+            else:
+                checked.append(f"tokenize: every ledger row points at one of {len(shards)} existing shards")
+        if "dedup" in arts:
+            # A duplicate points at a document kept in this run, or (incremental dedup) at one of the earlier
+            # index it was matched against; the index lists those in index/exact-*.parquet.
+            index = sorted(str(p) for p in Path(arts["dedup"]["uri"]).glob("index/exact*.parquet"))
+            known = "SELECT doc_id FROM read_parquet(?) WHERE fate = 'kept'"
+            params = [self._ledger(run_id, ("dedup",)), self._ledger(run_id, ("dedup",))]
+            if index:
+                known += " UNION ALL SELECT doc_id FROM read_parquet(?)"
+                params.append(index)
+            dangling = self.store.query(
+                "SELECT count(*) AS n FROM read_parquet(?) WHERE duplicate_of IS NOT NULL "
+                f"AND duplicate_of NOT IN ({known})",
+                params,
+            )[0]["n"]
+            if dangling:
+                problems.append(f"dedup: {dangling} duplicates point at documents that were not kept")
+            else:
+                checked.append("dedup: every duplicate_of points at a kept or indexed document")
+        return {"run_id": run_id, "ok": not problems, "problems": problems, "checked": checked}

@@ -1,0 +1,46 @@
+"""Fan a stage's parts out over worker processes; results come back in part order, so outputs stay deterministic."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import TypeVar
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+def default_workers(workers: int | None) -> int:
+    return max(1, workers or len(os.sched_getaffinity(0)))
+
+
+def map_parts(fn: Callable[[P], R], parts: Sequence[P], workers: int | None) -> list[R]:
+    """``[fn(p) for p in parts]``, on a process pool when there are several parts and workers.
+
+    Uses the ``forkserver`` start method: forking the (possibly multi-threaded, Prefect-running) parent
+    directly can deadlock. ``fn`` and the parts must be picklable.
+    """
+    n = min(default_workers(workers), len(parts))
+    if n <= 1:
+        return [fn(p) for p in parts]
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=n, mp_context=context) as pool:
+        return list(pool.map(fn, parts))
+
+
+def balanced_groups(sizes: Sequence[int], target: int, max_items: int) -> list[list[int]]:
+    """Split indices 0..n-1 into consecutive groups of about ``target`` total size and at most ``max_items``."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if current and (total + size > target or len(current) >= max_items):
+            groups.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += size
+    if current:
+        groups.append(current)
+    return groups
