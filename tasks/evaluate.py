@@ -34,6 +34,7 @@ from tasks.probes import (
     run_multiple_choice,
     write_lm_eval_tasks,
 )
+from tasks.report import metrics_markdown, samples_markdown
 from tasks.train import load_model
 
 VERSION = "2"
@@ -108,7 +109,7 @@ def document_spans(ledger_files: list[Path]) -> dict[str, list[dict]]:
 
 
 def split_documents(tokens: np.ndarray, spans: list[dict], eot: int) -> list[tuple[str, np.ndarray]]:
-    """(source, tokens without the end-of-text separator) per document of a shard; EOT-delimited if no ledger."""
+    """(source, tokens ending with its end-of-text separator) per document of a shard; EOT-cut if no ledger."""
     if spans:
         return [(r["source"], tokens[r["token_start"] : r["token_end"]]) for r in spans]
     cuts = np.flatnonzero(tokens == eot) + 1
@@ -244,8 +245,6 @@ def samples(
 
 def render_markdown(report: dict) -> str:
     """The evaluate artifact's own report (the per-run report in ``tasks.report`` adds data and history)."""
-    from tasks.report import metrics_markdown, samples_markdown
-
     return "\n".join(["# tokenmill evaluation", "", metrics_markdown(report), samples_markdown(report["samples"])])
 
 

@@ -3,12 +3,14 @@
 The evaluate artifact stays deterministic (its content hash depends only on its inputs); this run-level
 report adds what depends on the run's history (the previous run of the same pipeline, from the lineage DB)
 and is written by the flow process to ``<root>/reports/<run_id>/`` as Markdown (the Prefect artifact) and
-as one self-contained HTML file (inline CSS and an inline SVG curve: no network, no plotting dependency).
+as one self-contained HTML file (inline CSS; the train stage's ``loss_curve.png`` embedded as base64, or an
+inline SVG drawn from ``train_log.jsonl`` for train artifacts without it: no network access).
 Every number in it is also written to the lineage DB's ``metrics`` table (``metric_rows``).
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -334,10 +336,18 @@ STYLE = (
 )
 
 
+def curve_html(run: dict) -> str:
+    """The train stage's own ``loss_curve.png`` embedded as base64, or an inline SVG drawn from its log."""
+    png = run.get("curve_png")
+    if png:
+        return f'<img alt="training curve" src="data:image/png;base64,{png}">'
+    return curve_svg(run["curve"])
+
+
 def render_run_html(run: dict) -> str:
-    """One self-contained HTML page: the Markdown report with the training curve drawn inline."""
+    """One self-contained HTML page: the Markdown report with the training curve embedded."""
     body = _markdown_to_html(render_run_markdown(run))
-    body = body.replace("<h2>Training</h2>", f"<h2>Training</h2>\n{curve_svg(run['curve'])}", 1)
+    body = body.replace("<h2>Training</h2>", f"<h2>Training</h2>\n{curve_html(run)}", 1)
     title = html.escape(f"tokenmill run {run['run_id']}")
     return f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head>' + (
         f"<body>{body}</body></html>\n"
@@ -350,6 +360,7 @@ def build_run_report(
     """Everything the run report shows, as plain data (also what goes into the lineage DB)."""
     report = json.loads((Path(manifests["evaluate"].path) / "report.json").read_text())
     curve = training_curve(Path(manifests["train"].path)) if "train" in manifests else []
+    png = Path(manifests["train"].path) / "loss_curve.png" if "train" in manifests else None
     data = data_summary(manifests)
     return {
         "run_id": run_id,
@@ -357,6 +368,7 @@ def build_run_report(
         "report": report,
         "data": data,
         "curve": curve,
+        "curve_png": base64.b64encode(png.read_bytes()).decode() if png is not None and png.is_file() else None,
         "previous_run": previous_run,
         "previous": previous_values(previous_rows),
         "rows": metric_rows(report, data, curve),

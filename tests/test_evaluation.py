@@ -20,7 +20,7 @@ from storage.shards import read_token_shard, write_token_shard
 from tasks.baselines import KneserNeyBigram, Unigram
 from tasks.export import export_model, find_tokenizer, load_export
 from tasks.model import GPT, GPTConfig, KVCache, next_token
-from tasks.report import publish_run_report
+from tasks.report import publish_run_report, render_run_html
 from tasks.stages import run_all
 from tasks.train import load_model
 
@@ -204,7 +204,9 @@ def test_run_report_is_self_contained_compares_runs_and_lands_in_lineage(built, 
         run, paths = publish_run_report(store, lineage, run_id, cfg.name, m)
     assert run["previous_run"] == "run-a"
     page = paths["html"].read_text()
-    assert "<svg" in page and "src=" not in page and "<link" not in page  # nothing fetched from anywhere
+    assert 'src="data:image/png;base64,' in page  # the train stage's loss curve, embedded
+    assert "http" not in page.replace("http://www.w3.org/2000/svg", "") and "<link" not in page  # self-contained
+    assert "<svg" in render_run_html(run | {"curve_png": None})  # drawn from train_log.jsonl without a PNG
     text = paths["markdown"].read_text()
     for needle in ("## Data", "exact_duplicate", "## Training", "bigram", "## Probes", "## Samples", "(+0.0000)"):
         assert needle in text, needle
@@ -286,7 +288,7 @@ def test_cli_generate_from_train_artifact_and_export_and_cli_export(built, tmp_p
         assert (out / name).is_file()
     assert (out / "model.safetensors").read_bytes() == m["export"].file("model.safetensors").read_bytes()
     missing = runner.invoke(app, ["generate", "x", "--model", str(tmp_path)])
-    assert missing.exit_code == 1 and "neither a train" in missing.output
+    assert missing.exit_code == 1 and "is neither a train artifact" in " ".join(missing.output.split())  # rich wraps
 
 
 def test_export_refuses_a_tokenizer_of_another_size(built, tmp_path: Path):
