@@ -278,7 +278,7 @@ def test_nightly_refresh_is_scheduled_and_a_no_change_refresh_does_nothing(faile
 
 
 def test_browser_custom_run_from_the_ui(failed_then_retried: dict, served: Served):
-    """Headless Chromium: Deployments → pipeline → Run → Custom run → change Seed → Submit → Completed.
+    """Headless Chromium: Deployments → pipeline → Run → Custom run → change "Pipeline seed" → Submit → Completed.
 
     It runs after the retry scenario on the same data root, so only train and evaluate (which the seed feeds)
     recompute."""
@@ -315,7 +315,7 @@ def test_browser_custom_run_from_the_ui(failed_then_retried: dict, served: Serve
             page.get_by_role("link", name="tokenmill", exact=True).first.click()
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_role("menuitem", name="Custom run").click()
-            page.get_by_label("Seed (Optional)").fill("4242")
+            page.get_by_label("Pipeline seed (Optional)", exact=True).fill("4242")
             with page.expect_response(lambda r: "create_flow_run" in r.url and r.request.method == "POST") as created:
                 page.get_by_role("button", name="Submit").click()
             flow_run_id = created.value.json()["id"]
