@@ -26,7 +26,7 @@ from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
 from tasks.stages import STAGES, downstream
 
-pytestmark = [pytest.mark.integration, pytest.mark.prefect]
+pytestmark = [pytest.mark.integration, pytest.mark.prefect, pytest.mark.slow]
 
 TIMEZONE = "Europe/Berlin"
 # Server services these tests never need: fewer writers on the server's SQLite file on a busy 2-core machine.
