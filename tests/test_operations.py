@@ -6,7 +6,6 @@ REST exactly as the UI's buttons do, and the browser test drives the UI itself i
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import time
@@ -251,7 +250,11 @@ def _cli(served: Served, *args: str):
 
     with temporary_settings(updates={PREFECT_API_URL: f"{served.server.url}/api"}):
         result = CliRunner().invoke(app, list(args))
-    gc.collect()  # drop the CLI's lineage handles now (see _LineageReader)
+    from storage.lineage import _READERS
+
+    for stores in list(_READERS.values()):  # close the CLI's cached lineage readers now (see _LineageReader)
+        for store in list(stores):
+            store.close()
     return result
 
 
