@@ -373,7 +373,7 @@ class PipelineConfig(Section):
 
     name: str = Field("quickstart", description="Pipeline name, used in run names and lineage.")
     root: str = Field("./data", description="Data root: artifacts, checkpoints and the lineage DuckDB file.")
-    seed: int = Field(1337, description="Seed for sampling, initialization and data order.")
+    seed: int = Field(1337, title="Pipeline seed", description="Seed for sampling, initialization and data order.")
     workers: int | None = Field(
         None, ge=1, description="Processes for the data stages (default: all cores); outputs do not depend on it."
     )

@@ -26,7 +26,7 @@ from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
 from tasks.stages import STAGES, downstream
 
-pytestmark = [pytest.mark.integration, pytest.mark.prefect]
+pytestmark = [pytest.mark.integration, pytest.mark.prefect, pytest.mark.slow]
 
 TIMEZONE = "Europe/Berlin"
 # Server services these tests never need: fewer writers on the server's SQLite file on a busy 2-core machine.
@@ -125,8 +125,26 @@ def _wait_for_deployments(server: LiveServer, deadline: float) -> None:
         time.sleep(0.5)
 
 
-def _lineage(root: str | Path) -> LineageStore:
-    return LineageStore(ArtifactStore(root).lineage_path)
+class _LineageReader:
+    """Lineage queries that close their DuckDB handle at once: a handle left open in the test process would
+    hold the file's lock and block the served flow runs' writes."""
+
+    def __init__(self, root: str | Path):
+        self.path = ArtifactStore(root).lineage_path
+
+    def __getattr__(self, name: str):
+        def call(*args, **kwargs):
+            store = LineageStore(self.path, read_only=True)
+            try:
+                return getattr(store, name)(*args, **kwargs)
+            finally:
+                store.close()
+
+        return call
+
+
+def _lineage(root: str | Path) -> _LineageReader:
+    return _LineageReader(root)
 
 
 def _run_id(served: Served, flow_run_id: str, root: Path) -> str:
@@ -231,7 +249,13 @@ def _cli(served: Served, *args: str):
     from flows.cli import app
 
     with temporary_settings(updates={PREFECT_API_URL: f"{served.server.url}/api"}):
-        return CliRunner().invoke(app, list(args))
+        result = CliRunner().invoke(app, list(args))
+    from storage.lineage import _READERS
+
+    for stores in list(_READERS.values()):  # close the CLI's cached lineage readers now (see _LineageReader)
+        for store in list(stores):
+            store.close()
+    return result
 
 
 def test_invalid_parameters_are_rejected_before_any_stage_runs(served: Served):
@@ -277,8 +301,20 @@ def test_nightly_refresh_is_scheduled_and_a_no_change_refresh_does_nothing(faile
     print(f"no-change refresh: {run['total_run_time']:.1f} s of flow run time")
 
 
+def _submit(page, attempts: int = 3) -> str:
+    """Click Submit and return the created flow run's id; a 503 (server's SQLite busy) is submitted again."""
+    for _ in range(attempts):
+        with page.expect_response(lambda r: "create_flow_run" in r.url and r.request.method == "POST") as created:
+            page.get_by_role("button", name="Submit").click()
+        if created.value.status == 201:
+            return created.value.json()["id"]
+        assert created.value.status == 503, f"{created.value.status}: {created.value.text()}"
+        time.sleep(2)
+    raise AssertionError(f"create_flow_run answered 503 {attempts} times")
+
+
 def test_browser_custom_run_from_the_ui(failed_then_retried: dict, served: Served):
-    """Headless Chromium: Deployments → pipeline → Run → Custom run → change Seed → Submit → Completed.
+    """Headless Chromium: Deployments → pipeline → Run → Custom run → change "Pipeline seed" → Submit → Completed.
 
     It runs after the retry scenario on the same data root, so only train and evaluate (which the seed feeds)
     recompute."""
@@ -315,10 +351,8 @@ def test_browser_custom_run_from_the_ui(failed_then_retried: dict, served: Serve
             page.get_by_role("link", name="tokenmill", exact=True).first.click()
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_role("menuitem", name="Custom run").click()
-            page.get_by_label("Seed (Optional)").first.fill("4242")  # the pipeline seed; dedup has one too
-            with page.expect_response(lambda r: "create_flow_run" in r.url and r.request.method == "POST") as created:
-                page.get_by_role("button", name="Submit").click()
-            flow_run_id = created.value.json()["id"]
+            page.get_by_label("Pipeline seed (Optional)", exact=True).fill("4242")
+            flow_run_id = _submit(page)
             page.goto(f"{base}/v2/runs/flow-run/{flow_run_id}")
             run = served.server.wait(flow_run_id, serve_log=served.log)
             assert run["state_type"] == "COMPLETED", tail(served.log)

@@ -71,7 +71,8 @@ def test_fault_spec_can_be_armed_through_a_file(tmp_path: Path, monkeypatch):
 
 def test_downstream_follows_the_stage_graph():
     assert downstream("dedup") == ("dedup", "tokenizer", "tokenize", "train", "evaluate", "export")
-    assert downstream("train") == ("train", "evaluate")
+    assert downstream("train") == ("train", "evaluate", "export")
+    assert downstream("evaluate") == ("evaluate",)  # export reads the model, not the evaluation
     assert downstream("ingest") == STAGES
     for stage in STAGES:
         assert all(stage in downstream(u) for u in UPSTREAM[stage])
