@@ -18,6 +18,7 @@ from storage.hashing import canonical_json, fingerprint
 from storage.shards import compact_ledger_folder
 from tasks import clean, dedup, evaluate, export, ingest, tokenize, tokenizer, train
 from tasks.config import PipelineConfig
+from tasks.executors import executor_for
 
 STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export")
 StageName = Literal["ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export"]
@@ -207,7 +208,8 @@ def run_stage(
 
     def produce(ctx: StageContext) -> dict[str, Any]:
         maybe_fail(name, "start")
-        counts = spec.produce(cfg, inputs, ctx)
+        with executor_for(cfg):
+            counts = spec.produce(cfg, inputs, ctx)
         compact_ledger_folder(ctx.out_dir / "ledger")
         maybe_fail(name, "end")
         return counts
