@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -54,6 +55,21 @@ def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
     return snapshot
 
 
+_SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
+def _redacted(options: Any) -> Any:
+    """fsspec options without credentials (access keys, tokens): they must not reach manifests or lineage."""
+    if isinstance(options, dict):
+        return {k: "<redacted>" if _SECRET_OPTION.search(str(k)) else _redacted(v) for k, v in options.items()}
+    return options
+
+
+def _ingest_params(cfg: PipelineConfig) -> dict[str, Any]:
+    sources = [s.model_dump() | {"storage_options": _redacted(s.storage_options)} for s in cfg.sources]
+    return {"sources": sources, "snapshot": _source_snapshot(cfg)}
+
+
 def data_version(cfg: PipelineConfig) -> str:
     """A short hash of the sources' snapshot (paths, sizes, mtimes): changes whenever ingest would rerun."""
     return fingerprint("data", "1", _source_snapshot(cfg), [])[:8]
@@ -95,7 +111,7 @@ SPECS: dict[str, StageSpec] = {
     "ingest": StageSpec(
         "ingest",
         ingest.VERSION,
-        lambda c: {"sources": [s.model_dump() for s in c.sources], "snapshot": _source_snapshot(c)},
+        _ingest_params,
         lambda c, i, ctx: ingest.ingest(c.sources, ctx, ArtifactStore(c.root).cache_dir("ingest"), c.workers),
     ),
     "clean": StageSpec(
