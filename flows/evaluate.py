@@ -66,7 +66,7 @@ def evaluate_flow(
         name=name, root=str(store.root), seed=seed, evaluate=evaluate, tokenizer=TokenizerConfig(special_tokens=special)
     )
     lineage = LineageStore(store.lineage_path)
-    run_id = _run_id()
+    run_id = _run_id(lineage)
     lineage.start_run(run_id, name, cfg.model_dump(), seed, str(flow_run.get_id()))
     stages = ("evaluate", "export") if export else ("evaluate",)
     upstream = ArtifactStore.of_artifact(tokens)[0].ancestors(inputs["tokenize"])  # data summary of the report

@@ -89,3 +89,19 @@ def test_missing_engine_is_a_clear_error(monkeypatch, tmp_path: Path):
     cfg = tiny_config(tmp_path / "corpus", tmp_path / "root", executor="ray")
     with pytest.raises(RuntimeError, match=r"tokenmill\[ray\]"):
         run_stage("ingest", cfg, {}, log=lambda m: None)
+
+
+def test_without_an_address_a_private_local_cluster_runs_the_stage(tmp_path: Path, monkeypatch):
+    calls = []
+    dask_map = DaskExecutor.map
+
+    def counted(self, fn, parts):
+        calls.append(fn.__name__)
+        return dask_map(self, fn, parts)
+
+    monkeypatch.setattr(DaskExecutor, "map", counted)
+    write_corpus(tmp_path / "corpus")
+    local = tiny_config(tmp_path / "corpus", tmp_path / "local", workers=1)
+    private = tiny_config(tmp_path / "corpus", tmp_path / "private", workers=2, executor="dask")
+    hashes = [run_stage("ingest", cfg, {}, log=lambda m: None)[0].content_hash for cfg in (local, private)]
+    assert hashes[0] == hashes[1] and calls == ["ingest_part"]
