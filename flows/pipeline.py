@@ -30,6 +30,7 @@ from prefect.states import State
 from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
+from tasks.executors import executor_for
 from tasks.report import publish_run_report
 from tasks.stages import STAGES, UPSTREAM, StageName, cache_key, data_version, run_stage
 
@@ -266,7 +267,8 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[StageName] |
     run_id = _run_id(lineage)
     get_run_logger().info(f"lineage run {run_id} in {store.lineage_path}")
     lineage.start_run(run_id, config.name, config.model_dump(), config.seed, str(flow_run.get_id()))
-    manifests = run_stages(config, STAGES, run_id, force, lineage)
+    with executor_for(config):  # one Dask/Ray client (or private local cluster) for all stages of the run
+        manifests = run_stages(config, STAGES, run_id, force, lineage)
     report = publish_report(store, lineage, run_id, config.name, manifests)
     lineage.finish_run(run_id, "completed")
     create_table_artifact(key="stage-counts", table=stage_counts_table(lineage, run_id), description="per stage")

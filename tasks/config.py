@@ -377,6 +377,15 @@ class PipelineConfig(Section):
     workers: int | None = Field(
         None, ge=1, description="Processes for the data stages (default: all cores); outputs do not depend on it."
     )
+    executor: Literal["local", "dask", "ray"] = Field(
+        "local",
+        description="Where the data stages' parts run: local processes, or a Dask / Ray cluster (see docs/scaling.md).",
+    )
+    executor_address: str | None = Field(
+        None,
+        description="Scheduler address of an existing Dask (tcp://host:8786) or Ray (ray://host:10001) cluster; "
+        "without one a private local cluster is started per stage.",
+    )
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [
             SourceConfig(

@@ -22,6 +22,7 @@ Scale (measured numbers and the 100M-document plan): docs/dedup.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -42,6 +43,7 @@ from storage.artifacts import MANIFEST, Manifest, StageContext
 from storage.shards import LedgerWriter, ParquetShardWriter, iter_batches
 from tasks.clean import CLEAN_SCHEMA
 from tasks.config import DedupConfig, PipelineConfig
+from tasks.executors import active_executor
 from tasks.minhash import (
     NORMALIZATION_VERSION,
     MinHasher,
@@ -228,8 +230,23 @@ def _sign_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return _HASHER.sign(texts)
 
 
+def _sign_batch_with(params: MinHashParams, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``_sign_batch`` for cluster workers, which have no pool initializer: build the hasher once per process."""
+    global _HASHER
+    if _HASHER is None or _HASHER.params != params:
+        _HASHER = MinHasher(params)
+    return _HASHER.sign(texts)
+
+
 def _ordered_imap(fn: Callable, items: Iterable, workers: int, initargs: tuple) -> Iterator:
-    """``map`` in order over a process pool with a bounded number of batches in flight (bounded memory)."""
+    """``map`` in order over a process pool with a bounded number of batches in flight (bounded memory).
+
+    Inside ``tasks.executors.use_executor`` the batches run on that cluster (any size: the work is there).
+    """
+    executor = active_executor()
+    if executor is not None:
+        yield from executor.imap(functools.partial(_sign_batch_with, *initargs), items, window=64)
+        return
     if workers <= 1:
         _init_worker(*initargs)
         yield from map(fn, items)
@@ -289,7 +306,8 @@ def sign(doc_paths: list[Path], p: Plan, params: MinHashParams, cfg: DedupConfig
             )
             signed += len(positions[i])
             positions[i] = None  # type: ignore[call-overload]
-    log(f"dedup: signed {signed} documents with {workers} worker(s)")
+    where = f"on the {executor.name} cluster" if (executor := active_executor()) else f"with {workers} worker(s)"
+    log(f"dedup: signed {signed} documents {where}")
     return signed
 
 

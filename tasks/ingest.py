@@ -21,6 +21,7 @@ import json
 import os
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from tasks.config import SourceConfig
 from tasks.parallel import balanced_groups, default_workers, map_parts
 from tasks.readers import Record, SourceFile
 
-VERSION = "2"
+VERSION = "3"
 FLUSH_ROWS = 1024
 FLUSH_BYTES = 2 * 2**20  # also the row-group size of the merged shards: clean maps over row groups
 FRAGMENT_SCHEMA = pa.schema(
@@ -61,6 +62,7 @@ FILES_SCHEMA = pa.schema(
         ("records", pa.int64()),
         ("kept", pa.int64()),
         ("error", pa.string()),
+        ("uri", pa.string()),  # where the file was read from: s3://bucket/key, or the local path
     ]
 )
 
@@ -254,8 +256,11 @@ class _RowGroupBuffer:
         self.batches, self.rows, self.bytes = [], 0, 0
 
 
-def merge_fragments(jobs: list[FileJob], problems: list[SourceFile], out_dir: Path) -> dict:
+def merge_fragments(
+    jobs: list[FileJob], problems: list[SourceFile], out_dir: Path, sources: Sequence[SourceConfig] = ()
+) -> dict:
     """Stream fragments in file order into ``docs/``, ``ledger/`` and ``files/files.parquet``; return counts."""
+    by_name = {s.name: s for s in sources}
     reasons: Counter[str] = Counter()
     per_source: Counter[str] = Counter()
     docs = ParquetShardWriter(out_dir / "docs", "docs", DOC_SCHEMA)
@@ -308,10 +313,21 @@ def merge_fragments(jobs: list[FileJob], problems: list[SourceFile], out_dir: Pa
                 "records": records,
                 "kept": kept,
                 "error": failure or (None if records else "no_records"),
+                "uri": readers.file_uri(job.source, job.file.path),
             }
         )
     pending.flush()
-    file_rows += [{"source": p.source, "rel": p.rel, "records": 0, "kept": 0, "error": p.error} for p in problems]
+    file_rows += [
+        {
+            "source": p.source,
+            "rel": p.rel,
+            "records": 0,
+            "kept": 0,
+            "error": p.error,
+            "uri": readers.file_uri(by_name[p.source], p.path) if p.source in by_name else p.path,
+        }
+        for p in problems
+    ]
     docs.close()
     ledger.close()
     (out_dir / "files").mkdir(parents=True, exist_ok=True)
@@ -352,7 +368,7 @@ def ingest(
         f"({total / 2**20:.1f} MiB) in {len(parts)} parts on {min(n_workers, max(len(parts), 1))} workers"
     )
     map_parts(ingest_part, parts, n_workers if total >= parallel_min_bytes else 1)
-    counts = merge_fragments(plan.jobs, plan.problems, ctx.out_dir)
+    counts = merge_fragments(plan.jobs, plan.problems, ctx.out_dir, sources)
     for state, seen in plan.states.values():
         state.save(seen)
     counts["files"] = dict(plan.status) | {"read": len(todo), "reused": len(plan.jobs) - len(todo)}

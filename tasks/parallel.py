@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
+from tasks.executors import active_executor
+
 P = TypeVar("P")
 R = TypeVar("R")
 
@@ -22,8 +24,12 @@ def map_parts(fn: Callable[[P], R], parts: Sequence[P], workers: int | None) -> 
     """``[fn(p) for p in parts]``, on a process pool when there are several parts and workers.
 
     Uses the ``forkserver`` start method: forking the (possibly multi-threaded, Prefect-running) parent
-    directly can deadlock. ``fn`` and the parts must be picklable.
+    directly can deadlock. ``fn`` and the parts must be picklable. Inside ``tasks.executors.use_executor``
+    the parts run on that cluster instead (``workers`` then only matters for how callers size parts).
     """
+    executor = active_executor()
+    if executor is not None and parts:
+        return executor.map(fn, parts)
     n = min(default_workers(workers), len(parts))
     if n <= 1:
         return [fn(p) for p in parts]

@@ -58,6 +58,15 @@ def source_filesystem(source: SourceConfig) -> tuple[fsspec.AbstractFileSystem, 
     return fsspec.core.url_to_fs(source.resolved_path(), **source.storage_options)
 
 
+def file_uri(source: SourceConfig, path: str) -> str:
+    """The URI a listed file is read from, for lineage: ``s3://bucket/key``; local files keep their path."""
+    root = source.resolved_path()
+    protocol = root.split("://", 1)[0] if "://" in root else "file"
+    if protocol == "file" or "://" in path:
+        return path
+    return f"{protocol}://{path}"
+
+
 def file_kind(rel: str, configured: str) -> str:
     if configured != "auto":
         return configured

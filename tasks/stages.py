@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -18,6 +19,7 @@ from storage.hashing import canonical_json, fingerprint
 from storage.shards import compact_ledger_folder
 from tasks import clean, dedup, evaluate, export, ingest, tokenize, tokenizer, train
 from tasks.config import PipelineConfig
+from tasks.executors import executor_for
 
 STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export")
 StageName = Literal["ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export"]
@@ -51,6 +53,21 @@ def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
             digest.update(f"{f.rel}\x1f{f.size}\x1f{f.mtime}\x1f{f.error}\n".encode())
         snapshot[source.name] = digest.hexdigest()
     return snapshot
+
+
+_SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
+def _redacted(options: Any) -> Any:
+    """fsspec options without credentials (access keys, tokens): they must not reach manifests or lineage."""
+    if isinstance(options, dict):
+        return {k: "<redacted>" if _SECRET_OPTION.search(str(k)) else _redacted(v) for k, v in options.items()}
+    return options
+
+
+def _ingest_params(cfg: PipelineConfig) -> dict[str, Any]:
+    sources = [s.model_dump() | {"storage_options": _redacted(s.storage_options)} for s in cfg.sources]
+    return {"sources": sources, "snapshot": _source_snapshot(cfg)}
 
 
 def data_version(cfg: PipelineConfig) -> str:
@@ -94,11 +111,7 @@ SPECS: dict[str, StageSpec] = {
     "ingest": StageSpec(
         "ingest",
         ingest.VERSION,
-        # storage_options (credentials, endpoints) stay out of the fingerprint, which manifests and lineage record
-        lambda c: {
-            "sources": [s.model_dump(exclude={"storage_options"}) for s in c.sources],
-            "snapshot": _source_snapshot(c),
-        },
+        _ingest_params,
         lambda c, i, ctx: ingest.ingest(c.sources, ctx, ArtifactStore(c.root).cache_dir("ingest"), c.workers),
     ),
     "clean": StageSpec(
@@ -211,7 +224,8 @@ def run_stage(
 
     def produce(ctx: StageContext) -> dict[str, Any]:
         maybe_fail(name, "start")
-        counts = spec.produce(cfg, inputs, ctx)
+        with executor_for(cfg):
+            counts = spec.produce(cfg, inputs, ctx)
         compact_ledger_folder(ctx.out_dir / "ledger")
         maybe_fail(name, "end")
         return counts
