@@ -235,7 +235,12 @@ class DedupConfig(Section):
         0.7, gt=0, le=1, description="Jaccard similarity at or above which a candidate pair is a near-duplicate."
     )
     verify: bool = Field(True, description="Check candidate pairs with exact Jaccard (else the MinHash estimate).")
-    minhash_seed: int = Field(0, ge=0, description="Seed of the MinHash permutations (distinct from the run seed).")
+    minhash_seed: int = Field(
+        0,
+        ge=0,
+        title="Seed of the MinHash permutations",
+        description="Distinct from the run seed: changing it re-signs.",
+    )
     batch_docs: int = Field(2048, ge=1, description="Documents signed per batch.")
     workers: int | None = Field(None, ge=1, description="Processes that sign documents (default: all cores).")
     against: str | None = Field(
