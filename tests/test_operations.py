@@ -359,7 +359,12 @@ def test_browser_custom_run_from_the_ui(failed_then_retried: dict, served: Serve
             assert run["parameters"]["config"]["seed"] == 4242
             root = Path(served.config.root)
             statuses = {r["stage"]: r["status"] for r in _lineage(root).stage_runs(_run_id(served, flow_run_id, root))}
-            assert statuses == {**dict.fromkeys(STAGES, "cached"), "train": "completed", "evaluate": "completed"}
+            assert statuses == {
+                **dict.fromkeys(STAGES, "cached"),
+                "train": "completed",
+                "evaluate": "completed",
+                "export": "completed",
+            }
             page.reload()  # the Logs tab does not refetch by itself
             page.get_by_text("Completed").first.wait_for()
             page.get_by_text("built", exact=False).first.wait_for()  # a stage's log line, through the run logger
