@@ -223,12 +223,16 @@ def main() -> None:
     parser.add_argument("--stage-docs", type=int, default=100_000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/tokenmill-lineage-bench"))
     parser.add_argument("--keep", action="store_true", help="Keep the generated ledgers.")
+    parser.add_argument("--reuse", action="store_true", help="Query ledgers kept by an earlier --keep run.")
     args = parser.parse_args()
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
-    t0 = time.perf_counter()
-    store, timings = build_runs(args.work, args.docs, args.runs)
-    write_s = time.perf_counter() - t0
+    if args.reuse:
+        store, timings, write_s = LineageStore(args.work / "lineage.duckdb"), {"generate_s": 0.0, "compact_s": 0.0}, 0.0
+    else:
+        shutil.rmtree(args.work, ignore_errors=True)
+        args.work.mkdir(parents=True)
+        t0 = time.perf_counter()
+        store, timings = build_runs(args.work, args.docs, args.runs)
+        write_s = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in args.work.rglob("*.parquet"))
     q = LineageQueries(store)
     last = f"run-{args.runs - 1}"
@@ -259,7 +263,7 @@ def main() -> None:
     }
     print(json.dumps(results, indent=2), flush=True)
     print(json.dumps({"ledger_share_in_clean": ledger_share_in_clean(args.work, args.stage_docs)}, indent=2))
-    if not args.keep:
+    if not (args.keep or args.reuse):
         shutil.rmtree(args.work, ignore_errors=True)
 
 
