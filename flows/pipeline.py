@@ -184,7 +184,7 @@ def run_stages(
         cached = state.name == "Cached" or manifest.run_id != run_id
         if cached:
             try:  # a cache hit skips the stage body, so check here that its files are still what was published
-                store.verify(manifest)
+                store.verify(manifest, deep=cfg.verify_cached)
             except CorruptArtifactError as err:
                 get_run_logger().warning(f"{err}: rebuilding {name} by rerunning it")
                 state = _run_stage_task(name, cfg, inputs, run_id, True, store, lineage, started)

@@ -391,6 +391,11 @@ class PipelineConfig(Section):
         description="Scheduler address of an existing Dask (tcp://host:8786) or Ray (ray://host:10001) cluster; "
         "without one a private local cluster is started per stage.",
     )
+    verify_cached: bool = Field(
+        True,
+        description="Re-hash a cached stage's files (SHA-256) before using them, so bit flips are caught; off checks "
+        "only that every file exists with its recorded size (for very large roots, where hashing costs minutes).",
+    )
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [
             SourceConfig(
