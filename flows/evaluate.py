@@ -63,7 +63,7 @@ def evaluate_flow(
     store = ArtifactStore(root) if root else ArtifactStore.of_artifact(model)[0]
     special = inputs["tokenizer"].params.get("special_tokens") or TokenizerConfig().special_tokens
     cfg = PipelineConfig(
-        name=name, root=str(store.root), seed=seed, evaluate=evaluate, tokenizer=TokenizerConfig(special_tokens=special)
+        name=name, root=store.location, seed=seed, evaluate=evaluate, tokenizer=TokenizerConfig(special_tokens=special)
     )
     lineage = LineageStore(store.lineage_path)
     run_id = _run_id(lineage)
@@ -76,7 +76,7 @@ def evaluate_flow(
     lineage.finish_run(run_id, "completed")
     return {
         "run_id": run_id,
-        "root": str(store.root),
+        "root": store.location,
         "artifacts": {k: manifests[k]["path"] for k in stages},
         "report": str(report["html"]),
     }

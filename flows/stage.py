@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -27,7 +26,8 @@ def open_lineage(root: str) -> LineageStore:
 def recorded_inputs(lineage: LineageStore, run_id: str, name: str, root: str) -> tuple[PipelineConfig, dict]:
     """The configuration run ``run_id`` used and the upstream manifests ``name`` needs, as lineage recorded them."""
     recorded = json.loads(lineage.run(run_id)["config"])
-    cfg = PipelineConfig.model_validate(recorded | {"root": str(ArtifactStore(root).root)})
+    store = ArtifactStore(root)
+    cfg = PipelineConfig.model_validate(recorded | {"root": store.location})
     artifacts = {a["stage"]: a for a in lineage.run_artifacts(run_id)}
     missing = [u for u in UPSTREAM[name] if u not in artifacts]
     if missing:
@@ -35,11 +35,18 @@ def recorded_inputs(lineage: LineageStore, run_id: str, name: str, root: str) ->
             f"run {run_id} has no finished {', '.join(missing)} artifact to feed {name!r}; "
             f"rerun it first: tokenmill stage {missing[0]} --run {run_id} --root {root}"
         )
-    inputs = {
-        u: Manifest.model_validate_json(Path(artifacts[u]["uri"], "manifest.json").read_text()).model_dump()
-        for u in UPSTREAM[name]
-    }
+    inputs = {u: _recorded_manifest(store, artifacts[u]).model_dump() for u in UPSTREAM[name]}
     return cfg, inputs
+
+
+def _recorded_manifest(store: ArtifactStore, artifact: dict) -> Manifest:
+    """A recorded artifact's manifest, from the root it was published to (a remote root included)."""
+    manifest = store.load(artifact["stage"], artifact["fingerprint"])
+    if manifest is None:
+        raise FileNotFoundError(
+            f"{artifact['stage']} artifact {artifact['fingerprint']} is gone from {artifact['uri']}; rerun that stage"
+        )
+    return manifest
 
 
 def _stage_run_name() -> str:

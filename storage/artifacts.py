@@ -4,6 +4,9 @@ Layout: ``<root>/<stage>/<fingerprint>/`` holds a stage's output files and ``man
 into a hidden temporary sibling (``.<fingerprint>.tmp-<pid>-<nonce>``), every file is fsynced, the manifest
 is written last, and the folder is renamed into place: readers see a whole artifact or none. Resumable stages
 (training) also get a persistent work folder ``.<fingerprint>.work`` that survives retries.
+
+The root may also be an object store (``s3://bucket/prefix``): stages still write into a local staging folder,
+and publishing uploads the files and commits the manifest last (``storage.remote``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +26,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from storage.faults import maybe_fail
 from storage.hashing import canonical_json, file_sha256, fingerprint
+from storage.remote import RemoteRoot, is_remote, local_mirror, local_path
 
 MANIFEST = "manifest.json"
 
@@ -55,6 +60,13 @@ class Manifest(BaseModel):
     created_at: str
     elapsed_s: float
     run_id: str | None = None
+    uri: str | None = None  # remote roots: where the artifact is published; ``path`` is then its local copy
+    attempt: str | None = None  # remote roots: the sub-folder of ``uri`` that holds the files
+
+    @property
+    def location(self) -> str:
+        """Where the artifact is published: its URI on a remote root, else its folder (what lineage records)."""
+        return self.uri or self.path
 
     def file(self, name: str) -> Path:
         return Path(self.path) / name
@@ -100,6 +112,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _make_read_only(folder: Path) -> None:
+    """Local copies of published artifacts are inputs to other stages, never to be edited in place."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o444)
+
+
+def _remove_tree(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -132,8 +155,15 @@ class ArtifactStore:
     """The one place that knows the folder layout of a data root."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
+        self.remote = RemoteRoot(str(root)) if is_remote(root) else None
+        local = local_mirror(self.remote.uri) if self.remote else local_path(root)
+        self.root = local.expanduser().resolve()  # on a remote root: its local mirror (storage.remote)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def location(self) -> str:
+        """The root as configured: the remote URI, or the local folder."""
+        return self.remote.uri if self.remote else str(self.root)
 
     def artifact_dir(self, stage: str, fp: str) -> Path:
         return self.root / stage / fp
@@ -158,6 +188,12 @@ class ArtifactStore:
         return self.root / ".prefect-results"
 
     def load(self, stage: str, fp: str) -> Manifest | None:
+        if self.remote is not None:
+            text = self.remote.read_manifest(stage, fp, MANIFEST)
+            if text is None:
+                return None
+            local_copy = str(self.artifact_dir(stage, fp))
+            return Manifest.model_validate_json(text).model_copy(update={"path": local_copy})
         path = self.artifact_dir(stage, fp) / MANIFEST
         if not path.exists():
             return None
@@ -187,7 +223,60 @@ class ArtifactStore:
         return found
 
     def verify(self, manifest: Manifest, deep: bool = True) -> None:
-        """Raise CorruptArtifactError if a file is missing, resized or (deep) rehashes differently."""
+        """Raise CorruptArtifactError if a file is missing, resized or (deep) rehashes differently.
+
+        On a remote root the published objects are checked for presence and size (one listing; they were hashed
+        before upload), and a local copy, if there is one, is checked like a local artifact and dropped when it
+        no longer matches (the next ``materialize`` downloads it again).
+        """
+        if self.remote is not None and manifest.uri:
+            problems = self.remote.problems(
+                manifest.stage, manifest.fingerprint, manifest.attempt or "", {f.path: f.bytes for f in manifest.files}
+            )
+            if problems:
+                raise CorruptArtifactError(f"{manifest.stage} artifact {manifest.fingerprint}: {'; '.join(problems)}")
+            if (Path(manifest.path) / MANIFEST).is_file():
+                try:
+                    self._verify_files(manifest, deep)
+                except CorruptArtifactError:
+                    _remove_tree(Path(manifest.path))
+            return
+        self._verify_files(manifest, deep)
+
+    def materialize(self, manifest: Manifest) -> None:
+        """Make an artifact's files readable under ``manifest.path``, as a stage reading it needs.
+
+        A local artifact already is. A remote one is downloaded once into the local mirror, every file checked
+        against the manifest's SHA-256, and made read-only; later calls reuse that copy.
+        """
+        if self.remote is None or not manifest.uri:
+            return
+        folder = Path(manifest.path)
+        if (folder / MANIFEST).is_file():
+            try:
+                self._verify_files(manifest, deep=False)
+                return
+            except CorruptArtifactError:
+                _remove_tree(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            files = [f.path for f in manifest.files]
+            self.remote.download(manifest.stage, manifest.fingerprint, manifest.attempt or "", files, tmp)
+            self._verify_files(manifest.model_copy(update={"path": str(tmp)}), deep=True)
+            (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            _fsync_tree(tmp)
+            _make_read_only(tmp)
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another process materialized it first
+                _remove_tree(tmp)
+        except BaseException:
+            _remove_tree(tmp)
+            raise
+
+    def _verify_files(self, manifest: Manifest, deep: bool) -> None:
         base = Path(manifest.path)
         for entry in manifest.files:
             path = base / entry.path
@@ -203,7 +292,11 @@ class ArtifactStore:
                     f"{manifest.stage} artifact {manifest.fingerprint}: {path} does not match its SHA-256"
                 )
 
-    def _quarantine(self, folder: Path) -> Path:
+    def _quarantine(self, folder: Path) -> Path | str:
+        if self.remote is not None:  # un-commit: the manifest moves aside, the attempt folder stays for inspection
+            stage, fp = folder.parent.name, folder.name
+            _remove_tree(folder)
+            return self.remote.uncommit(stage, fp, MANIFEST, f"corrupt-{int(time.time())}")
         target = folder.with_name(f".{folder.name}.corrupt-{int(time.time())}")
         os.rename(folder, target)
         return target
@@ -312,9 +405,16 @@ class ArtifactStore:
                 created_at=datetime.now(UTC).isoformat(),
                 elapsed_s=round(time.perf_counter() - started, 3),
                 run_id=run_id,
+                **self._publish_target(stage, fp),
             )
             (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             _fsync_tree(tmp)
+            if self.remote is not None:
+                winner = self._publish_remote(tmp, manifest)
+                if winner is not None:
+                    return winner, True
+                shutil.rmtree(work, ignore_errors=True)
+                return manifest, False
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -330,3 +430,44 @@ class ArtifactStore:
             raise
         shutil.rmtree(work, ignore_errors=True)
         return manifest, False
+
+    def _publish_target(self, stage: str, fp: str) -> dict[str, str]:
+        """A remote root's URI and a fresh, sortable attempt folder name for a new artifact (none when local)."""
+        if self.remote is None:
+            return {}
+        attempt = f"attempt-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        return {"uri": self.remote.artifact_uri(stage, fp), "attempt": attempt}
+
+    def _discard_quietly(self, manifest: Manifest) -> None:
+        """Best effort: delete a failed attempt's uploads (a killed process leaves them; they are never read)."""
+        with suppress(Exception):  # cleanup must not hide the error that got us here
+            self.remote.discard(manifest.stage, manifest.fingerprint, manifest.attempt or "")
+
+    def _publish_remote(self, tmp: Path, manifest: Manifest) -> Manifest | None:
+        """Upload a staged artifact, commit its manifest last, and keep the staging folder as the local copy.
+
+        Returns None when this call published it, or the winner's manifest when another publisher committed
+        the same fingerprint first (this attempt's uploads are then deleted).
+        """
+        stage, fp, attempt = manifest.stage, manifest.fingerprint, manifest.attempt or ""
+        published = manifest.model_copy(update={"path": manifest.uri})
+        try:
+            self.remote.upload(tmp, stage, fp, attempt, [f.path for f in manifest.files])
+            maybe_fail(stage, "publish")  # tests: files uploaded, manifest not committed
+            committed = self.remote.commit(stage, fp, MANIFEST, published.model_dump_json(indent=2))
+        except BaseException:
+            self._discard_quietly(manifest)
+            raise
+        if not committed:
+            self.remote.discard(stage, fp, attempt)
+            _remove_tree(tmp)
+            winner = self.load(stage, fp)
+            if winner is None:
+                raise RuntimeError(f"{stage} {fp}: the manifest at {manifest.uri} vanished while publishing")
+            return winner
+        final = Path(manifest.path)
+        if final.exists():  # a stale local copy (the remote manifest was deleted or quarantined)
+            _remove_tree(final)
+        _make_read_only(tmp)
+        os.rename(tmp, final)
+        return None

@@ -286,7 +286,7 @@ class LineageStore:
                 [
                     manifest.stage,
                     manifest.fingerprint,
-                    manifest.path,
+                    manifest.location,
                     manifest.content_hash,
                     manifest.version,
                     json.dumps(manifest.params),

@@ -391,6 +391,9 @@ def publish_run_report(
 
     Called by the flow process only (it writes the DuckDB file).
     """
+    for stage in ("evaluate", "train"):  # the report reads their files; on a remote root, from local copies
+        if stage in manifests:
+            store.materialize(manifests[stage])
     previous_run = lineage.previous_evaluated_run(pipeline, run_id)
     previous_rows = lineage.metrics(previous_run) if previous_run else []
     run = build_run_report(run_id, pipeline, manifests, previous_run, previous_rows)

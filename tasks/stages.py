@@ -224,6 +224,8 @@ def run_stage(
 
     def produce(ctx: StageContext) -> dict[str, Any]:
         maybe_fail(name, "start")
+        for upstream in UPSTREAM[name]:  # remote roots: a verified local copy of each input, downloaded once
+            store.materialize(inputs[upstream])
         with executor_for(cfg):
             counts = spec.produce(cfg, inputs, ctx)
         compact_ledger_folder(ctx.out_dir / "ledger")

@@ -1,4 +1,4 @@
-"""Sources on s3:// through a real S3-protocol server (moto in server mode) on 127.0.0.1."""
+"""Sources and artifact roots on s3:// through a real S3-protocol server (moto in server mode) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from conftest import _prose
+from conftest import _prose, tiny_config, write_corpus
 
-from storage.artifacts import ArtifactStore
+from storage.artifacts import MANIFEST, ArtifactStore, Manifest
+from storage.faults import InjectedFault
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
-from tasks.stages import run_stage
+from tasks.stages import UPSTREAM, run_stage
 
 s3fs = pytest.importorskip("s3fs")
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
@@ -129,3 +130,108 @@ def test_ingest_reads_s3_sources_and_lineage_records_the_uris(s3_endpoint, s3_cr
 
     clean, _ = run_stage("clean", cfg, {"ingest": manifest}, log=lambda m: None)  # downstream reads local Parquet
     assert clean.counts["docs_in"] == 7
+
+
+DATA_STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize")
+
+
+@pytest.fixture
+def s3_root_env(s3_endpoint: str, s3_credentials, monkeypatch, tmp_path: Path) -> str:
+    """An artifact root's endpoint and credentials the usual way, from the environment; a private local mirror."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "home"))
+    s3fs.S3FileSystem.clear_instance_cache()  # instances remember the endpoint they were made with
+    yield s3_endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _run_data_stages(cfg: PipelineConfig, run_id: str) -> dict[str, tuple[Manifest, bool]]:
+    """ingest → tokenize as ``run_all`` runs them, recorded in the root's lineage file."""
+    lineage = LineageStore(ArtifactStore(cfg.root).lineage_path)
+    lineage.start_run(run_id, cfg.name, cfg.model_dump(), cfg.seed, None)
+    out: dict[str, tuple[Manifest, bool]] = {}
+    for name in DATA_STAGES:
+        started = datetime.now(UTC)
+        inputs = {u: out[u][0] for u in UPSTREAM[name]}
+        out[name] = run_stage(name, cfg, inputs, run_id=run_id, log=lambda m: None)
+        lineage.record_stage(run_id, name, "cached" if out[name][1] else "completed", started, manifest=out[name][0])
+    lineage.finish_run(run_id, "completed")
+    return out
+
+
+def _objects(fs, prefix: str) -> dict[str, str]:
+    return {name: info["ETag"] for name, info in fs.find(prefix, detail=True).items()}
+
+
+def test_data_stages_publish_to_an_s3_root_and_reuse_it(s3_root_env, tmp_path: Path, monkeypatch):
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)  # endpoint and credentials from the environment
+    fs.mkdir("tokenmill")
+    write_corpus(tmp_path / "corpus")
+    fs.put(str(tmp_path / "corpus") + "/", "tokenmill/corpus/", recursive=True)
+    options = {"endpoint_url": s3_root_env, "key": "testing", "secret": "testing"}  # worker processes need them
+    sources = [
+        {"name": "docs", "path": "s3://tokenmill/corpus/docs", "storage_options": options},
+        {"name": "records", "path": "s3://tokenmill/corpus/records.jsonl.gz", "storage_options": options},
+    ]
+    local = _run_data_stages(tiny_config(tmp_path / "corpus", tmp_path / "local", sources=sources), "local")
+    cfg = tiny_config(tmp_path / "corpus", "s3://tokenmill/runs", sources=sources)
+    remote = _run_data_stages(cfg, "s3-1")
+
+    # Same bytes as with a local root; published under <root>/<stage>/<fingerprint>/ with the manifest as commit.
+    assert {k: m.content_hash for k, (m, _) in remote.items()} == {k: m.content_hash for k, (m, _) in local.items()}
+    assert not any(reused for _, reused in remote.values())
+    for name, (m, _) in remote.items():
+        folder = f"tokenmill/runs/{name}/{m.fingerprint}"
+        assert m.uri == f"s3://{folder}" and Path(m.path).is_relative_to(tmp_path / "home")  # path: the local copy
+        assert sorted(fs.find(f"{folder}/")) == sorted(
+            [f"{folder}/{MANIFEST}"] + [f"{folder}/{m.attempt}/{f.path}" for f in m.files]
+        )
+        published = fs.cat_file(f"{folder}/{MANIFEST}").decode()
+        assert Manifest.model_validate_json(published).path == m.uri and "testing" not in published  # no secrets
+
+    # Lineage is a local file (beside the mirror) and records the s3:// URIs, never the local copies.
+    store = ArtifactStore(cfg.root)
+    assert store.lineage_path.is_relative_to(tmp_path / "home")
+    with duckdb.connect(str(store.lineage_path), read_only=True) as con:
+        uris = dict(con.execute("SELECT stage, uri FROM artifacts").fetchall())
+    assert uris == {k: f"s3://tokenmill/runs/{k}/{m.fingerprint}" for k, (m, _) in remote.items()}
+
+    # A rerun on the same root reuses every artifact and uploads nothing.
+    before = _objects(fs, "tokenmill/runs/")
+    again = _run_data_stages(cfg, "s3-2")
+    assert all(reused for _, reused in again.values()) and _objects(fs, "tokenmill/runs/") == before
+
+    # Another machine (an empty mirror) reuses them too, downloading only what a rebuilt stage reads.
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "home2"))
+    tokenize = remote["tokenize"][0]
+    fs.rm(f"tokenmill/runs/tokenize/{tokenize.fingerprint}/{MANIFEST}")  # a publish killed before its commit point
+    assert ArtifactStore(cfg.root).load("tokenize", tokenize.fingerprint) is None
+    fresh = _run_data_stages(cfg, "s3-3")
+    assert [k for k, (_, reused) in fresh.items() if not reused] == ["tokenize"]
+    rebuilt = fresh["tokenize"][0]
+    assert rebuilt.content_hash == tokenize.content_hash and rebuilt.attempt != tokenize.attempt
+    assert not Path(fresh["ingest"][0].path).exists() and Path(fresh["dedup"][0].path, MANIFEST).exists()
+    assert all(p.stat().st_mode & 0o222 == 0 for p in Path(fresh["dedup"][0].path).rglob("*.parquet"))  # read-only
+
+
+def test_interrupted_publish_is_invisible_and_rebuilt(s3_root_env, tmp_path: Path, monkeypatch):
+    """Files uploaded, process dies before the manifest: no artifact exists, the next run publishes it whole."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("tm-faults")
+    write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "corpus", "s3://tm-faults/root")
+    monkeypatch.setenv("TOKENMILL_FAULT", "ingest:publish")
+    monkeypatch.setenv("TOKENMILL_FAULT_DIR", str(tmp_path / "faults"))
+    with pytest.raises(InjectedFault):
+        run_stage("ingest", cfg, {}, log=lambda m: None)
+    assert fs.find("tm-faults/root/") == []  # no manifest, and the failed attempt's uploads were removed
+
+    manifest, reused = run_stage("ingest", cfg, {}, log=lambda m: None)
+    assert not reused and fs.exists(f"tm-faults/root/ingest/{manifest.fingerprint}/{MANIFEST}")
+
+    # A corrupted object (resized) is caught on reuse: the manifest is moved aside and the artifact rebuilt.
+    victim = f"tm-faults/root/ingest/{manifest.fingerprint}/{manifest.attempt}/{manifest.files[0].path}"
+    fs.pipe_file(victim, b"truncated")
+    rebuilt, reused = run_stage("ingest", cfg, {}, log=lambda m: None)
+    assert not reused and rebuilt.content_hash == manifest.content_hash and rebuilt.attempt != manifest.attempt
+    assert any(".corrupt-" in name for name in fs.find(f"tm-faults/root/ingest/{manifest.fingerprint}/"))
