@@ -79,6 +79,15 @@ class Manifest(BaseModel):
         return InputRef(stage=self.stage, fingerprint=self.fingerprint, content_hash=self.content_hash)
 
 
+def local_folder(uri: str) -> Path:
+    """The local folder of the artifact lineage recorded at ``uri``: the folder itself, or for an artifact on an
+    object store its verified local copy (downloaded on first use)."""
+    if not is_remote(uri):
+        return Path(uri)
+    _, manifest = ArtifactStore.of_artifact(uri)
+    return Path(manifest.path)
+
+
 class CorruptArtifactError(RuntimeError):
     """An artifact's files no longer match its manifest."""
 
@@ -199,9 +208,31 @@ class ArtifactStore:
             return None
         return Manifest.model_validate_json(path.read_text())
 
+    def published(self, stage: str) -> list[Manifest]:
+        """Every committed artifact of ``stage`` in this root (remote ones not downloaded)."""
+        if self.remote is not None:
+            found = (self.load(stage, fp) for fp in self.remote.committed(stage, MANIFEST))
+            return [m for m in found if m is not None]
+        return [
+            Manifest.model_validate_json(p.read_text()).model_copy(update={"path": str(p.parent)})
+            for p in sorted((self.root / stage).glob(f"*/{MANIFEST}"))
+        ]
+
     @staticmethod
     def of_artifact(folder: str | Path) -> tuple[ArtifactStore, Manifest]:
-        """The store an artifact folder (``<root>/<stage>/<fingerprint>``) belongs to, and its manifest."""
+        """The store an artifact folder (``<root>/<stage>/<fingerprint>``) belongs to, and its manifest.
+
+        A remote artifact URI (``s3://bucket/prefix/<stage>/<fingerprint>``) is resolved through its manifest and
+        downloaded into the local mirror (once), so callers read ``manifest.path`` as for a local artifact.
+        """
+        if is_remote(folder):
+            root, stage, fp = str(folder).rstrip("/").rsplit("/", 2)
+            store = ArtifactStore(root)
+            manifest = store.load(stage, fp)
+            if manifest is None:
+                raise FileNotFoundError(f"{folder} is not a tokenmill artifact (no committed {MANIFEST})")
+            store.materialize(manifest)
+            return store, manifest
         folder = Path(folder).expanduser().resolve()
         path = folder / MANIFEST
         if not path.is_file():

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest
+from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, local_folder
 from storage.lineage import LineageStore
 
 STAGE_ORDER = ("ingest", "clean", "dedup", "tokenize")
@@ -60,7 +60,7 @@ class LineageQueries:
 
     def _ledger(self, run_id: str, stages: tuple[str, ...] = LEDGER_STAGES) -> list[str]:
         files = [
-            str(Path(a["uri"]) / "ledger" / "ledger.parquet")
+            str(local_folder(a["uri"]) / "ledger" / "ledger.parquet")
             for a in self._run_artifacts(run_id)
             if a["stage"] in stages
         ]
@@ -356,7 +356,7 @@ class LineageQueries:
         arts = {a["stage"]: a for a in self.store.run_artifacts(run_id)}
         store = ArtifactStore(Path(self.store.path).parent)
         for stage, art in arts.items():
-            manifest = Manifest.model_validate_json(Path(art["uri"], "manifest.json").read_text())
+            manifest = Manifest.model_validate_json((local_folder(art["uri"]) / "manifest.json").read_text())
             try:
                 store.verify(manifest)
                 checked.append(f"{stage}: {len(manifest.files)} files match manifest hashes")
@@ -381,7 +381,7 @@ class LineageQueries:
                 else:
                     checked.append(f"{stage}: {total} in = {kept} kept + {sum(dropped.values())} dropped {dropped}")
         if "tokenize" in arts:
-            shards = {Path(f).stem for f in Path(arts["tokenize"]["uri"]).glob("tokens/*.arrow")}
+            shards = {Path(f).stem for f in local_folder(arts["tokenize"]["uri"]).glob("tokens/*.arrow")}
             missing = self.store.query(
                 "SELECT DISTINCT shard FROM read_parquet(?) WHERE NOT list_contains(?, shard)",
                 [self._ledger(run_id, ("tokenize",)), sorted(shards)],
@@ -393,7 +393,7 @@ class LineageQueries:
         if "dedup" in arts:
             # A duplicate points at a document kept in this run, or (incremental dedup) at one of the earlier
             # index it was matched against; the index lists those in index/exact-*.parquet.
-            index = sorted(str(p) for p in Path(arts["dedup"]["uri"]).glob("index/exact*.parquet"))
+            index = sorted(str(p) for p in local_folder(arts["dedup"]["uri"]).glob("index/exact*.parquet"))
             known = "SELECT doc_id FROM read_parquet(?) WHERE fate = 'kept'"
             params = [self._ledger(run_id, ("dedup",)), self._ledger(run_id, ("dedup",))]
             if index:

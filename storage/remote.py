@@ -83,6 +83,12 @@ class RemoteRoot:
         except FileNotFoundError:
             return None
 
+    def committed(self, stage: str, name: str) -> list[str]:
+        """The fingerprints of a stage that have a committed manifest (one listing)."""
+        prefix = f"{self._base}/{stage}/"
+        found = self.fs.glob(f"{prefix}*/{name}")
+        return sorted(p[len(prefix) :].split("/", 1)[0] for p in found if p.startswith(prefix))
+
     def upload(self, folder: Path, stage: str, fp: str, attempt: str, files: Iterable[str]) -> None:
         """Upload ``folder``'s ``files`` (relative paths) under the attempt folder, concurrently where supported."""
         files = list(files)

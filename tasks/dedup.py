@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.artifacts import MANIFEST, Manifest, StageContext
+from storage.artifacts import ArtifactStore, Manifest, StageContext
 from storage.shards import LedgerWriter, ParquetShardWriter, iter_batches
 from tasks.clean import CLEAN_SCHEMA
 from tasks.config import DedupConfig, PipelineConfig
@@ -127,14 +127,24 @@ def resolve_previous(against: str | None, root: str | Path) -> Manifest | None:
     if against is None:
         return None
     if against == "latest":
-        stage_dir = Path(root).expanduser().resolve() / "dedup"
-        found = [Manifest.model_validate_json(p.read_text()) for p in stage_dir.glob(f"*/{MANIFEST}")]
-        found = [m for m in found if (Path(m.path) / "index" / "index.json").exists()]
-        return max(found, key=lambda m: m.created_at) if found else None
-    path = Path(against).expanduser().resolve()
-    if not (path / MANIFEST).is_file() or not (path / "index" / "index.json").is_file():
-        raise ValueError(f"dedup.against: {path} is not a dedup artifact with an index (no manifest.json/index/)")
-    return Manifest.model_validate_json((path / MANIFEST).read_text())
+        store = ArtifactStore(root)
+        found = [m for m in store.published("dedup") if _has_index(m)]
+        if not found:
+            return None
+        latest = max(found, key=lambda m: m.created_at)
+        store.materialize(latest)  # an object-store root: a verified local copy
+        return latest
+    try:
+        _, manifest = ArtifactStore.of_artifact(against)
+    except FileNotFoundError:
+        manifest = None
+    if manifest is None or manifest.stage != "dedup" or not _has_index(manifest):
+        raise ValueError(f"dedup.against: {against} is not a dedup artifact with an index (no manifest.json/index/)")
+    return manifest
+
+
+def _has_index(manifest: Manifest) -> bool:
+    return any(f.path == "index/index.json" for f in manifest.files)
 
 
 def stage_params(cfg: PipelineConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from storage.artifacts import MANIFEST, ArtifactStore, Manifest
 from storage.faults import InjectedFault
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
+from tasks.dedup import resolve_previous
 from tasks.stages import UPSTREAM, run_stage
 
 s3fs = pytest.importorskip("s3fs")
@@ -212,6 +213,12 @@ def test_data_stages_publish_to_an_s3_root_and_reuse_it(s3_root_env, tmp_path: P
     assert rebuilt.content_hash == tokenize.content_hash and rebuilt.attempt != tokenize.attempt
     assert not Path(fresh["ingest"][0].path).exists() and Path(fresh["dedup"][0].path, MANIFEST).exists()
     assert all(p.stat().st_mode & 0o222 == 0 for p in Path(fresh["dedup"][0].path).rglob("*.parquet"))  # read-only
+
+    # What lineage recorded resolves: ledger queries and dedup's `against` read verified local copies.
+    (ledger,) = LineageStore(store.lineage_path, read_only=True).ledger_files("s3-1", ("clean",))
+    assert Path(ledger).is_relative_to(tmp_path / "home2") and pq.read_metadata(ledger).num_rows == 50
+    assert resolve_previous("latest", cfg.root).fingerprint == remote["dedup"][0].fingerprint
+    assert resolve_previous(remote["dedup"][0].uri, cfg.root).content_hash == remote["dedup"][0].content_hash
 
 
 def test_interrupted_publish_is_invisible_and_rebuilt(s3_root_env, tmp_path: Path, monkeypatch):
