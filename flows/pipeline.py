@@ -50,7 +50,7 @@ def stage_summary_markdown(manifest: Manifest, reused: bool) -> str:
     dropped = manifest.counts.get("dropped") or {}
     drops = "\n".join(f"| {reason} | {n} |" for reason, n in dropped.items()) or "| (none) | 0 |"
     return (
-        f"# {manifest.stage} {'(reused)' if reused else ''}\n\n`{manifest.path}`\n\n"
+        f"# {manifest.stage} {'(reused)' if reused else ''}\n\n`{manifest.location}`\n\n"
         f"fingerprint `{manifest.fingerprint}`, content hash `{manifest.content_hash[:16]}…`, "
         f"{len(manifest.files)} files, {manifest.elapsed_s:.1f} s\n\n| count | value |\n|---|---|\n{rows}\n\n"
         f"| drop reason | documents |\n|---|---|\n{drops}\n"
@@ -127,7 +127,7 @@ def stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict], run_id: 
         manifest, reused = run_stage(
             name, cfg, _manifests(inputs), run_id=run_id, force=force, log=logger.info, progress=progress_reporter(name)
         )
-    logger.info(f"{name}: {'reused' if reused else 'built'} {manifest.path}")
+    logger.info(f"{name}: {'reused' if reused else 'built'} {manifest.location}")
     create_markdown_artifact(
         key=f"{name}-summary", markdown=stage_summary_markdown(manifest, reused), description=f"{name} stage"
     )
@@ -274,8 +274,8 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[StageName] |
     create_table_artifact(key="stage-counts", table=stage_counts_table(lineage, run_id), description="per stage")
     return {
         "run_id": run_id,
-        "root": str(store.root),
+        "root": store.location,
         "lineage": str(store.lineage_path),
-        "artifacts": {k: v["path"] for k, v in manifests.items()},
+        "artifacts": {k: v.get("uri") or v["path"] for k, v in manifests.items()},
         "report": str(report["html"]),
     }

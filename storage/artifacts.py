@@ -256,11 +256,16 @@ class ArtifactStore:
     def verify(self, manifest: Manifest, deep: bool = True) -> None:
         """Raise CorruptArtifactError if a file is missing, resized or (deep) rehashes differently.
 
-        On a remote root the published objects are checked for presence and size (one listing; they were hashed
-        before upload), and a local copy, if there is one, is checked like a local artifact and dropped when it
-        no longer matches (the next ``materialize`` downloads it again).
+        On a remote root the manifest must still be the committed one, the published objects are checked for
+        presence and size (one listing; they were hashed before upload), and a local copy, if there is one, is
+        checked like a local artifact and dropped when it no longer matches (``materialize`` fetches it again).
         """
         if self.remote is not None and manifest.uri:
+            committed = self.remote.read_manifest(manifest.stage, manifest.fingerprint, MANIFEST)
+            if committed is None or Manifest.model_validate_json(committed).attempt != manifest.attempt:
+                raise CorruptArtifactError(
+                    f"{manifest.stage} artifact {manifest.fingerprint} is no longer published at {manifest.uri}"
+                )
             problems = self.remote.problems(
                 manifest.stage, manifest.fingerprint, manifest.attempt or "", {f.path: f.bytes for f in manifest.files}
             )
@@ -336,8 +341,8 @@ class ArtifactStore:
         stage_dir = self.root / stage
         if not stage_dir.exists():
             return
-        for tmp in stage_dir.glob(f".{fp}.tmp-*"):
-            pid = int(tmp.name.split(".tmp-")[1].split("-")[0])
+        for tmp in [*stage_dir.glob(f".{fp}.tmp-*"), *stage_dir.glob(f".{fp}.download-*")]:  # download: remote roots
+            pid = int(tmp.name.rsplit("-", 2)[1])
             if not pid_alive(pid) or pid == os.getpid():
                 shutil.rmtree(tmp, ignore_errors=True)
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import _prose, tiny_config, write_corpus
 
-from storage.artifacts import MANIFEST, ArtifactStore, Manifest
+from storage.artifacts import MANIFEST, ArtifactStore, CorruptArtifactError, Manifest
 from storage.faults import InjectedFault
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
@@ -207,6 +207,8 @@ def test_data_stages_publish_to_an_s3_root_and_reuse_it(s3_root_env, tmp_path: P
     tokenize = remote["tokenize"][0]
     fs.rm(f"tokenmill/runs/tokenize/{tokenize.fingerprint}/{MANIFEST}")  # a publish killed before its commit point
     assert ArtifactStore(cfg.root).load("tokenize", tokenize.fingerprint) is None
+    with pytest.raises(CorruptArtifactError, match="no longer published"):  # e.g. a stale Prefect cache entry
+        ArtifactStore(cfg.root).verify(tokenize)
     fresh = _run_data_stages(cfg, "s3-3")
     assert [k for k, (_, reused) in fresh.items() if not reused] == ["tokenize"]
     rebuilt = fresh["tokenize"][0]
