@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from storage.faults import maybe_fail
 from storage.hashing import canonical_json, file_sha256, fingerprint
-from storage.remote import RemoteRoot, is_remote, local_mirror, local_path
+from storage.remote import ATTEMPT_PREFIX, ATTEMPT_TIME, RemoteRoot, is_remote, local_mirror, local_path
 
 MANIFEST = "manifest.json"
 
@@ -467,11 +467,31 @@ class ArtifactStore:
         shutil.rmtree(work, ignore_errors=True)
         return manifest, False
 
+    def remove_orphaned_attempts(self, min_age_s: float = 86400) -> list[str]:
+        """Delete attempt folders no committed manifest names, older than ``min_age_s``; return their URIs.
+
+        They are what killed or losing publishers leave on a remote root; no reader ever looks at them. The age
+        (from the folder's name) keeps attempts that may still be uploading; a local root has none.
+        """
+        if self.remote is None:
+            return []
+        removed, committed = [], {}
+        now = datetime.now(UTC)
+        for stage, fp, attempt in self.remote.attempts():
+            if (stage, fp) not in committed:
+                manifest = self.load(stage, fp)
+                committed[stage, fp] = manifest.attempt if manifest else None
+            started = datetime.strptime(attempt[len(ATTEMPT_PREFIX) :].split("-")[0], ATTEMPT_TIME).replace(tzinfo=UTC)
+            if attempt != committed[stage, fp] and (now - started).total_seconds() >= min_age_s:
+                self.remote.discard(stage, fp, attempt)
+                removed.append(f"{self.remote.artifact_uri(stage, fp)}/{attempt}")
+        return removed
+
     def _publish_target(self, stage: str, fp: str) -> dict[str, str]:
         """A remote root's URI and a fresh, sortable attempt folder name for a new artifact (none when local)."""
         if self.remote is None:
             return {}
-        attempt = f"attempt-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        attempt = f"{ATTEMPT_PREFIX}{datetime.now(UTC):{ATTEMPT_TIME}}-{uuid.uuid4().hex[:8]}"
         return {"uri": self.remote.artifact_uri(stage, fp), "attempt": attempt}
 
     def _discard_quietly(self, manifest: Manifest) -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 LOCAL_PROTOCOLS = ("", "file", "local")
+ATTEMPT_PREFIX = "attempt-"
+ATTEMPT_TIME = "%Y%m%dT%H%M%S"
 
 
 def protocol_of(root: str | Path) -> str:
@@ -62,7 +64,9 @@ class RemoteRoot:
 
         self.uri = uri.rstrip("/")
         try:
-            self.fs, self._base = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
+            # No listings cache: what is committed changes under us (other machines publish and collect).
+            options = {"use_listings_cache": False} | (storage_options or {})
+            self.fs, self._base = fsspec.core.url_to_fs(self.uri, **options)
         except ImportError as err:
             raise ImportError(
                 f"root {self.uri!r} needs the fsspec driver for {protocol_of(uri)}:// "
@@ -115,6 +119,12 @@ class RemoteRoot:
                 return False
             self.fs.pipe_file(key, data)
             return True
+
+    def attempts(self, stage: str | None = None) -> list[tuple[str, str, str]]:
+        """Every attempt folder in the root (or of one stage), as ``(stage, fingerprint, attempt)`` (one listing)."""
+        pattern = f"{self._base}/{stage or '*'}/*/{ATTEMPT_PREFIX}*"
+        found = self.fs.glob(pattern)
+        return sorted(tuple(p[len(self._base) + 1 :].split("/")[:3]) for p in found)
 
     def discard(self, stage: str, fp: str, attempt: str) -> None:
         """Delete an attempt folder (a publisher that lost the race, or a failed upload)."""

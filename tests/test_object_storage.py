@@ -9,9 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import _prose, tiny_config, write_corpus
 
-from storage.artifacts import MANIFEST, ArtifactStore, CorruptArtifactError, Manifest
+from storage.artifacts import MANIFEST, ArtifactStore, CorruptArtifactError, Manifest, StageContext
 from storage.faults import InjectedFault
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
@@ -244,3 +246,34 @@ def test_interrupted_publish_is_invisible_and_rebuilt(s3_root_env, tmp_path: Pat
     rebuilt, reused = run_stage("ingest", cfg, {}, log=lambda m: None)
     assert not reused and rebuilt.content_hash == manifest.content_hash and rebuilt.attempt != manifest.attempt
     assert any(".corrupt-" in name for name in fs.find(f"tm-faults/root/ingest/{manifest.fingerprint}/"))
+
+
+def test_two_machines_racing_on_one_fingerprint_publish_once(s3_root_env, tmp_path: Path, monkeypatch):
+    """Two builders with their own mirrors (no shared lock): the conditional put lets exactly one commit."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("tm-race")
+    stores = []
+    for machine in ("a", "b"):
+        monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / machine))
+        stores.append(ArtifactStore("s3://tm-race/root"))
+    both_built = threading.Barrier(2, timeout=30)
+
+    def produce(ctx: StageContext) -> dict:
+        (ctx.out_dir / "part.bin").write_bytes(b"same bytes" * 1000)
+        both_built.wait()  # neither has committed yet
+        return {"rows": 1}
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda store: store.build("s", "1", {}, [], produce, log=lambda m: None), stores))
+    assert sorted(reused for _, reused in results) == [False, True]
+    winner = next(m for m, reused in results if not reused)
+    assert {m.attempt for m, _ in results} == {winner.attempt}
+    assert stores[0].remote.attempts() == [("s", winner.fingerprint, winner.attempt)]  # the loser's is gone
+
+    # Attempts no manifest names (a killed publisher's) are garbage once old enough; the committed one stays.
+    old, recent = "attempt-20200101T000000-0badf00d", f"attempt-{datetime.now(UTC):%Y%m%dT%H%M%S}-0badf00d"
+    for attempt in (old, recent):
+        fs.pipe_file(f"tm-race/root/s/{winner.fingerprint}/{attempt}/part.bin", b"partial")
+    assert stores[0].remove_orphaned_attempts() == [f"s3://tm-race/root/s/{winner.fingerprint}/{old}"]
+    assert {a for _, _, a in stores[0].remote.attempts()} == {winner.attempt, recent}
+    assert stores[1].build("s", "1", {}, [], produce)[0].attempt == winner.attempt
