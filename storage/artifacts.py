@@ -494,10 +494,14 @@ class ArtifactStore:
         attempt = f"{ATTEMPT_PREFIX}{datetime.now(UTC):{ATTEMPT_TIME}}-{uuid.uuid4().hex[:8]}"
         return {"uri": self.remote.artifact_uri(stage, fp), "attempt": attempt}
 
-    def _discard_quietly(self, manifest: Manifest) -> None:
-        """Best effort: delete a failed attempt's uploads (a killed process leaves them; they are never read)."""
+    def _discard_unless_committed(self, manifest: Manifest) -> None:
+        """Best effort after a failed publish: delete the attempt's uploads, unless the manifest naming them was
+        committed after all (a commit whose reply was lost) or that cannot be checked. A killed process leaves its
+        uploads behind; no reader looks at them (``remove_orphaned_attempts``)."""
         with suppress(Exception):  # cleanup must not hide the error that got us here
-            self.remote.discard(manifest.stage, manifest.fingerprint, manifest.attempt or "")
+            text = self.remote.read_manifest(manifest.stage, manifest.fingerprint, MANIFEST)
+            if text is None or Manifest.model_validate_json(text).attempt != manifest.attempt:
+                self.remote.discard(manifest.stage, manifest.fingerprint, manifest.attempt or "")
 
     def _publish_remote(self, tmp: Path, manifest: Manifest) -> Manifest | None:
         """Upload a staged artifact, commit its manifest last, and keep the staging folder as the local copy.
@@ -512,7 +516,7 @@ class ArtifactStore:
             maybe_fail(stage, "publish")  # tests: files uploaded, manifest not committed
             committed = self.remote.commit(stage, fp, MANIFEST, published.model_dump_json(indent=2))
         except BaseException:
-            self._discard_quietly(manifest)
+            self._discard_unless_committed(manifest)
             raise
         if not committed:
             self.remote.discard(stage, fp, attempt)
