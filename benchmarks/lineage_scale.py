@@ -244,13 +244,15 @@ def main() -> None:
     duplicates = [
         r["doc_id"]
         for r in store.query(
-            "SELECT doc_id FROM read_parquet(?) WHERE fate = 'duplicate' USING SAMPLE 10 ROWS", [dedup_files]
+            "SELECT * FROM (SELECT doc_id FROM read_parquet(?) WHERE fate = 'duplicate') USING SAMPLE 10 ROWS",
+            [dedup_files],
         )
     ]
     hashes = [
         r["content_hash"]
         for r in store.query(
-            "SELECT content_hash FROM read_parquet(?) WHERE content_hash IS NOT NULL USING SAMPLE 10 ROWS",
+            "SELECT * FROM (SELECT content_hash FROM read_parquet(?) WHERE content_hash IS NOT NULL) "
+            "USING SAMPLE 10 ROWS",
             [dedup_files],
         )
     ]

@@ -2,7 +2,7 @@
 
 Only the flow process (or a CLI command a user runs) writes the ``.duckdb`` file, in short transactions:
 DuckDB allows one writing process. Stages and workers write the per-document ledger as sorted Parquet inside
-their artifacts (``ledger/ledger.parquet``) and DuckDB queries those files in place; see
+their artifacts (``ledger/ledger-*.parquet`` with an index, ``storage.ledger``); see
 ``storage.lineage_queries`` for the questions users ask.
 """
 
