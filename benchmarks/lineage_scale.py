@@ -23,6 +23,7 @@ from pathlib import Path
 import duckdb
 
 from storage.artifacts import Manifest, StageContext
+from storage.ledger import compact_ledger, compact_ledger_folder
 from storage.lineage import LineageStore
 from storage.lineage_queries import LineageQueries
 from storage.shards import (
@@ -30,8 +31,6 @@ from storage.shards import (
     LEDGER_SCHEMA,
     LedgerWriter,
     ParquetShardWriter,
-    compact_ledger,
-    compact_ledger_folder,
 )
 
 SOURCES = ("web", "books", "code", "forum", "wiki")
@@ -109,7 +108,8 @@ def build_runs(work: Path, n_docs: int, n_runs: int) -> tuple[LineageStore, dict
                     "(FORMAT parquet, COMPRESSION zstd)"
                 )
                 t1 = time.perf_counter()
-                compact_ledger([frag_dir / "f.parquet"], art / "ledger")
+                links = {"clean": ("content_hash",), "dedup": ("duplicate_of",)}.get(stage, ())  # as tasks/stages.py
+                compact_ledger([frag_dir / "f.parquet"], art / "ledger", links)
                 t2 = time.perf_counter()
                 shutil.rmtree(frag_dir)
                 timings.setdefault("generate_s", 0.0)
@@ -146,13 +146,15 @@ def build_runs(work: Path, n_docs: int, n_runs: int) -> tuple[LineageStore, dict
     return store, timings
 
 
-def timed(fn, repeats: int = 7) -> float:
-    fn()  # warm the OS cache and DuckDB
+def timed(fn, args: list, repeats: int = 3) -> float:
+    """Median milliseconds of ``fn(arg)`` over every arg, ``repeats`` times each, after one warm-up call."""
+    fn(args[0])  # warm the OS page cache and the imports
     samples = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
+        for arg in args:
+            t0 = time.perf_counter()
+            fn(arg)
+            samples.append(time.perf_counter() - t0)
     return statistics.median(samples) * 1000
 
 
@@ -202,7 +204,7 @@ def ledger_share_in_clean(work: Path, n_docs: int) -> dict:
         # one in-process worker, so the timing wrappers see every ledger call; then the sort that run_stage does
         clean(sorted(docs_dir.glob("*.parquet")), CleanConfig(), StageContext(out_dir=out, work_dir=work), workers=1)
         t1 = time.perf_counter()
-        compact_ledger_folder(out / "ledger")
+        compact_ledger_folder(out / "ledger", ("content_hash",))  # as the clean stage does
         total = time.perf_counter() - t0
         spent["ledger_s"] += time.perf_counter() - t1
     finally:
@@ -237,11 +239,23 @@ def main() -> None:
     q = LineageQueries(store)
     last = f"run-{args.runs - 1}"
     files = store.ledger_files(last, ("ingest",))
-    sample = store.query("SELECT doc_id FROM read_parquet(?) USING SAMPLE 5 ROWS", [files])
-    dropped = store.query(
-        "SELECT doc_id FROM read_parquet(?) WHERE fate = 'duplicate' LIMIT 1", [store.ledger_files(last, ("dedup",))]
-    )[0]["doc_id"]
-    doc = sample[0]["doc_id"]
+    docs = [r["doc_id"] for r in store.query("SELECT doc_id FROM read_parquet(?) USING SAMPLE 10 ROWS", [files])]
+    dedup_files = store.ledger_files(last, ("dedup",))
+    duplicates = [
+        r["doc_id"]
+        for r in store.query(
+            "SELECT * FROM (SELECT doc_id FROM read_parquet(?) WHERE fate = 'duplicate') USING SAMPLE 10 ROWS",
+            [dedup_files],
+        )
+    ]
+    hashes = [
+        r["content_hash"]
+        for r in store.query(
+            "SELECT * FROM (SELECT content_hash FROM read_parquet(?) WHERE content_hash IS NOT NULL) "
+            "USING SAMPLE 10 ROWS",
+            [dedup_files],
+        )
+    ]
     results = {
         "docs_per_run": args.docs,
         "runs": args.runs,
@@ -254,11 +268,12 @@ def main() -> None:
         "compact_s": round(timings["compact_s"], 1),
         "parquet_bytes": size,
         "latency_ms": {
-            "doc": round(timed(lambda: q.doc(doc, last)), 1),
-            "why": round(timed(lambda: q.why(dropped, last)), 1),
-            "source": round(timed(lambda: q.source("code", last), repeats=3), 1),
-            "takedown": round(timed(lambda: q.takedown(doc, last), repeats=3), 1),
-            "diff": round(timed(lambda: q.diff("run-0", last), repeats=1), 1),
+            "doc": round(timed(lambda d: q.doc(d, last), docs), 1),
+            "why": round(timed(lambda d: q.why(d, last), duplicates), 1),
+            "source": round(timed(lambda s: q.source(s, last), list(SOURCES)), 1),
+            "takedown": round(timed(lambda d: q.takedown(d, last), duplicates), 1),
+            "takedown_content_hash": round(timed(lambda h: q.takedown(h, last, by="content_hash"), hashes), 1),
+            "diff": round(timed(lambda _: q.diff("run-0", last), [None], repeats=1), 1),
         },
     }
     print(json.dumps(results, indent=2), flush=True)

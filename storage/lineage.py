@@ -2,7 +2,7 @@
 
 Only the flow process (or a CLI command a user runs) writes the ``.duckdb`` file, in short transactions:
 DuckDB allows one writing process. Stages and workers write the per-document ledger as sorted Parquet inside
-their artifacts (``ledger/ledger.parquet``) and DuckDB queries those files in place; see
+their artifacts (``ledger/ledger-*.parquet`` with an index, ``storage.ledger``); see
 ``storage.lineage_queries`` for the questions users ask.
 """
 
@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -130,6 +131,64 @@ def _now() -> datetime:
 _READERS: dict[Path, weakref.WeakSet[LineageStore]] = {}
 
 
+class _Attachments:
+    """Read access to lineage files through one in-memory DuckDB instance per process.
+
+    Opening a DuckDB database costs ≈20 ms (its catalog is built on every open), more than a whole point query;
+    attaching a file to an instance that already exists costs ≈1 ms. Readers get a cursor of the shared
+    instance with the file attached read-only; the file is detached when its last reader closes, so no
+    process holds DuckDB's file lock between questions.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._db: duckdb.DuckDBPyConnection | None = None
+        self._attached: dict[Path, tuple[str, int]] = {}
+        self._serial = 0
+
+    def open(self, path: Path) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            if self._db is None:
+                self._db = duckdb.connect()
+                self._db.execute("SET parquet_metadata_cache = true")
+            alias, users = self._attached.get(path, ("", 0))
+            if not users:
+                self._serial += 1
+                alias = f"lineage_{self._serial}"
+                mode = " (READ_ONLY)" if path.exists() else ""
+                quoted = str(path).replace("'", "''")
+                _retry_while_locked(lambda: self._db.execute(f"ATTACH '{quoted}' AS {alias}{mode}"))
+            self._attached[path] = (alias, users + 1)
+            cursor = self._db.cursor()
+        cursor.execute(f"USE {alias}")
+        return cursor
+
+    def close(self, path: Path, cursor: duckdb.DuckDBPyConnection) -> None:
+        cursor.close()
+        with self._lock:
+            alias, users = self._attached[path]
+            if users > 1:
+                self._attached[path] = (alias, users - 1)
+            else:
+                del self._attached[path]
+                self._db.execute(f"DETACH {alias}")
+
+
+_ATTACHMENTS = _Attachments()
+
+
+def _retry_while_locked(open_fn: Any, timeout_s: float = 60) -> Any:
+    """Call ``open_fn`` until it succeeds, retrying while another process holds DuckDB's write lock."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return open_fn()
+        except duckdb.IOException as err:
+            if "lock" not in str(err).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 class LineageStore:
     """Writes and reads one lineage ``.duckdb`` file.
 
@@ -178,34 +237,21 @@ class LineageStore:
     def close(self) -> None:
         """Close this store's read connection (reopened on the next read)."""
         if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+            reader, self._reader = self._reader, None
+            _ATTACHMENTS.close(self.path, reader)
 
     def _read_connection(self) -> duckdb.DuckDBPyConnection:
         if self._reader is None:
-            self._reader = self._open(read_only=True)
-            self._reader.execute("SET parquet_metadata_cache = true")
+            self._reader = _ATTACHMENTS.open(self.path)
             _READERS.setdefault(self.path, weakref.WeakSet()).add(self)
         return self._reader
 
-    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
-        """Open the file, retrying while another process holds the write lock (up to 60 s)."""
-        if not read_only:
-            for reader in list(_READERS.get(self.path, ())):
-                reader.close()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                return duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
-            except duckdb.IOException as err:
-                if "lock" not in str(err).lower() or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-
     @contextmanager
     def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived read-write connection for one write transaction."""
-        con = self._open(read_only=False)
+        """A short-lived read-write connection for one write transaction (this process's readers close first)."""
+        for reader in list(_READERS.get(self.path, ())):
+            reader.close()
+        con = _retry_while_locked(lambda: duckdb.connect(str(self.path)))
         try:
             yield con
         finally:

@@ -1,8 +1,10 @@
 """Questions users ask of lineage: where did a document go, why was it dropped, what does a source feed,
 what changed between two runs, what must be rebuilt to take a document down, is a run consistent.
 
-Each function reads the small DuckDB tables and the runs' sorted Parquet ledgers (DuckDB scans them in place,
-skipping row groups by doc-id statistics). All return plain dicts, so the CLI prints them or emits JSON.
+Each function reads the small DuckDB tables and the runs' ledgers: point questions go through each ledger's
+index (``storage.ledger.LedgerIndex``: one part, one row group per stage), per-source counts through its
+rollup, whole-run comparisons through DuckDB scans of the parts. All return plain dicts, so the CLI prints
+them or emits JSON.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
+
 from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, local_folder
+from storage.ledger import LedgerIndex
 from storage.lineage import LineageStore
 
 STAGE_ORDER = ("ingest", "clean", "dedup", "tokenize")
@@ -21,9 +26,8 @@ LEDGER_STAGES = STAGE_ORDER
 DOWNSTREAM_OF_CLEAN = ("clean", "dedup", "tokenizer", "tokenize", "train", "evaluate")
 
 
-def _order_sql() -> str:
-    cases = " ".join(f"WHEN '{s}' THEN {i}" for i, s in enumerate(STAGE_ORDER))
-    return f"CASE stage {cases} ELSE 9 END"
+def _stage_rank(stage: str) -> int:
+    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
 
 
 def _one_connection(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,21 +62,26 @@ class LineageQueries:
             self._artifacts[run_id] = self.store.run_artifacts(run_id)
         return self._artifacts[run_id]
 
-    def _ledger(self, run_id: str, stages: tuple[str, ...] = LEDGER_STAGES) -> list[str]:
-        files = [
-            str(local_folder(a["uri"]) / "ledger" / "ledger.parquet")
-            for a in self._run_artifacts(run_id)
-            if a["stage"] in stages
-        ]
-        if not files:
+    def _indexes(self, run_id: str, stages: tuple[str, ...] = LEDGER_STAGES) -> list[LedgerIndex]:
+        indexes = [LedgerIndex(local_folder(a["uri"])) for a in self._run_artifacts(run_id) if a["stage"] in stages]
+        if not indexes:
             raise LookupError(f"run {run_id} has no ledger for stages {stages}")
-        return files
+        return indexes
 
-    def _rows(self, run_id: str, where: str, params: list[Any], stages: tuple[str, ...] = LEDGER_STAGES) -> list[dict]:
-        return self.store.query(
-            f"SELECT * FROM read_parquet(?, union_by_name = true) WHERE {where} ORDER BY doc_id, {_order_sql()}",
-            [self._ledger(run_id, stages), *params],
-        )
+    def _ledger(self, run_id: str, stages: tuple[str, ...] = LEDGER_STAGES) -> list[str]:
+        """Every ledger part of the run's artifacts of ``stages``, for whole-run DuckDB scans."""
+        return [f for index in self._indexes(run_id, stages) for f in index.files]
+
+    def _rows(
+        self,
+        run_id: str,
+        doc_ids: set[str] | list[str],
+        stages: tuple[str, ...] = LEDGER_STAGES,
+        columns: list[str] | None = None,
+    ) -> list[dict]:
+        """Ledger rows of these documents over the run's stages, ordered by document then pipeline stage."""
+        rows = [r for index in self._indexes(run_id, stages) for r in index.rows(doc_ids, columns)]
+        return sorted(rows, key=lambda r: (r["doc_id"], _stage_rank(r.get("stage", ""))))
 
     def _models_for_shards(self, tokenize_fp: str, shards: set[str]) -> list[dict]:
         """Train/evaluate artifacts whose edge from this tokenize artifact covers any of ``shards``."""
@@ -111,7 +120,7 @@ class LineageQueries:
     def doc(self, doc_id: str, run_id: str | None = None) -> dict:
         """A document's path through a run: each stage's decision, its split/shard/span, the models using it."""
         run_id = self._run(run_id)
-        rows = self._rows(run_id, "doc_id = ?", [doc_id])
+        rows = self._rows(run_id, [doc_id])
         if not rows:
             raise LookupError(f"document {doc_id} is not in run {run_id}")
         first = rows[0]
@@ -150,7 +159,7 @@ class LineageQueries:
             "score": decisive.get("score"),
         }
         if decisive.get("duplicate_of"):
-            rep = self._rows(info["run_id"], "doc_id = ?", [decisive["duplicate_of"]], ("ingest",))
+            rep = self._rows(info["run_id"], [decisive["duplicate_of"]], ("ingest",), ["doc_id", "locator"])
             out |= {
                 "duplicate_of": decisive["duplicate_of"],
                 "duplicate_of_locator": rep[0]["locator"] if rep else None,
@@ -163,22 +172,24 @@ class LineageQueries:
         """Counts per fate for one source, and the shards and models that contain anything from it."""
         run_id = self._run(run_id)
         name = self._source_name(run_id, source)
-        files = self._ledger(run_id)
-        lo, hi = f"{name}:", f"{name};"  # doc ids are '<source>:<hash>': one contiguous, sorted range
-        fates = self.store.query(
-            "SELECT stage, fate, coalesce(reason, '') AS reason, count(*) AS docs "
-            "FROM read_parquet(?, union_by_name = true) WHERE doc_id >= ? AND doc_id < ? "
-            f"GROUP BY stage, fate, reason ORDER BY {_order_sql()}, fate, reason",
-            [files, lo, hi],
-        )
-        shards = self.store.query(
-            "SELECT split, shard, count(*) AS docs, sum(token_end - token_start) AS tokens "
-            "FROM read_parquet(?) WHERE doc_id >= ? AND doc_id < ? GROUP BY ALL ORDER BY shard",
-            [self._ledger(run_id, ("tokenize",)), lo, hi],
-        )
+        fates: dict[tuple[str, str, str], int] = {}
+        placed: dict[tuple[str, str], dict] = {}
+        for index in self._indexes(run_id):
+            for r in index.rollup().filter(pc.equal(pc.field("source"), name)).to_pylist():
+                key = (r["stage"], r["fate"], r["reason"] or "")
+                fates[key] = fates.get(key, 0) + r["docs"]
+                if r["stage"] == "tokenize" and r["shard"] is not None:
+                    shard = placed.setdefault((r["split"], r["shard"]), {"docs": 0, "tokens": 0})
+                    shard["docs"] += r["docs"]
+                    shard["tokens"] += r["tokens"] or 0
+        fates_out = [
+            {"stage": st, "fate": fa, "reason": re, "docs": n}
+            for (st, fa, re), n in sorted(fates.items(), key=lambda kv: (_stage_rank(kv[0][0]), kv[0][1], kv[0][2]))
+        ]
+        shards = [{"split": sp, "shard": sh} | v for (sp, sh), v in sorted(placed.items(), key=lambda kv: kv[0][1])]
         fp = self._artifact_fp(run_id, "tokenize")
         models = self._models_for_shards(fp, {s["shard"] for s in shards}) if fp else []
-        return {"source": name, "run_id": run_id, "fates": fates, "shards": shards, "models": models}
+        return {"source": name, "run_id": run_id, "fates": fates_out, "shards": shards, "models": models}
 
     def _source_name(self, run_id: str, source: str) -> str:
         config = json.loads(self.store.run(run_id)["config"])
@@ -190,10 +201,41 @@ class LineageQueries:
 
     @_one_connection
     def diff(self, run_a: str, run_b: str) -> dict:
-        """Documents added, removed and changed (content hash differs) per source between two runs."""
+        """Documents added, removed and changed (content hash differs) per source between two runs.
+
+        Answered without scanning when it can be: a refresh records its diff against the previous run, and two
+        runs that share their ingest and clean artifacts differ in nothing (their clean rollup gives the
+        unchanged counts). Otherwise both runs' ingest and clean ledgers are joined on doc id.
+        """
         self.store.run(run_a)
         self.store.run(run_b)
+        recorded = self.store.query(
+            "SELECT source, added, removed, changed, unchanged FROM refresh_diffs "
+            "WHERE run_id = ? AND previous_run_id = ? ORDER BY source",
+            [run_b, run_a],
+        )
+        if recorded:
+            return {"run_a": run_a, "run_b": run_b, "sources": recorded, "method": "recorded by the refresh"}
+        same = [self._artifact_fp(run_a, st) for st in ("ingest", "clean")]
+        if None not in same and same == [self._artifact_fp(run_b, st) for st in ("ingest", "clean")]:
+            return {"run_a": run_a, "run_b": run_b, "sources": self._same_corpus(run_b), "method": "same artifacts"}
+        return {"run_a": run_a, "run_b": run_b, "sources": self._diff_scan(run_a, run_b), "method": "ledger scan"}
 
+    def _same_corpus(self, run_id: str) -> list[dict]:
+        """The diff of a run against one with the same ingest and clean artifacts: every hashed doc unchanged."""
+        ingested: set[str] = set()
+        hashed: dict[str, int] = {}
+        for index in self._indexes(run_id, ("ingest", "clean")):
+            for r in index.rollup().select(["source", "stage", "docs"]).to_pylist():
+                ingested.add(r["source"])
+                if r["stage"] == "clean":
+                    hashed[r["source"]] = hashed.get(r["source"], 0) + r["docs"]
+        return [
+            {"source": src, "added": 0, "removed": 0, "changed": 0, "unchanged": hashed.get(src, 0)}
+            for src in sorted(ingested)
+        ]
+
+    def _diff_scan(self, run_a: str, run_b: str) -> list[dict]:
         def docs(run_id: str) -> str:
             ingest = self._ledger(run_id, ("ingest",))
             clean = self._ledger(run_id, ("clean",))
@@ -214,52 +256,31 @@ class LineageQueries:
             GROUP BY ALL ORDER BY source
             """
         )
-        return {"run_a": run_a, "run_b": run_b, "sources": rows}
+        return rows
 
     @_one_connection
     def takedown(self, target: str, run_id: str | None = None, by: str = "auto") -> dict:
         """Every copy of a document (following duplicate links both ways), where they sit, what to rebuild."""
         run_id = self._run(run_id)
-        ledger = self._ledger(run_id)
         if by == "auto":
             by = "doc" if ":" in target else "content_hash" if len(target) == 32 else "source"
         if by == "doc":
-            seeds = self.store.query(
-                "SELECT DISTINCT doc_id, content_hash FROM read_parquet(?, union_by_name = true) "
-                "WHERE doc_id = ? AND content_hash IS NOT NULL",
-                [ledger, target],
-            ) or [{"doc_id": target, "content_hash": None}]
+            seeds, hashes = {target}, set()
         elif by == "content_hash":
-            seeds = self.store.query(
-                "SELECT DISTINCT doc_id, content_hash FROM read_parquet(?, union_by_name = true) "
-                "WHERE content_hash = ?",
-                [ledger, target],
-            )
+            seeds, hashes = self._linked(run_id, {target}, "content_hash"), {target}
         else:
             name = self._source_name(run_id, target)
-            seeds = self.store.query(
-                "SELECT DISTINCT doc_id, content_hash FROM read_parquet(?, union_by_name = true) "
-                "WHERE doc_id >= ? AND doc_id < ? AND stage = 'clean'",
-                [ledger, f"{name}:", f"{name};"],
+            lo, hi = f"{name}:", f"{name};"  # doc ids are '<source>:<hash>': one contiguous, sorted range
+            files = [f for index in self._indexes(run_id, ("clean",)) for f in index.files_between(lo, hi)]
+            found = self.store.query(
+                "SELECT DISTINCT doc_id FROM read_parquet(?) WHERE doc_id >= ? AND doc_id < ?", [files, lo, hi]
             )
-        copies = self._close_over_copies(ledger, {s["doc_id"] for s in seeds}, {s["content_hash"] for s in seeds})
-        placed = self.store.query(
-            "SELECT doc_id, split, shard, token_start, token_end FROM read_parquet(?) "
-            "WHERE list_contains(?, doc_id) ORDER BY doc_id",
-            [self._ledger(run_id, ("tokenize",)), sorted(copies)],
-        )
+            seeds, hashes = {r["doc_id"] for r in found}, set()
+        copies, hashes = self._close_over_copies(run_id, seeds, hashes)
+        placed = self._rows(run_id, copies, ("tokenize",), ["doc_id", "split", "shard", "token_start", "token_end"])
         fp = self._artifact_fp(run_id, "tokenize")
         models = self._models_for_shards(fp, {p["shard"] for p in placed}) if fp and placed else []
-        hashes = sorted(
-            {
-                r["content_hash"]
-                for r in self.store.query(
-                    "SELECT DISTINCT content_hash FROM read_parquet(?, union_by_name = true) "
-                    "WHERE list_contains(?, doc_id) AND content_hash IS NOT NULL",
-                    [ledger, sorted(copies)],
-                )
-            }
-        )
+        hashes = sorted(hashes)
         plan = [
             {
                 "step": "apply a tombstone for every copy (tokenmill lineage takedown … --apply)",
@@ -280,20 +301,25 @@ class LineageQueries:
             "plan": plan,
         }
 
-    def _close_over_copies(self, ledger: list[str], doc_ids: set[str], hashes: set[str | None]) -> set[str]:
-        """Grow a set of documents to a fixed point over same-content and duplicate_of links, both directions."""
-        doc_ids, hashes = set(doc_ids), {h for h in hashes if h}
-        while True:
-            rows = self.store.query(
-                "SELECT doc_id, content_hash, duplicate_of FROM read_parquet(?, union_by_name = true) "
-                "WHERE list_contains(?, doc_id) OR list_contains(?, duplicate_of) OR list_contains(?, content_hash)",
-                [ledger, sorted(doc_ids), sorted(doc_ids), sorted(hashes)],
-            )
-            grown_ids = doc_ids | {r["doc_id"] for r in rows} | {r["duplicate_of"] for r in rows if r["duplicate_of"]}
-            grown_hashes = hashes | {r["content_hash"] for r in rows if r["content_hash"]}
-            if grown_ids == doc_ids and grown_hashes == hashes:
-                return doc_ids
-            doc_ids, hashes = grown_ids, grown_hashes
+    def _linked(self, run_id: str, keys: set[str], link: str) -> set[str]:
+        return {d for index in self._indexes(run_id) for d in index.linked(keys, link)} if keys else set()
+
+    def _close_over_copies(self, run_id: str, doc_ids: set[str], hashes: set[str]) -> tuple[set[str], set[str]]:
+        """Grow documents and content hashes to a fixed point over same-content and duplicate_of links, both
+        ways: a document's own hash and representative (its rows), the documents with a hash or pointing at a
+        document (the ledgers' link indexes). Each round looks up only what the previous round found."""
+        seen_ids, seen_hashes = set(), set()
+        new_ids, new_hashes = set(doc_ids), set(hashes)
+        while new_ids or new_hashes:
+            seen_ids |= new_ids
+            seen_hashes |= new_hashes
+            rows = self._rows(run_id, new_ids, columns=["doc_id", "content_hash", "duplicate_of"]) if new_ids else []
+            found_ids = {r["duplicate_of"] for r in rows if r["duplicate_of"]}
+            found_ids |= self._linked(run_id, new_ids, "duplicate_of")
+            found_ids |= self._linked(run_id, new_hashes, "content_hash")
+            found_hashes = {r["content_hash"] for r in rows if r["content_hash"]}
+            new_ids, new_hashes = found_ids - seen_ids, found_hashes - seen_hashes
+        return seen_ids, seen_hashes
 
     def apply_takedown(self, result: dict, reason: str, requested_by: str = "cli") -> int:
         """Record tombstones for every copy found by ``takedown``; later clean stages drop them."""

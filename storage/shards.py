@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -119,7 +118,7 @@ class LedgerWriter(ParquetShardWriter):
     """The per-document fate ledger of one stage: rows with defaults for the columns a stage does not fill.
 
     Stages (and their parallel parts) write unsorted ``ledger/ledger-*.parquet`` files; when the stage ends,
-    ``compact_ledger_folder`` turns them into one sorted ``ledger/ledger.parquet``.
+    ``storage.ledger.compact_ledger_folder`` sorts them into range-partitioned parts with an index.
     """
 
     def __init__(self, folder: Path, stage: str, prefix: str = "ledger"):
@@ -137,48 +136,6 @@ class LedgerWriter(ParquetShardWriter):
             for f in LEDGER_SCHEMA
         ]
         self.write(pa.Table.from_arrays(arrays, schema=LEDGER_SCHEMA) if n else LEDGER_SCHEMA.empty_table())
-
-
-LEDGER_FILE = "ledger.parquet"
-LEDGER_ROW_GROUP = 16_384
-
-
-def compact_ledger(fragments: list[Path], folder: Path) -> Path:
-    """Sort ledger fragments by doc id into ``<folder>/ledger.parquet`` (DuckDB; spills to disk past RAM).
-
-    One sorted file with small row groups: since a doc id starts with its source name, the sort also lays each
-    source's rows together, so row-group statistics let point lookups by document and range scans by source
-    skip almost all of the file. The sort is total (doc_id, stage, locator), so same rows give same bytes.
-    """
-    import duckdb
-
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / LEDGER_FILE
-    if not fragments:
-        pq.write_table(LEDGER_SCHEMA.empty_table(), out, compression="zstd")
-        return out
-    con = duckdb.connect()
-    con.execute(
-        f"COPY (SELECT * FROM read_parquet(?, union_by_name = true) ORDER BY doc_id, stage, locator) TO '{out}' "
-        f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {LEDGER_ROW_GROUP})",
-        [[str(p) for p in fragments]],
-    )
-    con.close()
-    return out
-
-
-def compact_ledger_folder(folder: Path) -> Path | None:
-    """Replace a stage's ledger fragment files in ``folder`` by one sorted ``ledger.parquet``."""
-    import shutil
-
-    if not folder.is_dir():
-        return None
-    staging = folder.with_name(f".{folder.name}-fragments")
-    os.rename(folder, staging)
-    try:
-        return compact_ledger(sorted(staging.glob("*.parquet")), folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --- token shards: one flat token column in an uncompressed Arrow IPC file, memory-mappable -------------

@@ -30,7 +30,7 @@ from tasks.config import CleanConfig, PiiConfig
 from tasks.filters import FilterResult, Rule, TextBatch, apply_rules
 from tasks.parallel import balanced_groups, map_parts
 
-VERSION = "2"
+VERSION = "3"  # 3: ledger in sorted parts with an index (storage/ledger.py)
 
 CLEAN_SCHEMA = DOC_SCHEMA.append(pa.field("content_hash", pa.string()))
 SCORES_TYPE = pa.map_(pa.string(), pa.float64())

@@ -52,7 +52,7 @@ from tasks.minhash import (
     s_curve_table,
 )
 
-VERSION = "2"
+VERSION = "3"  # 3: ledger in sorted parts with an index (storage/ledger.py)
 
 DEDUP_SCHEMA = CLEAN_SCHEMA.append(pa.field("split_key", pa.string()))
 INDEX_BANDS_SCHEMA = pa.schema([("band", pa.int16()), ("h", pa.int64()), ("doc_id", pa.string())])

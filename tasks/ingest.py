@@ -37,7 +37,7 @@ from tasks.config import SourceConfig
 from tasks.parallel import balanced_groups, default_workers, map_parts
 from tasks.readers import Record, SourceFile
 
-VERSION = "3"
+VERSION = "4"  # 4: ledger in sorted parts with an index (storage/ledger.py)
 FLUSH_ROWS = 1024
 FLUSH_BYTES = 2 * 2**20  # also the row-group size of the merged shards: clean maps over row groups
 FRAGMENT_SCHEMA = pa.schema(

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 from storage.artifacts import ArtifactStore, Manifest, StageContext
 from storage.faults import maybe_fail
 from storage.hashing import canonical_json, fingerprint
-from storage.shards import compact_ledger_folder
+from storage.ledger import compact_ledger_folder
 from tasks import clean, dedup, evaluate, export, ingest, tokenize, tokenizer, train
 from tasks.config import PipelineConfig
 from tasks.executors import executor_for
@@ -42,6 +42,7 @@ class StageSpec:
     version: str
     params: Callable[[PipelineConfig], dict[str, Any]]
     produce: Callable[[PipelineConfig, dict[str, Manifest], StageContext], dict[str, Any]]
+    ledger_links: tuple[str, ...] = ()  # ledger columns indexed for reverse lookup (lineage takedown)
 
 
 def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
@@ -121,6 +122,7 @@ SPECS: dict[str, StageSpec] = {
         lambda c, i, ctx: clean.clean(
             i["ingest"].files_under("docs/"), c.clean, ctx, workers=c.workers, blocked=set(_tombstones(c))
         ),
+        ledger_links=("content_hash",),  # the stage that first hashes content
     ),
     "dedup": StageSpec(
         "dedup",
@@ -129,6 +131,7 @@ SPECS: dict[str, StageSpec] = {
         lambda c, i, ctx: dedup.dedup(
             i["clean"].files_under("docs/"), c.dedup, ctx, previous=dedup.resolve_previous(c.dedup.against, c.root)
         ),
+        ledger_links=("duplicate_of",),
     ),
     "tokenizer": StageSpec(
         "tokenizer",
@@ -228,7 +231,7 @@ def run_stage(
             store.materialize(inputs[upstream])
         with executor_for(cfg):
             counts = spec.produce(cfg, inputs, ctx)
-        compact_ledger_folder(ctx.out_dir / "ledger")
+        compact_ledger_folder(ctx.out_dir / "ledger", spec.ledger_links)
         maybe_fail(name, "end")
         return counts
 

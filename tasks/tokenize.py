@@ -21,7 +21,7 @@ from storage.shards import LedgerWriter, iter_batches, token_dtype, write_token_
 from tasks.config import TokenizeConfig, TokenizerConfig
 from tasks.tokenizer import load_tokenizer
 
-VERSION = "1"
+VERSION = "2"  # 2: ledger in sorted parts with an index (storage/ledger.py)
 SPLITS = ("train", "val", "test")
 
 

@@ -144,6 +144,14 @@ def test_diff_counts_added_removed_changed(tmp_path: Path):
     assert (diff["docs"]["added"], diff["docs"]["removed"], diff["docs"]["changed"]) == (1, 1, 1)
     assert diff["records"]["added"] == diff["records"]["removed"] == diff["records"]["changed"] == 0
 
+    run_all(cfg, log=lambda m: None, run_id="r3")  # nothing changed: every stage cached
+    same = q.diff("r2", "r3")
+    assert same["method"] == "same artifacts" and same["sources"] == q._diff_scan("r2", "r3")
+    assert all(r["unchanged"] > 0 and r["added"] + r["removed"] + r["changed"] == 0 for r in same["sources"])
+    q.store.record_refresh_diff("r2", "r1", q._diff_scan("r1", "r2"))
+    recorded = q.diff("r1", "r2")
+    assert recorded["method"] == "recorded by the refresh" and {r["source"]: r for r in recorded["sources"]} == diff
+
 
 def test_openlineage_export_writes_start_and_complete_per_stage(run, tmp_path: Path):
     pytest.importorskip("openlineage.client")
