@@ -310,7 +310,7 @@ def lineage_diff(run_a: str, run_b: str, root: str = LRoot, as_json: bool = LJso
     """Documents added / removed / changed per source between two runs (or refreshes)."""
 
     def render(r: dict) -> None:
-        table = Table(title=f"{r['run_a']} → {r['run_b']}")
+        table = Table(title=f"{r['run_a']} → {r['run_b']}", caption=r.get("method"))
         for col in ("source", "added", "removed", "changed", "unchanged"):
             table.add_column(col)
         for row in r["sources"]:
