@@ -254,6 +254,17 @@ def _print_models(models: list[dict]) -> None:
         console.print(f"  {m['relation']}: {m['stage']} {m['fingerprint']} ({m['uri']}) via shards {m['shards']}")
 
 
+def _fields(row: dict) -> str:
+    """A ledger row's other fields as ``key=value``; filter scores compact, hashes shortened."""
+    shown = []
+    for key, value in row.items():
+        if key in ("doc_id", "stage", "fate", "source", "locator", "scores"):
+            continue
+        shown.append(f"{key}={value[:12] + '…' if key == 'content_hash' else value}")
+    scores = " ".join(f"{k}={v:.6g}" for k, v in (row.get("scores") or []))
+    return " ".join(shown) + (f" scores: {scores}" if scores else "")
+
+
 @lineage_app.command("doc")
 def lineage_doc(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_json: bool = LJson) -> None:
     """Where a document went: every stage's decision, its split, shard and token span, the models using it."""
@@ -261,8 +272,7 @@ def lineage_doc(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_js
     def render(r: dict) -> None:
         console.print(f"document {r['doc_id']} ({r['source']}: {r['locator']}) in run {r['run_id']}")
         for row in r["stages"]:
-            extra = {k: v for k, v in row.items() if k not in ("doc_id", "stage", "fate", "source", "locator")}
-            console.print(f"  {row['stage']:<9} {row['fate']:<9} {extra}")
+            console.print(f"  {row['stage']:<9} {row['fate']:<9} {_fields(row)}", soft_wrap=True)
         if r["shard"]:
             console.print(
                 f"  placed in {r['split']} shard {r['shard']} tokens [{r['token_span'][0]}, {r['token_span'][1]})"
@@ -342,7 +352,7 @@ def lineage_takedown(
     def render(r: dict) -> None:
         console.print(f"takedown {r['target']} (run {r['run_id']}): {len(r['copies'])} copies")
         for c in r["copies"]:
-            console.print(f"  copy {c}")
+            console.print(f"  copy {c} ({r['locators'].get(c) or 'not in this run'})")
         for p in r["placements"]:
             console.print(f"  in {p['split']} shard {p['shard']} tokens [{p['token_start']}, {p['token_end']})")
         _print_models(r["models"])

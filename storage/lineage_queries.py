@@ -276,7 +276,7 @@ class LineageQueries:
                 "SELECT DISTINCT doc_id FROM read_parquet(?) WHERE doc_id >= ? AND doc_id < ?", [files, lo, hi]
             )
             seeds, hashes = {r["doc_id"] for r in found}, set()
-        copies, hashes = self._close_over_copies(run_id, seeds, hashes)
+        copies, hashes, locators = self._close_over_copies(run_id, seeds, hashes)
         placed = self._rows(run_id, copies, ("tokenize",), ["doc_id", "split", "shard", "token_start", "token_end"])
         fp = self._artifact_fp(run_id, "tokenize")
         models = self._models_for_shards(fp, {p["shard"] for p in placed}) if fp and placed else []
@@ -295,6 +295,7 @@ class LineageQueries:
             "target": target,
             "run_id": run_id,
             "copies": sorted(copies),
+            "locators": {d: locators.get(d) for d in sorted(copies)},
             "content_hashes": hashes,
             "placements": placed,
             "models": models,
@@ -304,22 +305,26 @@ class LineageQueries:
     def _linked(self, run_id: str, keys: set[str], link: str) -> set[str]:
         return {d for index in self._indexes(run_id) for d in index.linked(keys, link)} if keys else set()
 
-    def _close_over_copies(self, run_id: str, doc_ids: set[str], hashes: set[str]) -> tuple[set[str], set[str]]:
+    def _close_over_copies(
+        self, run_id: str, doc_ids: set[str], hashes: set[str]
+    ) -> tuple[set[str], set[str], dict[str, str]]:
         """Grow documents and content hashes to a fixed point over same-content and duplicate_of links, both
         ways: a document's own hash and representative (its rows), the documents with a hash or pointing at a
         document (the ledgers' link indexes). Each round looks up only what the previous round found."""
-        seen_ids, seen_hashes = set(), set()
+        seen_ids, seen_hashes, locators = set(), set(), {}
         new_ids, new_hashes = set(doc_ids), set(hashes)
         while new_ids or new_hashes:
             seen_ids |= new_ids
             seen_hashes |= new_hashes
-            rows = self._rows(run_id, new_ids, columns=["doc_id", "content_hash", "duplicate_of"]) if new_ids else []
+            columns = ["doc_id", "locator", "content_hash", "duplicate_of"]
+            rows = self._rows(run_id, new_ids, columns=columns) if new_ids else []
+            locators |= {r["doc_id"]: r["locator"] for r in rows if r["locator"]}
             found_ids = {r["duplicate_of"] for r in rows if r["duplicate_of"]}
             found_ids |= self._linked(run_id, new_ids, "duplicate_of")
             found_ids |= self._linked(run_id, new_hashes, "content_hash")
             found_hashes = {r["content_hash"] for r in rows if r["content_hash"]}
             new_ids, new_hashes = found_ids - seen_ids, found_hashes - seen_hashes
-        return seen_ids, seen_hashes
+        return seen_ids, seen_hashes, locators
 
     def apply_takedown(self, result: dict, reason: str, requested_by: str = "cli") -> int:
         """Record tombstones for every copy found by ``takedown``; later clean stages drop them."""
