@@ -382,9 +382,10 @@ class PipelineConfig(Section):
     workers: int | None = Field(
         None, ge=1, description="Processes for the data stages (default: all cores); outputs do not depend on it."
     )
-    executor: Literal["local", "dask", "ray"] = Field(
+    executor: Literal["local", "dask", "ray", "prefect-dask", "prefect-ray"] = Field(
         "local",
-        description="Where the data stages' parts run: local processes, or a Dask / Ray cluster (see docs/scaling.md).",
+        description="Where the data stages' parts run: local processes, or a Dask / Ray cluster (see docs/scaling.md); "
+        "prefect-dask / prefect-ray make each part a Prefect task run on a DaskTaskRunner / RayTaskRunner.",
     )
     executor_address: str | None = Field(
         None,
