@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
+from prefect.context import FlowRunContext, SettingsContext, get_settings_context
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner
+from pydantic import PrivateAttr
 
 from tasks.config import PipelineConfig
 from tasks.executors import PartExecutor, engine_of, executor_for, local_cluster_kwargs, missing_extra, use_executor
@@ -67,6 +68,27 @@ def _api_for_workers() -> Iterator[None]:
         yield
 
 
+class _SettingsSerializedOnce(SettingsContext):
+    """The current settings, serialized for the workers once per run instead of once per part.
+
+    ``TaskRunner.submit`` sends the serialized settings with every task; in prefect 3.9 serializing them walks the
+    whole settings model (≈0.1–0.4 s, most of a part's submission cost, measured by benchmarks/part_overhead.py).
+    Settings do not change while the parts of a flow run are submitted, so one serialization serves them all.
+    """
+
+    _serialized: dict[str, Any] | None = PrivateAttr(None)
+
+    def serialize(self, include_secrets: bool = True) -> dict[str, Any]:
+        if self._serialized is None:
+            self._serialized = super().serialize(include_secrets=include_secrets)
+        return self._serialized
+
+    @classmethod
+    def of_current(cls) -> _SettingsSerializedOnce:
+        current = get_settings_context()
+        return cls(profile=current.profile, settings=current.settings)
+
+
 class TaskRunnerExecutor:
     """A ``PartExecutor`` that submits each part as a ``part_task`` run to a started Prefect task runner."""
 
@@ -75,8 +97,15 @@ class TaskRunnerExecutor:
         self.name = name
 
     def _submit(self, fn: Callable[[P], R], part: P, index: int) -> PrefectFuture[R]:
-        with _api_for_workers():
-            return self.runner.submit(part_task, {"fn": fn, "part": part, "label": part_label(fn, index)})
+        parameters = {"fn": fn, "part": part, "label": part_label(fn, index)}
+        if type(self.runner).__name__ != "DaskTaskRunner":
+            return self.runner.submit(part_task, parameters)
+        # DaskTaskRunner.submit, minus Dask's hashing of the arguments (pure=True): parts are never identical
+        # tasks, and hashing the serialized contexts was ≈40% of a part's submission cost.
+        from prefect_dask.task_runners import PrefectDaskFuture
+
+        future = self.runner.client.submit(part_task, parameters=parameters, return_type="state", pure=False)
+        return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
 
     def map(self, fn: Callable[[P], R], parts: Sequence[P]) -> list[R]:
         futures = [self._submit(fn, part, i) for i, part in enumerate(parts)]
@@ -132,7 +161,10 @@ def parts_executor(cfg: PipelineConfig) -> Iterator[PartExecutor | None]:
             yield executor
         return
     runner = _flow_runner_of_kind(cfg)
-    with nullcontext(runner) if runner is not None else task_runner_for(cfg) as started:
-        executor = TaskRunnerExecutor(started, cfg.executor)
-        with use_executor(executor):
-            yield executor
+    with (
+        _api_for_workers(),
+        _SettingsSerializedOnce.of_current(),
+        nullcontext(runner) if runner is not None else task_runner_for(cfg) as started,
+        use_executor(TaskRunnerExecutor(started, cfg.executor)) as executor,
+    ):
+        yield executor

@@ -103,3 +103,10 @@ def test_the_leader_writes_the_rendezvous_and_followers_join_it(tmp_path: Path, 
 def test_a_follower_without_a_leader_times_out(tmp_path: Path):
     with pytest.raises(TimeoutError, match="rendezvous.json"):
         join_command(tmp_path, node_rank=1, timeout_s=0.05, poll_s=0.01)
+
+
+def test_the_follower_flow_joins_through_the_launcher(tmp_path: Path):
+    from flows.train_node import train_node
+
+    with pytest.raises(TimeoutError, match="is the train stage up"):
+        train_node.fn(str(tmp_path), node_rank=1, timeout_s=0.01)

@@ -15,7 +15,8 @@ from conftest import _prose, tiny_config
 from prefect import flow
 
 from flows.runners import parts_executor
-from storage.artifacts import StageContext
+from storage.artifacts import ArtifactStore, StageContext
+from storage.lineage import LineageStore
 from tasks.clean import clean
 from tasks.config import CleanConfig, PipelineConfig, SourceConfig
 from tasks.ingest import ingest
@@ -66,9 +67,9 @@ def test_pipeline_on_a_dask_task_runner_matches_one_process(
     address = dask_cluster.scheduler_address
     cfg = tiny_config(corpus, tmp_path / "dask", executor="prefect-dask", executor_address=address)
     state = pipeline(config=cfg, return_state=True)
-    artifacts = state.result()["artifacts"]
-    hashes = {n: json.loads(Path(artifacts[n], "manifest.json").read_text())["content_hash"] for n in DATA_STAGES}
-    assert hashes == reference
+    lineage = LineageStore(ArtifactStore(cfg.root).lineage_path)
+    recorded = {a["stage"]: a["content_hash"] for a in lineage.run_artifacts(state.result()["run_id"])}
+    assert {n: recorded[n] for n in DATA_STAGES} == reference
 
     runs = _task_runs(state.state_details.flow_run_id)
     stages = {r.id: r.name for r in runs if r.name in DATA_STAGES}
