@@ -117,3 +117,29 @@ def test_many_parts_as_task_runs_come_back_in_part_order(prefect_harness, dask_c
     with distributed.Client(dask_cluster) as client:
         per_worker = client.run(lambda dask_worker: dask_worker.state.executed_count)
     assert len(per_worker) == 2 and all(n > 0 for n in per_worker.values()), (per_worker, executed)
+
+
+def test_the_configured_task_runner(tmp_path: Path):
+    from prefect_dask import DaskTaskRunner
+
+    from flows.runners import task_runner_for
+
+    private = task_runner_for(PipelineConfig(executor="prefect-dask", workers=3))
+    assert isinstance(private, DaskTaskRunner) and private.address is None
+    assert (
+        private.cluster_kwargs | {"n_workers": 3, "host": "127.0.0.1", "threads_per_worker": 1}
+        == private.cluster_kwargs
+    )
+    existing = task_runner_for(PipelineConfig(executor="prefect-dask", executor_address="tcp://10.0.0.5:8786"))
+    assert existing.address == "tcp://10.0.0.5:8786" and not existing.cluster_kwargs
+
+
+def test_outside_a_flow_run_prefect_dask_sends_parts_to_dask_directly(dask_cluster, corpus: Path, tmp_path: Path):
+    """``run_all`` / a bare ``run_stage`` have no task runner: the same cluster runs the parts, same artifact."""
+    local = tiny_config(corpus, tmp_path / "local", workers=1)
+    address = dask_cluster.scheduler_address
+    direct = tiny_config(corpus, tmp_path / "direct", executor="prefect-dask", executor_address=address)
+    before = dask_cluster.scheduler.task_prefixes.get("ingest_part")
+    hashes = [run_stage("ingest", cfg, {}, log=lambda m: None)[0].content_hash for cfg in (local, direct)]
+    assert hashes[0] == hashes[1]
+    assert before is None and "ingest_part" in dask_cluster.scheduler.task_prefixes
