@@ -27,10 +27,10 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.states import State
 
+from flows.runners import parts_executor
 from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
-from tasks.executors import executor_for
 from tasks.report import publish_run_report
 from tasks.stages import STAGES, UPSTREAM, StageName, cache_key, data_version, run_stage
 
@@ -267,7 +267,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[StageName] |
     run_id = _run_id(lineage)
     get_run_logger().info(f"lineage run {run_id} in {store.lineage_path}")
     lineage.start_run(run_id, config.name, config.model_dump(), config.seed, str(flow_run.get_id()))
-    with executor_for(config):  # one Dask/Ray client (or private local cluster) for all stages of the run
+    with parts_executor(config):  # one task runner / Dask / Ray client (or private cluster) for the whole run
         manifests = run_stages(config, STAGES, run_id, force, lineage)
     report = publish_report(store, lineage, run_id, config.name, manifests)
     lineage.finish_run(run_id, "completed")

@@ -10,6 +10,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.pipeline import run_stages
+from flows.runners import parts_executor
 from storage.artifacts import ArtifactStore, Manifest
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
@@ -65,5 +66,6 @@ def stage(
     lineage = open_lineage(root)
     cfg, inputs = recorded_inputs(lineage, run_id, name, root)
     get_run_logger().info(f"rerunning {name} of run {run_id} from {', '.join(inputs) or 'its sources'}")
-    manifests = run_stages(cfg, (name,), run_id, [name] if force else [], lineage, manifests=inputs)
+    with parts_executor(cfg):
+        manifests = run_stages(cfg, (name,), run_id, [name] if force else [], lineage, manifests=inputs)
     return {"run_id": run_id, "stage": name, "artifact": manifests[name]["path"]}

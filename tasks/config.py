@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sysconfig
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -353,6 +353,31 @@ class TrainConfig(Section):
     nproc: int = Field(
         1, ge=1, le=64, description="Data-parallel processes (DDP under torchrun; one per GPU on CUDA, gloo on CPU)."
     )
+    nnodes: int = Field(
+        1, ge=1, le=1024, description="Machines of a multi-node run, nproc processes each (see docs/scaling.md)."
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        description="host:port where the nodes meet (torchrun --rdzv_endpoint): the node that runs the train stage, "
+        "on a private network. Required when nnodes > 1.",
+    )
+    rdzv_id: str | None = Field(None, description="Rendezvous id shared by the nodes (default: the stage fingerprint).")
+    rdzv_backend: Literal["c10d", "static"] = Field(
+        "c10d", description="torchrun rendezvous: c10d (a store on the endpoint) or static (fixed node ranks)."
+    )
+
+    # Where and on how many processes the run happens, not what it computes: not part of the stage fingerprint.
+    PLACEMENT: ClassVar[frozenset[str]] = frozenset(
+        {"threads", "nproc", "nnodes", "rdzv_endpoint", "rdzv_id", "rdzv_backend"}
+    )
+
+    @model_validator(mode="after")
+    def _multi_node_needs_an_endpoint(self) -> TrainConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("train.nnodes > 1 needs train.rdzv_endpoint (host:port of the node running the stage)")
+        if self.rdzv_endpoint and not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", self.rdzv_endpoint):
+            raise ValueError(f"train.rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
+        return self
 
 
 class EvaluateConfig(Section):
@@ -382,9 +407,10 @@ class PipelineConfig(Section):
     workers: int | None = Field(
         None, ge=1, description="Processes for the data stages (default: all cores); outputs do not depend on it."
     )
-    executor: Literal["local", "dask", "ray"] = Field(
+    executor: Literal["local", "dask", "ray", "prefect-dask", "prefect-ray"] = Field(
         "local",
-        description="Where the data stages' parts run: local processes, or a Dask / Ray cluster (see docs/scaling.md).",
+        description="Where the data stages' parts run: local processes, or a Dask / Ray cluster (see docs/scaling.md); "
+        "prefect-dask / prefect-ray make each part a Prefect task run on a DaskTaskRunner / RayTaskRunner.",
     )
     executor_address: str | None = Field(
         None,

@@ -4,7 +4,9 @@ The data stages split their input into parts sized by bytes (``tasks.parallel``)
 ``map_parts`` / ``imap_parts``. Those run on the *active* executor: none (the default) means a local process
 pool; ``use_executor`` activates a cluster executor for a block of code. ``run_stage`` activates the one the
 pipeline configuration names (``executor: local | dask | ray``), so stage functions never know which engine
-runs their parts. Results always come back in part order, so artifacts do not depend on the engine.
+runs their parts; in a Prefect flow run ``flows.runners`` activates a Prefect task runner for ``prefect-dask`` /
+``prefect-ray`` (each part a task run); this module stays Prefect-free. Results always come back in part order,
+so artifacts do not depend on the engine.
 
 Part functions and parts must be picklable, and every worker must see the paths in them (a shared file
 system, or URIs such as ``s3://``). Workers write Parquet fragments only; the flow process alone writes the
@@ -55,8 +57,21 @@ def use_executor(executor: PartExecutor | None) -> Iterator[PartExecutor | None]
         _ACTIVE.reset(token)
 
 
-def _missing_extra(engine: str, err: ImportError) -> RuntimeError:
+def missing_extra(engine: str, err: ImportError) -> RuntimeError:
     return RuntimeError(f"executor {engine!r} needs the {engine} extra: pip install 'tokenmill[{engine}]' ({err})")
+
+
+def local_cluster_kwargs(workers: int | None) -> dict[str, Any]:
+    """A private Dask ``LocalCluster``: one single-threaded worker process per core, reachable from 127.0.0.1 only."""
+    from tasks.parallel import default_workers
+
+    return {
+        "n_workers": default_workers(workers),
+        "processes": True,
+        "threads_per_worker": 1,
+        "host": "127.0.0.1",
+        "dashboard_address": None,
+    }
 
 
 class DaskExecutor:
@@ -87,18 +102,12 @@ class DaskExecutor:
         try:
             from distributed import Client, LocalCluster
         except ImportError as err:
-            raise _missing_extra("dask", err) from err
+            raise missing_extra("dask", err) from err
         if address:
             with Client(address) as client:
                 yield cls(client)
             return
-        from tasks.parallel import default_workers
-
-        cluster_kwargs = {"host": "127.0.0.1", "dashboard_address": None, "threads_per_worker": 1}
-        with (
-            LocalCluster(n_workers=default_workers(workers), processes=True, **cluster_kwargs) as cluster,
-            Client(cluster) as client,
-        ):
+        with LocalCluster(**local_cluster_kwargs(workers)) as cluster, Client(cluster) as client:
             yield cls(client)
 
 
@@ -134,7 +143,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError as err:
-            raise _missing_extra("ray", err) from err
+            raise missing_extra("ray", err) from err
         started = not ray.is_initialized()
         if started:
             kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": workers}
@@ -146,12 +155,21 @@ class RayExecutor:
                 ray.shutdown()
 
 
+def engine_of(executor: str) -> str:
+    """The cluster engine behind an executor name: ``prefect-dask`` runs on ``dask``, ``prefect-ray`` on ``ray``."""
+    return executor.removeprefix("prefect-")
+
+
 @contextmanager
 def executor_for(cfg: PipelineConfig) -> Iterator[PartExecutor | None]:
-    """Activate the executor ``cfg`` names for the block, unless one is already active (a flow opened it)."""
+    """Activate the executor ``cfg`` names for the block, unless one is already active (a flow opened it).
+
+    ``prefect-dask`` / ``prefect-ray`` need a Prefect flow run (``flows.runners`` opens them there); outside one
+    (``run_all``, a bare ``run_stage``) the parts go to the same engine directly: same cluster, same artifacts.
+    """
     if cfg.executor == "local" or active_executor() is not None:
         yield active_executor()
         return
-    engine = DaskExecutor if cfg.executor == "dask" else RayExecutor
+    engine = DaskExecutor if engine_of(cfg.executor) == "dask" else RayExecutor
     with engine.connect(cfg.executor_address, cfg.workers) as executor, use_executor(executor):
         yield executor

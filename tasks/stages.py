@@ -152,7 +152,7 @@ SPECS: dict[str, StageSpec] = {
         train.VERSION,
         lambda c: {
             "model": c.model.sizes(),
-            "train": c.train.model_dump(exclude={"threads", "nproc"}),
+            "train": c.train.model_dump(exclude=set(c.train.PLACEMENT)),
             "seed": c.seed,
         },
         lambda c, i, ctx: train.train(

@@ -287,9 +287,9 @@ def train(
     seed: int,
     ctx: StageContext,
 ) -> dict:
-    """The train stage: in this process, or under ``torchrun`` when ``cfg.nproc > 1``."""
+    """The train stage: in this process, or under ``torchrun`` when ``cfg.nproc > 1`` or ``cfg.nnodes > 1``."""
     job = TrainJob.build(train_shards, val_shards, vocab_size, model_cfg, cfg, seed)
-    if cfg.nproc > 1:
+    if cfg.nproc > 1 or cfg.nnodes > 1:
         from tasks.launch import launch_distributed
 
         return launch_distributed(job, ctx)
