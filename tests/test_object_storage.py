@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -25,18 +18,12 @@ from conftest import _prose, tiny_config, write_corpus
 from storage.artifacts import MANIFEST, ArtifactStore, CorruptArtifactError, Manifest, StageContext
 from storage.faults import InjectedFault
 from storage.lineage import LineageStore
+from storage.local_s3 import MOTO_SERVER, moto_server
 from tasks.config import PipelineConfig
 from tasks.dedup import resolve_previous
 from tasks.stages import UPSTREAM, run_stage
 
 s3fs = pytest.importorskip("s3fs")
-MOTO_SERVER = Path(sys.executable).with_name("moto_server")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,28 +31,8 @@ def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 in its own process group, stopped by pid after the module."""
     if not MOTO_SERVER.exists():
         pytest.skip("moto[server] is not installed")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {url}") from None
-                time.sleep(0.2)
+    with moto_server() as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
 
 
 @pytest.fixture

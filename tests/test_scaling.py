@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,15 +19,6 @@ from tasks.stages import UPSTREAM, run_stage
 distributed = pytest.importorskip("distributed")
 
 DATA_STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize")
-
-
-@pytest.fixture(scope="module")
-def dask_cluster() -> Iterator[distributed.LocalCluster]:
-    """A local cluster of 2 worker processes on 127.0.0.1 (≈3 s to start), closed after the module."""
-    with distributed.LocalCluster(
-        n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
-    ) as cluster:
-        yield cluster
 
 
 def _data_stages(cfg) -> dict[str, str]:

@@ -6,7 +6,6 @@ One local Dask cluster of 2 worker processes on 127.0.0.1 serves the module and 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,14 +27,6 @@ pytest.importorskip("prefect_dask")
 
 DATA_STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize")
 PART_FUNCTIONS = ("ingest_part", "clean_part", "_sign_batch_with")
-
-
-@pytest.fixture(scope="module")
-def dask_cluster() -> Iterator[distributed.LocalCluster]:
-    with distributed.LocalCluster(
-        n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
-    ) as cluster:
-        yield cluster
 
 
 def _one_process_hashes(cfg: PipelineConfig) -> dict[str, str]:
