@@ -237,11 +237,13 @@ class LineageQueries:
 
     def _diff_scan(self, run_a: str, run_b: str) -> list[dict]:
         def docs(run_id: str) -> str:
+            """Every ingested document with its content hash: clean's rows (clean reads exactly what ingest kept)
+            plus the few that ingest dropped, without a join."""
             ingest = self._ledger(run_id, ("ingest",))
             clean = self._ledger(run_id, ("clean",))
             return (
-                f"(SELECT i.doc_id, i.source, c.content_hash FROM read_parquet({ingest!r}) i "
-                f"LEFT JOIN read_parquet({clean!r}) c USING (doc_id))"
+                f"(SELECT doc_id, source, content_hash FROM read_parquet({clean!r}) UNION ALL "
+                f"SELECT doc_id, source, NULL AS content_hash FROM read_parquet({ingest!r}) WHERE fate <> 'kept')"
             )
 
         rows = self.store.query(

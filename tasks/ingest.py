@@ -343,6 +343,11 @@ def merge_fragments(
     }
 
 
+# Files per part, whatever their size: 100M one-document files make ≈25k parts, not millions. Each file has
+# its own fragment, merged in file order, so the grouping never changes the artifact.
+MAX_FILES_PER_PART = 4096
+
+
 def ingest(
     sources: list[SourceConfig],
     ctx: StageContext,
@@ -362,7 +367,8 @@ def ingest(
     n_workers = default_workers(workers)
     total = sum(j.file.size or 0 for j in todo)
     target = max(1 << 20, min(part_bytes, total // (4 * n_workers) + 1))
-    parts = [[todo[i] for i in group] for group in balanced_groups([j.file.size or 0 for j in todo], target, 256)]
+    sizes = [j.file.size or 0 for j in todo]
+    parts = [[todo[i] for i in group] for group in balanced_groups(sizes, target, MAX_FILES_PER_PART)]
     ctx.log(
         f"ingest: {len(plan.jobs)} files ({dict(plan.status)}), reading {len(todo)} "
         f"({total / 2**20:.1f} MiB) in {len(parts)} parts on {min(n_workers, max(len(parts), 1))} workers"
