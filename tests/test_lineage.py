@@ -168,3 +168,29 @@ def test_openlineage_export_writes_start_and_complete_per_stage(run, tmp_path: P
     assert output["outputFacets"]["outputStatistics"]["rowCount"] == manifests["tokenize"].counts["kept"]
     assert tokenize_done["run"]["facets"]["parent"]["job"]["name"] == "tokenmill.tiny"
     assert {i["name"] for i in tokenize_done["inputs"]} == {manifests["dedup"].path, manifests["tokenizer"].path}
+
+
+def test_questions_leave_the_lineage_file_free_for_writers(run, tmp_path: Path):
+    """A question attaches the file to this process's DuckDB and detaches it when answered: a writer in another
+    process (the flow) and in this one can open it right after."""
+    import shutil
+    import subprocess
+    import sys
+
+    doc_id = _doc_id(run[2], "prose_00.txt")
+    shutil.copy(run[2].store.path, tmp_path / "lineage.duckdb")  # a copy: this test adds runs
+    q = LineageQueries(LineageStore(tmp_path / "lineage.duckdb"))
+    assert q.doc(doc_id, "run-a")["doc_id"] == doc_id
+    script = (
+        "import sys; from storage.lineage import LineageStore, _retry_while_locked; "
+        "import storage.lineage as l; l._retry_while_locked = lambda fn, timeout_s=60: fn(); "
+        "LineageStore(sys.argv[1]).start_run('other-process', 'p', {}, 0, None)"
+    )
+    path = str(q.store.path)
+    done = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]  # no retry allowed: the lock must be free at once
+    with q.store.reading():
+        assert q.store.run("other-process")["status"] == "running"
+        assert q.why(doc_id, "run-a")["verdict"] == "kept"  # nested questions share the attachment
+    q.store.finish_run("other-process", "completed")  # a writer in this process right after a question
+    assert q.store.run("other-process")["status"] == "completed"
