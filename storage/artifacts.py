@@ -79,6 +79,21 @@ class Manifest(BaseModel):
         return InputRef(stage=self.stage, fingerprint=self.fingerprint, content_hash=self.content_hash)
 
 
+LEDGER_PREFIXES = ("ledger/", "ledger-index/")
+
+
+def ledger_folder(uri: str) -> Path:
+    """Where to read the ledger of the artifact lineage recorded at ``uri`` (see ``materialize_ledger``)."""
+    if not is_remote(uri):
+        return Path(uri)
+    root, stage, fp = str(uri).rstrip("/").rsplit("/", 2)
+    store = ArtifactStore(root)
+    manifest = store.load(stage, fp)
+    if manifest is None:
+        raise FileNotFoundError(f"{uri} is not a tokenmill artifact (no committed {MANIFEST})")
+    return store.materialize_ledger(manifest)
+
+
 def local_folder(uri: str) -> Path:
     """The local folder of the artifact lineage recorded at ``uri``: the folder itself, or for an artifact on an
     object store its verified local copy (downloaded on first use)."""
@@ -287,10 +302,25 @@ class ArtifactStore:
         """
         if self.remote is None or not manifest.uri:
             return
-        folder = Path(manifest.path)
+        self._download(manifest, Path(manifest.path))
+
+    def materialize_ledger(self, manifest: Manifest) -> Path:
+        """A local folder holding at least the artifact's ledger (``ledger/``, ``ledger-index/``), for lineage
+        questions: the artifact itself when local or already downloaded, else a verified local copy of the
+        ledger files alone, so documents and token shards stay on the object store."""
+        if self.remote is None or not manifest.uri or (Path(manifest.path) / MANIFEST).is_file():
+            return Path(manifest.path)
+        ledger = [f for f in manifest.files if f.path.startswith(LEDGER_PREFIXES)]
+        folder = self.root / ".ledgers" / manifest.stage / manifest.fingerprint
+        self._download(manifest.model_copy(update={"files": ledger}), folder)
+        return folder
+
+    def _download(self, manifest: Manifest, folder: Path) -> None:
+        """Download ``manifest.files`` into ``folder`` once: checked against their SHA-256, made read-only, and
+        published with a rename (a copy already there is reused if its sizes still match)."""
         if (folder / MANIFEST).is_file():
             try:
-                self._verify_files(manifest, deep=False)
+                self._verify_files(manifest.model_copy(update={"path": str(folder)}), deep=False)
                 return
             except CorruptArtifactError:
                 _remove_tree(folder)

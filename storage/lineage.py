@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-from storage.artifacts import Manifest, local_folder, pid_alive
+from storage.artifacts import Manifest, ledger_folder, pid_alive
 
 # Each migration moves the schema from version i to i + 1; never edit one that has shipped, append a new one.
 MIGRATIONS: list[str] = [
@@ -478,7 +478,7 @@ class LineageStore:
         files = []
         for artifact in self.run_artifacts(run_id):
             if stages is None or artifact["stage"] in stages:
-                files += sorted(str(p) for p in local_folder(artifact["uri"]).glob("ledger/*.parquet"))
+                files += sorted(str(p) for p in ledger_folder(artifact["uri"]).glob("ledger/*.parquet"))
         return files
 
     def metrics(self, run_id: str) -> list[dict]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, local_folder
+from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, ledger_folder, local_folder
 from storage.ledger import LedgerIndex
 from storage.lineage import LineageStore
 
@@ -63,7 +63,7 @@ class LineageQueries:
         return self._artifacts[run_id]
 
     def _indexes(self, run_id: str, stages: tuple[str, ...] = LEDGER_STAGES) -> list[LedgerIndex]:
-        indexes = [LedgerIndex(local_folder(a["uri"])) for a in self._run_artifacts(run_id) if a["stage"] in stages]
+        indexes = [LedgerIndex(ledger_folder(a["uri"])) for a in self._run_artifacts(run_id) if a["stage"] in stages]
         if not indexes:
             raise LookupError(f"run {run_id} has no ledger for stages {stages}")
         return indexes

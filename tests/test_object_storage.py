@@ -18,6 +18,7 @@ from conftest import _prose, tiny_config, write_corpus
 from storage.artifacts import MANIFEST, ArtifactStore, CorruptArtifactError, Manifest, StageContext
 from storage.faults import InjectedFault
 from storage.lineage import LineageStore
+from storage.lineage_queries import LineageQueries
 from storage.local_s3 import MOTO_SERVER, moto_server
 from tasks.config import PipelineConfig
 from tasks.dedup import resolve_previous
@@ -188,6 +189,16 @@ def test_data_stages_publish_to_an_s3_root_and_reuse_it(s3_root_env, tmp_path: P
     # What lineage recorded resolves: ledger queries and dedup's `against` read verified local copies.
     (ledger,) = LineageStore(store.lineage_path, read_only=True).ledger_files("s3-1", ("clean",))
     assert Path(ledger).is_relative_to(tmp_path / "home2") and pq.read_metadata(ledger).num_rows == 50
+    assert not Path(fresh["clean"][0].path).exists()  # only the ledger came down: ledger/ and ledger-index/
+    copy = Path(ledger).parent.parent
+    assert {p.relative_to(copy).parts[0] for p in copy.rglob("*") if p.is_file()} - {MANIFEST} == {
+        "ledger",
+        "ledger-index",
+    }
+    q = LineageQueries(LineageStore(store.lineage_path, read_only=True))
+    doc = pq.read_table(ledger, columns=["doc_id"]).column("doc_id")[0].as_py()
+    assert [r["stage"] for r in q.doc(doc, "s3-1")["stages"]][:2] == ["ingest", "clean"]
+    assert not Path(fresh["ingest"][0].path).exists()  # its ledger copy answered, not a download of the docs
     assert resolve_previous("latest", cfg.root).fingerprint == remote["dedup"][0].fingerprint
     assert resolve_previous(remote["dedup"][0].uri, cfg.root).content_hash == remote["dedup"][0].content_hash
 
