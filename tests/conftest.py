@@ -139,3 +139,12 @@ def dask_cluster():
         n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
     ) as cluster:
         yield cluster
+
+
+def write_prose_jsonl(folder: Path, files: int = 6, docs_per_file: int = 20) -> Path:
+    """``files`` JSONL files of distinct prose documents (enough parts to exercise fan-out)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        lines = (json.dumps({"text": _prose(10 * i + j)}) + "\n" for j in range(docs_per_file))
+        (folder / f"part{i}.jsonl").write_text("".join(lines))
+    return folder

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import _prose
+from conftest import _prose, write_prose_jsonl
 
 from storage.artifacts import ArtifactStore, StageContext
 from tasks.clean import clean
@@ -189,12 +189,7 @@ def test_incremental_ingest_reads_only_new_and_changed_files(tmp_path: Path):
 
 
 def test_fan_out_gives_the_same_artifacts_as_one_process(tmp_path: Path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(6):
-        (corpus / f"part{i}.jsonl").write_text(
-            "".join(json.dumps({"text": _prose(10 * i + j)}) + "\n" for j in range(20))
-        )
+    corpus = write_prose_jsonl(tmp_path / "corpus")
     outs = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"

@@ -5,12 +5,11 @@ One local Dask cluster of 2 worker processes on 127.0.0.1 serves the module and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import _prose, tiny_config
+from conftest import tiny_config, write_prose_jsonl
 from prefect import flow
 
 from flows.runners import parts_executor
@@ -89,12 +88,7 @@ def _ingest_and_clean(cfg: PipelineConfig, corpus: str, out: str) -> tuple[dict,
 
 
 def test_many_parts_as_task_runs_come_back_in_part_order(prefect_harness, dask_cluster, tmp_path: Path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(6):
-        (corpus / f"part{i}.jsonl").write_text(
-            "".join(json.dumps({"text": _prose(10 * i + j)}) + "\n" for j in range(20))
-        )
+    corpus = write_prose_jsonl(tmp_path / "corpus")
     outs = {}
     for executor, address in (("local", None), ("prefect-dask", dask_cluster.scheduler_address)):
         cfg = tiny_config(corpus, tmp_path / "root", executor=executor, executor_address=address)
