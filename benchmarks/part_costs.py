@@ -117,18 +117,27 @@ def measure(mb: float, files: int, work: Path) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=float, default=40.0, help="Corpus size in MB (JSONL).")
+def corpus_args(doc: str | None, default_mb: float) -> argparse.Namespace:
+    """The options of the generated-corpus benchmarks: corpus size, files, and where to write the result."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, default=default_mb, help="Corpus size in MB (JSONL).")
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None, help="Also write the result here.")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="tokenmill-part-costs-") as tmp:
-        result = measure(args.mb, args.files, Path(tmp))
+    return parser.parse_args()
+
+
+def emit(result: dict, json_path: Path | None) -> None:
+    """Print the result as JSON, and write it to ``json_path`` when given."""
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    if json_path:
+        json_path.write_text(text + "\n")
+
+
+def main() -> None:
+    args = corpus_args(__doc__, default_mb=40.0)
+    with tempfile.TemporaryDirectory(prefix="tokenmill-part-costs-") as tmp:
+        emit(measure(args.mb, args.files, Path(tmp)), args.json)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,12 @@ verified local copies. moto is an in-process Python server, so the MB/s are a fl
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.part_costs import DATA_STAGES, write_unique_corpus
+from benchmarks.part_costs import DATA_STAGES, corpus_args, emit, write_unique_corpus
 from storage.artifacts import ArtifactStore, Manifest
 from storage.local_s3 import moto_server
 from storage.remote import RemoteRoot
@@ -123,17 +121,9 @@ def measure(mb: float, files: int, work: Path, endpoint: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=float, default=10.0, help="Corpus size in MB (JSONL).")
-    parser.add_argument("--files", type=int, default=4)
-    parser.add_argument("--json", type=Path, default=None, help="Also write the result here.")
-    args = parser.parse_args()
+    args = corpus_args(__doc__, default_mb=10.0)
     with tempfile.TemporaryDirectory(prefix="tokenmill-s3-root-") as tmp, moto_server() as endpoint:
-        result = measure(args.mb, args.files, Path(tmp), endpoint)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+        emit(measure(args.mb, args.files, Path(tmp), endpoint), args.json)
 
 
 if __name__ == "__main__":

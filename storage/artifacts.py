@@ -86,11 +86,7 @@ def ledger_folder(uri: str) -> Path:
     """Where to read the ledger of the artifact lineage recorded at ``uri`` (see ``materialize_ledger``)."""
     if not is_remote(uri):
         return Path(uri)
-    root, stage, fp = str(uri).rstrip("/").rsplit("/", 2)
-    store = ArtifactStore(root)
-    manifest = store.load(stage, fp)
-    if manifest is None:
-        raise FileNotFoundError(f"{uri} is not a tokenmill artifact (no committed {MANIFEST})")
+    store, manifest = ArtifactStore.published_at(uri)
     return store.materialize_ledger(manifest)
 
 
@@ -234,6 +230,16 @@ class ArtifactStore:
         ]
 
     @staticmethod
+    def published_at(uri: str) -> tuple[ArtifactStore, Manifest]:
+        """The store and committed manifest of a remote artifact URI (``<root>/<stage>/<fingerprint>``)."""
+        root, stage, fp = uri.rstrip("/").rsplit("/", 2)
+        store = ArtifactStore(root)
+        manifest = store.load(stage, fp)
+        if manifest is None:
+            raise FileNotFoundError(f"{uri} is not a tokenmill artifact (no committed {MANIFEST})")
+        return store, manifest
+
+    @staticmethod
     def of_artifact(folder: str | Path) -> tuple[ArtifactStore, Manifest]:
         """The store an artifact folder (``<root>/<stage>/<fingerprint>``) belongs to, and its manifest.
 
@@ -241,11 +247,7 @@ class ArtifactStore:
         downloaded into the local mirror (once), so callers read ``manifest.path`` as for a local artifact.
         """
         if is_remote(folder):
-            root, stage, fp = str(folder).rstrip("/").rsplit("/", 2)
-            store = ArtifactStore(root)
-            manifest = store.load(stage, fp)
-            if manifest is None:
-                raise FileNotFoundError(f"{folder} is not a tokenmill artifact (no committed {MANIFEST})")
+            store, manifest = ArtifactStore.published_at(str(folder))
             store.materialize(manifest)
             return store, manifest
         folder = Path(folder).expanduser().resolve()

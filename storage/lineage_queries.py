@@ -47,6 +47,7 @@ class LineageQueries:
     def __init__(self, store: LineageStore):
         self.store = store
         self._artifacts: dict[str, list[dict]] = {}
+        self._ledger_indexes: dict[str, LedgerIndex] = {}  # by artifact URI: artifacts never change in place
 
     # --- helpers ----------------------------------------------------------------------------------------
 
@@ -63,10 +64,16 @@ class LineageQueries:
         return self._artifacts[run_id]
 
     def _indexes(self, run_id: str, stages: tuple[str, ...] = LEDGER_STAGES) -> list[LedgerIndex]:
-        indexes = [LedgerIndex(ledger_folder(a["uri"])) for a in self._run_artifacts(run_id) if a["stage"] in stages]
+        indexes = [self._ledger_index(a["uri"]) for a in self._run_artifacts(run_id) if a["stage"] in stages]
         if not indexes:
             raise LookupError(f"run {run_id} has no ledger for stages {stages}")
         return indexes
+
+    def _ledger_index(self, uri: str) -> LedgerIndex:
+        """One ``LedgerIndex`` per artifact, so the rounds of a takedown do not re-read its ``parts.json``."""
+        if uri not in self._ledger_indexes:
+            self._ledger_indexes[uri] = LedgerIndex(ledger_folder(uri))
+        return self._ledger_indexes[uri]
 
     def _ledger(self, run_id: str, stages: tuple[str, ...] = LEDGER_STAGES) -> list[str]:
         """Every ledger part of the run's artifacts of ``stages``, for whole-run DuckDB scans."""
