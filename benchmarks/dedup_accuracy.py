@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from benchmarks.dedup_corpus import Doc, make_corpus, write_clean_shards
 from storage.artifacts import StageContext
 from tasks.config import DedupConfig
-from tasks.dedup import dedup
+from tasks.data.dedup import dedup
 
 BUCKETS = ((0.0, 0.5), (0.5, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.0), (1.0, 1.01))
 

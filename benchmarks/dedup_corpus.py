@@ -4,7 +4,7 @@ Originals are Zipf-distributed pseudo-English paragraphs with numbers and punctu
 (a precision trap). About a third of them get 1–3 variants: exact copies, whitespace/case/punctuation/number
 noise, added boilerplate, truncations, paragraph shuffles, light/medium/heavy word edits and splices with
 another original. Each variant knows its parent; its true similarity is the exact Jaccard of the two
-documents' word 5-gram sets after the dedup normalization (``tasks.minhash.dedup_words``).
+documents' word 5-gram sets after the dedup normalization (``tasks.data.minhash.dedup_words``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.minhash import dedup_words
+from tasks.data.minhash import dedup_words
 
 VARIANT_KINDS = (
     "exact",
@@ -162,7 +162,7 @@ def write_clean_shards(docs: list[Doc], folder: Path, rows_per_shard: int = 50_0
     """The corpus as clean-stage Parquet shards (what the dedup stage reads)."""
     from storage.hashing import text_hash
     from storage.shards import ParquetShardWriter
-    from tasks.clean import CLEAN_SCHEMA, normalize
+    from tasks.data.clean import CLEAN_SCHEMA, normalize
 
     with ParquetShardWriter(folder, "docs", CLEAN_SCHEMA, rows_per_shard=rows_per_shard) as writer:
         for start in range(0, len(docs), 10_000):

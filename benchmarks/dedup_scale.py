@@ -29,7 +29,7 @@ CHUNK = 100_000
 def generate(n_docs: int, folder: Path, seed: int = 0) -> list[Path]:
     """Write ``n_docs`` clean-stage-shaped documents as Parquet shards of 100k rows."""
     from storage.shards import ParquetShardWriter
-    from tasks.clean import CLEAN_SCHEMA
+    from tasks.data.clean import CLEAN_SCHEMA
 
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
@@ -78,7 +78,7 @@ def run_once(folder: Path, out: Path, workers: int) -> dict:
     """Run the stage on every shard in ``folder`` (in this process) and report timings and peak memory."""
     from storage.artifacts import StageContext
     from tasks.config import DedupConfig
-    from tasks.dedup import dedup
+    from tasks.data.dedup import dedup
 
     paths = sorted(folder.glob("*.parquet"))
     ctx = StageContext(out_dir=out / "out", work_dir=out / "work", log=lambda m: None)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from tasks.model import GPT, GPTConfig
+from tasks.modeling.gpt import GPT, GPTConfig
 
 
 def main() -> None:

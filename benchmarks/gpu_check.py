@@ -1,8 +1,8 @@
 """GPU training throughput and MFU of the train stage: the gpt2-124M preset at T=1024, bf16 autocast + compile.
 
-Runs the real stage function (``tasks.train.train``) on synthetic tokens (GPT-2's vocabulary padded to 50304)
+Runs the real stage function (``tasks.training.train.train``) on synthetic tokens (GPT-2's vocabulary padded to 50304)
 and reports steady-state tokens/s and MFU from its telemetry, skipping the first interval (compilation).
-MFU uses the dense bf16 peak of the device from ``tasks/telemetry.py`` (H100/H200 SXM: 989 TFLOP/s).
+MFU uses the dense bf16 peak of the device from ``tasks/training/telemetry.py`` (H100/H200 SXM: 989 TFLOP/s).
 Target: MFU >= 45% on an H100/H200.
 
     python benchmarks/gpu_check.py                      # one GPU
@@ -69,7 +69,7 @@ def main() -> None:
     )
     (work / "out").mkdir(exist_ok=True)
     ctx = StageContext(out_dir=work / "out", work_dir=work / "work", log=print)
-    from tasks.train import train
+    from tasks.training.train import train
 
     counts = train([work / "train.arrow"], [work / "val.arrow"], VOCAB, model, cfg, 1337, ctx)
     steady = counts["telemetry"][1:] or counts["telemetry"]

@@ -1,6 +1,6 @@
 """Ingest + clean throughput, side by side with datatrove on the same generated JSONL corpus and worker count.
 
-tokenmill: ``tasks.ingest.ingest`` then ``tasks.clean.clean`` (Gopher quality + Gopher repetition enabled,
+tokenmill: ``tasks.data.ingest.ingest`` then ``tasks.data.clean.clean`` (Gopher quality + Gopher repetition enabled,
 C4/PII/code filters off, normalization and hashing on — tokenmill's own extra work), Parquet out.
 datatrove: ``JsonlReader`` → ``GopherQualityFilter`` → ``GopherRepetitionFilter`` → ``JsonlWriter``
 (uncompressed), one task per input file, run by ``--datatrove-python`` (its own venv; never a tokenmill
@@ -160,9 +160,9 @@ TOKENMILL_SCRIPT = """
 import json, sys
 from pathlib import Path
 from storage.artifacts import StageContext
-from tasks.clean import clean
+from tasks.data.clean import clean
 from tasks.config import CleanConfig, SourceConfig
-from tasks.ingest import ingest
+from tasks.data.ingest import ingest
 corpus, out, workers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 source = SourceConfig(name="bench", path=str(corpus), kind="jsonl")
 cfg = CleanConfig(

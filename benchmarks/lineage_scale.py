@@ -160,8 +160,8 @@ def timed(fn, args: list, repeats: int = 3) -> float:
 
 def ledger_share_in_clean(work: Path, n_docs: int) -> dict:
     """Run the real clean stage over synthetic documents, timing the LedgerWriter calls inside it."""
-    from tasks.clean import clean
     from tasks.config import CleanConfig
+    from tasks.data.clean import clean
 
     docs_dir = work / "stage-docs"
     with ParquetShardWriter(docs_dir, "docs", DOC_SCHEMA) as writer:

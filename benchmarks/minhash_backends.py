@@ -14,7 +14,7 @@ import argparse
 import time
 
 from benchmarks.dedup_corpus import make_corpus
-from tasks.minhash import MinHasher, MinHashParams, dedup_words
+from tasks.data.minhash import MinHasher, MinHashParams, dedup_words
 
 
 def shingle_strings(text: str, n: int = 5) -> list[str]:

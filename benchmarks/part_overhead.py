@@ -27,8 +27,12 @@ from prefect import flow  # noqa: E402
 
 from flows.runners import parts_executor  # noqa: E402
 from tasks.config import PipelineConfig  # noqa: E402
-from tasks.executors import DaskExecutor, local_cluster_kwargs, use_executor  # noqa: E402
-from tasks.parallel import map_parts  # noqa: E402
+from tasks.parts import (  # noqa: E402
+    DaskExecutor,
+    local_cluster_kwargs,
+    map_parts,  # noqa: E402
+    use_executor,
+)
 
 
 def _per_part_ms(n: int) -> float:

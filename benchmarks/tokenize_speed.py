@@ -23,10 +23,10 @@ import numpy as np
 from storage.artifacts import StageContext
 from storage.shards import iter_batches
 from tasks.config import PipelineConfig
-from tasks.loader import TokenWindows, WindowSampler
+from tasks.data.tokenize import tokenize
+from tasks.data.tokenizer import load_tokenizer
 from tasks.stages import UPSTREAM, run_stage
-from tasks.tokenize import tokenize
-from tasks.tokenizer import load_tokenizer
+from tasks.training.loader import TokenWindows, WindowSampler
 
 
 def prepare(cfg: PipelineConfig) -> dict:

@@ -135,7 +135,7 @@ import json, sys
 from pathlib import Path
 from storage.artifacts import StageContext
 from tasks.config import ModelConfig, TrainConfig
-from tasks.train import train
+from tasks.training.train import train
 a = json.loads(sys.argv[1])
 work = Path(a["work"])
 (work / "out").mkdir(parents=True)
@@ -180,7 +180,7 @@ def tokenmill_tokens_per_s(proc: subprocess.Popen, skip: int) -> float:
 
 def loader_windows_per_s(data: dict, seconds: float = 2.0) -> float:
     """Windows/s of the training loader alone: sample, gather from the memory-map, make tensors."""
-    from tasks.loader import TokenWindows, WindowSampler
+    from tasks.training.loader import TokenWindows, WindowSampler
 
     windows = TokenWindows([data["train"]], MODEL["block_size"])
     sampler = WindowSampler(len(windows), seed=1)

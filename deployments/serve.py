@@ -8,7 +8,7 @@
 ``tokenmill deploy --pool P`` registers the same deployments with a work pool (process, Docker, Kubernetes),
 whose workers import the flows from the installed ``tokenmill`` package.
 
-Run as a module to serve: ``python -m deployments.serve --config configs/quickstart.yaml``.
+Serve them with ``tokenmill serve --config configs/quickstart.yaml`` (the CLI calls ``serve_all``).
 """
 
 from __future__ import annotations
@@ -123,11 +123,3 @@ def deploy_all(
     return deploy(
         *deployments, work_pool_name=work_pool, image=image, build=False, push=False, print_next_steps_message=False
     )
-
-
-if __name__ == "__main__":
-    import sys
-
-    from flows.cli import app
-
-    app(["serve", *sys.argv[1:]])

@@ -448,7 +448,7 @@ def generate(
     import torch
     from tokenizers import Tokenizer
 
-    from tasks.export import find_tokenizer, load_any_model
+    from tasks.modeling.export import find_tokenizer, load_any_model
 
     try:
         gpt = load_any_model(model)
@@ -505,7 +505,7 @@ def export_command(
     special_tokens: list[str] = typer.Option(["<|endoftext|>", "<|pad|>"], "--special-token"),
 ) -> None:
     """Write MODEL as safetensors + config + tokenizer that transformers' AutoModelForCausalLM loads."""
-    from tasks.export import export_model, find_tokenizer
+    from tasks.modeling.export import export_model, find_tokenizer
 
     try:
         path = find_tokenizer(model) if tokenizer is None else tokenizer

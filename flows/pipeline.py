@@ -31,7 +31,8 @@ from flows.runners import parts_executor
 from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
-from tasks.report import publish_run_report
+from tasks.errors import is_retryable
+from tasks.reporting.report import publish_run_report
 from tasks.stages import STAGES, UPSTREAM, StageName, cache_key, data_version, run_stage
 
 
@@ -65,7 +66,7 @@ def _retry_unless_unrecoverable(task, task_run, state: State) -> bool:
     try:
         state.result()
     except Exception as err:  # noqa: BLE001 - any stage error; only its retryable flag matters
-        return getattr(err, "retryable", True)
+        return is_retryable(err)
     return True
 
 

@@ -32,8 +32,16 @@ from prefect.task_runners import TaskRunner
 from pydantic import PrivateAttr
 
 from tasks.config import PipelineConfig
-from tasks.executors import PartExecutor, engine_of, executor_for, local_cluster_kwargs, missing_extra, use_executor
-from tasks.parallel import default_workers
+from tasks.parts import (
+    PartExecutor,
+    bounded_ordered,
+    default_workers,
+    engine_of,
+    executor_for,
+    local_cluster_kwargs,
+    missing_extra,
+    use_executor,
+)
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -112,13 +120,7 @@ class TaskRunnerExecutor:
         return [future.result() for future in futures]  # raises the first failed part's exception, in order
 
     def imap(self, fn: Callable[[P], R], items: Iterable[P], window: int) -> Iterator[R]:
-        pending: list[PrefectFuture[R]] = []
-        for i, item in enumerate(items):
-            pending.append(self._submit(fn, item, i))
-            if len(pending) >= window:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
+        return bounded_ordered(lambda i, item: self._submit(fn, item, i), lambda f: f.result(), items, window)
 
 
 def task_runner_for(cfg: PipelineConfig) -> TaskRunner:
@@ -154,7 +156,7 @@ def parts_executor(cfg: PipelineConfig) -> Iterator[PartExecutor | None]:
     """Where the parts of every stage run inside this block of a flow run: ``cfg.executor``, opened once.
 
     ``prefect-dask`` / ``prefect-ray``: a Prefect task runner (the flow's own when it already is one of that
-    kind); the other executors: ``tasks.executors.executor_for`` (a process pool, or a plain Dask/Ray client).
+    kind); the other executors: ``tasks.parts.executor_for`` (a process pool, or a plain Dask/Ray client).
     """
     if cfg.executor not in PREFECT_EXECUTORS:
         with executor_for(cfg) as executor:

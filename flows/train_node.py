@@ -12,7 +12,7 @@ from typing import Annotated
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from tasks.launch import join
+from tasks.training.launch import join
 
 
 @flow(name="train-node", log_prints=True)

@@ -20,14 +20,11 @@ import pyarrow.compute as pc
 from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, ledger_folder, local_folder
 from storage.ledger import LedgerIndex
 from storage.lineage import LineageStore
-
-STAGE_ORDER = ("ingest", "clean", "dedup", "tokenize")
-LEDGER_STAGES = STAGE_ORDER
-DOWNSTREAM_OF_CLEAN = ("clean", "dedup", "tokenizer", "tokenize", "train", "evaluate")
+from storage.stage_graph import DOWNSTREAM, LEDGER_STAGES
 
 
 def _stage_rank(stage: str) -> int:
-    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+    return LEDGER_STAGES.index(stage) if stage in LEDGER_STAGES else len(LEDGER_STAGES)
 
 
 def _one_connection(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -113,6 +110,34 @@ class LineageQueries:
                         "shards": hit,
                     }
                 )
+        return out + self._derived_from_models(out)
+
+    def _derived_from_models(self, models: list[dict]) -> list[dict]:
+        """What was made from these models without reading tokens (exports): it carries their data too.
+
+        Follows the stage graph, so a stage added downstream of ``train`` is named here without a change."""
+        trained = [m for m in models if m["stage"] == "train"]
+        out = []
+        for model in trained:
+            rows = self.store.query(
+                "SELECT e.dst_stage, e.dst_fingerprint, e.relation, a.uri, a.run_id FROM artifact_edges e "
+                "LEFT JOIN artifacts a ON a.stage = e.dst_stage AND a.fingerprint = e.dst_fingerprint "
+                "WHERE e.src_stage = 'train' AND e.src_fingerprint = ? ORDER BY e.dst_stage, e.dst_fingerprint",
+                [model["fingerprint"]],
+            )
+            for e in rows:
+                if e["dst_stage"] in DOWNSTREAM["train"] and e["relation"] != "evaluated_on":
+                    out.append(
+                        {
+                            "stage": e["dst_stage"],
+                            "fingerprint": e["dst_fingerprint"],
+                            "relation": e["relation"],
+                            "uri": e["uri"],
+                            "first_run": e["run_id"],
+                            "shards": model["shards"],
+                            "via": f"train:{model['fingerprint']}",
+                        }
+                    )
         return out
 
     def _artifact_fp(self, run_id: str, stage: str) -> str | None:
@@ -296,7 +321,7 @@ class LineageQueries:
                 "documents": len(copies),
                 "content_hashes": len(hashes),
             },
-            {"step": "rerun the pipeline: the clean stage drops tombstoned documents", "stages": DOWNSTREAM_OF_CLEAN},
+            {"step": "rerun the pipeline: the clean stage drops tombstoned documents", "stages": DOWNSTREAM["clean"]},
         ]
         if models:
             plan.append({"step": "retire or retrain the models trained on the old shards", "models": models})

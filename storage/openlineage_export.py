@@ -13,19 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from storage.lineage import LineageStore
+from storage.stage_graph import STAGE_MODULES
 
 PRODUCER = "https://github.com/tokenmill/tokenmill"
 NAMESPACE = "tokenmill"
-STAGE_MODULES = {
-    "ingest": "tasks/ingest.py",
-    "clean": "tasks/clean.py",
-    "dedup": "tasks/dedup.py",
-    "tokenizer": "tasks/tokenizer.py",
-    "tokenize": "tasks/tokenize.py",
-    "train": "tasks/train.py",
-    "evaluate": "tasks/evaluate.py",
-    "export": "tasks/export.py",
-}
 
 
 def _uuid(*parts: str) -> str:

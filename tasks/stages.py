@@ -11,29 +11,19 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 from storage.artifacts import ArtifactStore, Manifest, StageContext
 from storage.faults import maybe_fail
 from storage.hashing import canonical_json, fingerprint
 from storage.ledger import compact_ledger_folder
-from tasks import clean, dedup, evaluate, export, ingest, tokenize, tokenizer, train
+from storage.stage_graph import DOWNSTREAM, STAGES, UPSTREAM, StageName, downstream  # noqa: F401 (re-exported)
 from tasks.config import PipelineConfig
-from tasks.executors import executor_for
-
-STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export")
-StageName = Literal["ingest", "clean", "dedup", "tokenizer", "tokenize", "train", "evaluate", "export"]
-assert get_args(StageName) == STAGES
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "ingest": (),
-    "clean": ("ingest",),
-    "dedup": ("clean",),
-    "tokenizer": ("dedup",),
-    "tokenize": ("dedup", "tokenizer"),
-    "train": ("tokenize",),
-    "evaluate": ("train", "tokenizer", "tokenize"),
-    "export": ("train", "tokenizer"),
-}
+from tasks.data import clean, dedup, ingest, tokenize, tokenizer
+from tasks.evaluation import evaluate
+from tasks.modeling import export
+from tasks.parts import executor_for
+from tasks.training import train
 
 
 @dataclass(frozen=True)
@@ -74,15 +64,6 @@ def _ingest_params(cfg: PipelineConfig) -> dict[str, Any]:
 def data_version(cfg: PipelineConfig) -> str:
     """A short hash of the sources' snapshot (paths, sizes, mtimes): changes whenever ingest would rerun."""
     return fingerprint("data", "1", _source_snapshot(cfg), [])[:8]
-
-
-def downstream(name: str) -> tuple[str, ...]:
-    """The stage and every stage that (transitively) reads its output, in pipeline order."""
-    affected = {name}
-    for stage in STAGES:
-        if affected & set(UPSTREAM[stage]):
-            affected.add(stage)
-    return tuple(s for s in STAGES if s in affected)
 
 
 def _tombstones(cfg: PipelineConfig) -> list[str]:

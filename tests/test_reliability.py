@@ -10,12 +10,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config, write_corpus
 
 from storage.artifacts import ArtifactStore
 from storage.lineage import LineageStore
 from storage.lineage_queries import LineageQueries
 from tasks.stages import STAGES, run_all
+from tests.support.corpus import tiny_config, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ RUNNER = textwrap.dedent(
     """
     import json, sys
     sys.path.insert(0, {tests!r})
-    from conftest import tiny_config
+    from tests.support.corpus import tiny_config
     from pathlib import Path
     from tasks.stages import run_all
     cfg = tiny_config(Path({corpus!r}), Path({root!r}))

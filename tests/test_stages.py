@@ -8,15 +8,15 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import _prose, tiny_config, write_corpus
 
 from storage.shards import read_token_shard
-from tasks.clean import normalize
 from tasks.config import PipelineConfig
-from tasks.evaluate import token_byte_lengths
+from tasks.data.clean import normalize
+from tasks.data.tokenize import split_of
+from tasks.data.tokenizer import load_tokenizer
+from tasks.evaluation.evaluate import token_byte_lengths
 from tasks.stages import STAGES, run_all, run_stage
-from tasks.tokenize import split_of
-from tasks.tokenizer import load_tokenizer
+from tests.support.corpus import prose, tiny_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_split_is_stable_when_documents_are_added(built, tmp_path: Path):
     before = {r["doc_id"]: r["split"] for r in _ledger(m["tokenize"])}
     corpus = Path(cfg.sources[0].path)
     for i in range(10):
-        (corpus / f"new_{i}.txt").write_text(_prose(1000 + i))  # real prose, so it passes the quality filters
+        (corpus / f"new_{i}.txt").write_text(prose(1000 + i))  # real prose, so it passes the quality filters
     grown = cfg.model_copy(update={"root": str(tmp_path / "grown")})
     try:
         m2 = run_all(grown, log=lambda m: None)
@@ -174,7 +174,7 @@ def test_tokenizer_reports_compression_on_held_out_documents(built):
 def test_tokenizer_training_is_deterministic(built, tmp_path: Path):
     cfg, m = built
     from storage.artifacts import StageContext
-    from tasks.tokenizer import train_tokenizer
+    from tasks.data.tokenizer import train_tokenizer
 
     out = tmp_path / "tok"
     out.mkdir()

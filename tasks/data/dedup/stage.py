@@ -1,0 +1,274 @@
+"""Pass 5 and the stage: write kept documents, the ledger, the index and the report, in input order."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from storage.artifacts import Manifest, StageContext
+from storage.shards import LedgerWriter, ParquetShardWriter, iter_batches
+from tasks.config import DedupConfig, PipelineConfig
+from tasks.data.dedup.candidates import candidate_pairs, index_matches
+from tasks.data.dedup.clusters import Clusters, old_texts, texts_by_position, verify_and_cluster
+from tasks.data.dedup.index import PreviousIndex, index_signature, resolve_previous
+from tasks.data.dedup.plan import Plan, plan
+from tasks.data.dedup.schema import DEDUP_SCHEMA, INDEX_BANDS_SCHEMA, INDEX_EXACT_SCHEMA, minhash_params
+from tasks.data.dedup.sign import sign
+from tasks.data.minhash import (
+    MinHasher,
+    MinHashParams,
+    s_curve_table,
+)
+
+VERSION = "3"  # 3: ledger in sorted parts with an index (storage/ledger.py)
+
+
+def stage_params(cfg: PipelineConfig) -> dict[str, Any]:
+    """The dedup parameters that determine its output: worker count excluded, 'latest' resolved to a hash."""
+    params = cfg.dedup.model_dump(exclude={"workers", "batch_docs"})
+    previous = resolve_previous(cfg.dedup.against, cfg.root)
+    params["against"] = (
+        None if previous is None else {"fingerprint": previous.fingerprint, "content_hash": previous.content_hash}
+    )
+    return params
+
+
+def dedup(
+    doc_paths: list[Path], cfg: DedupConfig, ctx: StageContext, previous: Manifest | None = None, batch_rows: int = 2048
+) -> dict:
+    """Write unique documents to ``docs/``, a ledger row per input document, ``index/`` and ``report.md``."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    params = minhash_params(cfg)
+    index = PreviousIndex(Path(previous.path)) if previous is not None else None
+    if index is not None:
+        index.check_compatible(params)
+    hasher = MinHasher(params)
+    con = duckdb.connect()
+    con.execute(f"SET temp_directory = '{ctx.work_dir / 'duckdb-spill'}'")
+    p = plan(con, doc_paths, cfg, index) if doc_paths else None
+    lap("plan")
+
+    n = 0 if p is None else len(p.doc_id)
+    old_ids: list[str] = []
+    clusters = Clusters()
+    signed = 0
+    if p is not None and cfg.near and n:
+        bands_file = ctx.work_dir / "bands.parquet"
+        signed = sign(doc_paths, p, params, cfg, bands_file, ctx.log)
+        lap("sign")
+        edges = candidate_pairs(con, bands_file, params.bands)
+        old_edges = np.empty((0, 2), np.int64)
+        if index is not None:
+            old_ids, old_edges = index_matches(con, bands_file, index, p)
+        n_old = len(old_ids)
+        graph = np.concatenate([edges + n_old, old_edges + np.array([0, n_old])]) if n_old else edges
+        lap("candidates")
+        involved_new = np.unique(graph[graph >= n_old]) - n_old if len(graph) else np.empty(0, np.int64)
+        positions = np.sort(p.pos_of_node[involved_new])
+        texts = {
+            int(p.node_of_pos[pos]) + n_old: text for pos, text in texts_by_position(doc_paths, positions, batch_rows)
+        }
+        if n_old:
+            by_id = old_texts(con, index, old_ids)  # type: ignore[arg-type]
+            texts.update({i: by_id[d] for i, d in enumerate(old_ids)})
+        clusters = verify_and_cluster(graph, n_old, texts, hasher, cfg)
+        lap("verify_cluster")
+
+    counts = _write(doc_paths, p, cfg, old_ids, clusters, index, ctx, batch_rows)
+    lap("write")
+    near = {
+        "enabled": cfg.near,
+        "signed": signed,
+        "candidate_pairs": clusters.candidate_pairs,
+        "verified_pairs": clusters.verified_pairs,
+        "matched_earlier_index": counts.pop("matched_index"),
+        "lsh_threshold": round(params.threshold, 4),
+        "similarity_threshold": cfg.threshold,
+        "s_curve": s_curve_table(params),
+    }
+    counts |= {"near_duplicates": near, "timings_s": timings}
+    examples = counts.pop("examples")
+    if examples:  # name representatives by locator too (they may be indexed documents of an earlier run)
+        con.register("wanted", pa.table({"doc_id": [e["duplicate_of"] for e in examples]}))
+        files = [str(f) for f in doc_paths]
+        where = dict(
+            con.execute(
+                f"SELECT doc_id, locator FROM read_parquet({files!r}) WHERE doc_id IN (SELECT doc_id FROM wanted)"
+            ).fetchall()
+        )
+        for e in examples:
+            e["kept"] = where.get(e["duplicate_of"], e["duplicate_of"])
+    con.close()
+    _write_report(ctx.out_dir / "report.md", cfg, params, counts, examples)
+    return counts
+
+
+def _write(doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, ctx, batch_rows) -> dict:
+    """Stream the input once more, in order: kept documents, ledger rows and the index of the kept corpus."""
+    n_old = len(old_ids)
+    docs = ParquetShardWriter(ctx.out_dir / "docs", "docs", DEDUP_SCHEMA)
+    ledger = LedgerWriter(ctx.out_dir / "ledger", "dedup")
+    exact_index = ParquetShardWriter(ctx.out_dir / "index", "exact", INDEX_EXACT_SCHEMA, rows_per_shard=5_000_000)
+    holders = ["."]
+    if index is not None:
+        holders = [str(Path("..") / h.name) for h in index.holders()] + ["."]
+        for batch in iter_batches(index.exact_files):
+            exact_index.write(batch)
+    this_holder = len(holders) - 1
+    reasons: Counter[str] = Counter()
+    examples: list[dict] = []
+    removed = np.zeros(0 if p is None else len(p.doc_id), bool)
+    matched_index = 0
+
+    def final(node: int) -> tuple[str, float, bool]:
+        """(representative doc id, similarity, is an indexed doc) for a removed new node's graph position."""
+        g = node + n_old
+        rep = clusters.rep[g]
+        return (
+            (old_ids[rep], clusters.similarity[g], True)
+            if rep < n_old
+            else (
+                str(p.doc_id[rep - n_old]),
+                clusters.similarity[g],
+                False,
+            )
+        )
+
+    pos = 0
+    for batch in iter_batches(doc_paths, batch_size=batch_rows):
+        kept: list[dict] = []
+        rows: list[dict] = []
+        index_rows: list[dict] = []
+        for doc in batch.to_pylist():
+            node = int(p.node_of_pos[pos])  # type: ignore[union-attr]
+            pos += 1
+            base = {k: doc[k] for k in ("doc_id", "source", "locator", "content_hash")}
+            verdict = _verdict(node, p, clusters, n_old, final)
+            if verdict is None:
+                kept.append(doc | {"split_key": doc["doc_id"]})
+                rows.append(base | {"fate": "kept", "cluster_id": doc["doc_id"]})
+                if not p.indexed[node]:  # type: ignore[union-attr]
+                    index_rows.append(
+                        {"doc_id": doc["doc_id"], "content_hash": doc["content_hash"], "holder": this_holder}
+                    )
+                continue
+            reason, rep_id, sim, in_index = verdict
+            removed[node] = True
+            matched_index += in_index
+            reasons[reason] += 1
+            rows.append(
+                base
+                | {
+                    "fate": "duplicate",
+                    "reason": reason,
+                    "duplicate_of": rep_id,
+                    "similarity": sim,
+                    "cluster_id": rep_id,
+                }
+            )
+            if reason == "near_duplicate" and len(examples) < 8:
+                examples.append({"removed": doc["locator"], "duplicate_of": rep_id, "similarity": sim})
+        docs.write_rows(kept)
+        ledger.record(rows)
+        exact_index.write_rows(index_rows)
+    docs.close()
+    ledger.close()
+    exact_index.close()
+    _write_band_index(ctx, index, p, removed)
+    meta = {"minhash": index_signature(minhash_params(cfg)), "holders": holders}
+    (ctx.out_dir / "index" / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return {
+        "docs_in": pos,
+        "kept": docs.rows,
+        "dropped": dict(sorted(reasons.items())),
+        "matched_index": matched_index,
+        "examples": examples,
+    }
+
+
+def _verdict(node: int, p: Plan, clusters: Clusters, n_old: int, final) -> tuple[str, str, float, bool] | None:
+    """Why a document is removed: (reason, representative, similarity, representative is indexed), or None."""
+    if p.indexed[node]:
+        return None
+    if p.old_exact[node] is not None:
+        return "exact_duplicate", str(p.old_exact[node]), 1.0, True
+    rep = int(p.exact_rep[node])
+    if rep != node:
+        if rep + n_old in clusters.rep:  # the exact representative is itself a near-duplicate
+            rep_id, sim, in_index = final(rep)
+            return "exact_duplicate", rep_id, sim, in_index
+        return "exact_duplicate", str(p.doc_id[rep]), 1.0, bool(p.indexed[rep])
+    if node + n_old in clusters.rep:
+        rep_id, sim, in_index = final(node)
+        return "near_duplicate", rep_id, sim, in_index
+    return None
+
+
+def _write_band_index(ctx: StageContext, index: PreviousIndex | None, p: Plan | None, removed: np.ndarray) -> None:
+    """The kept corpus's band hashes: the earlier index's, then this run's kept documents' (input order)."""
+    writer = ParquetShardWriter(ctx.out_dir / "index", "bands", INDEX_BANDS_SCHEMA, rows_per_shard=20_000_000)
+    if index is not None:
+        for batch in iter_batches(index.band_files):
+            writer.write(batch)
+    bands_file = ctx.work_dir / "bands.parquet"
+    if p is not None and bands_file.exists():
+        for batch in iter_batches([bands_file], batch_size=1 << 20):
+            nodes = batch.column("node").to_numpy()
+            keep = ~removed[nodes]
+            writer.write(
+                pa.table(
+                    {
+                        "band": batch.column("band").to_numpy()[keep],
+                        "h": batch.column("h").to_numpy()[keep],
+                        "doc_id": p.doc_id[nodes[keep]].tolist(),
+                    },
+                    schema=INDEX_BANDS_SCHEMA,
+                )
+            )
+    writer.close()
+
+
+def _write_report(path: Path, cfg: DedupConfig, params: MinHashParams, counts: dict, examples: list[dict]) -> None:
+    near = counts["near_duplicates"]
+    lines = [
+        "# Dedup report",
+        "",
+        f"Documents in: {counts['docs_in']}, kept: {counts['kept']}, removed: {counts['dropped'] or 'none'}.",
+        "",
+        "## Near-duplicate detection (MinHash LSH)",
+        "",
+        f"Word {params.ngram}-gram shingles, {params.permutations} permutations, {params.bands} bands × "
+        f"{params.rows} rows; the LSH threshold (1/b)^(1/r) is **{params.threshold:.3f}**; candidate pairs are "
+        + ("verified with exact Jaccard" if cfg.verify else "filtered by the MinHash estimate")
+        + f" ≥ {cfg.threshold}.",
+        "",
+        f"Signed {near['signed']} documents; {near['candidate_pairs']} candidate pairs, {near['verified_pairs']} at or "
+        f"above the threshold; {near['matched_earlier_index']} duplicates matched the earlier index.",
+        "",
+        "| Jaccard similarity | P(candidate pair) |",
+        "| ---: | ---: |",
+        *[f"| {row['similarity']:.2f} | {row['candidate_probability']:.4f} |" for row in near["s_curve"]],
+        "",
+        "## Example near-duplicates",
+        "",
+        "| removed | kept representative | similarity |",
+        "| --- | --- | ---: |",
+        *[f"| {e['removed']} | {e['kept']} | {e['similarity']:.3f} |" for e in examples],
+        "",
+    ]
+    path.write_text("\n".join(lines))

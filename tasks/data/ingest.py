@@ -1,0 +1,384 @@
+"""Ingest: read sources (folders of text files, JSONL[.gz|.zst], Parquet; local or fsspec URIs) into raw Parquet.
+
+Every record found becomes exactly one ledger row: ``kept`` (passed on) or ``dropped`` with a reason (see
+``tasks.data.readers``). Document ids derive from (source name, locator) — or from the record's own id when the
+source names an ``id_field`` — so a document keeps its id across runs.
+
+The work is split in three so it can fan out and refresh incrementally:
+
+1. ``plan_ingest`` lists the files and decides which can reuse a cached per-file fragment: a file whose
+   (size, mtime) is unchanged since the last successful run is not opened at all; otherwise its content is
+   hashed and a fragment made from identical bytes (and reader settings) is reused.
+2. ``ingest_part`` reads a group of files into per-file fragments (one Arrow IPC file each) in the cache; parts
+   run in parallel processes (``tasks.parts.map_parts``) and are independent, so a Prefect/Dask/Ray
+   mapping over ``plan.parts`` works the same way.
+3. ``merge_fragments`` streams the fragments, in file order, into the artifact's shards and assigns ordinals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.artifacts import StageContext, write_json_atomic
+from storage.hashing import stable_id, stream_hash
+from storage.shards import DOC_SCHEMA, LedgerWriter, ParquetShardWriter
+from tasks.config import SourceConfig
+from tasks.data import readers
+from tasks.data.readers import Record, SourceFile
+from tasks.parts import balanced_groups, default_workers, map_parts
+
+VERSION = "4"  # 4: ledger in sorted parts with an index (storage/ledger.py)
+FLUSH_ROWS = 1024
+FLUSH_BYTES = 2 * 2**20  # also the row-group size of the merged shards: clean maps over row groups
+FRAGMENT_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("locator", pa.string()),
+        ("ordinal", pa.int64()),
+        ("text", pa.large_string()),  # null when dropped
+        ("n_bytes", pa.int64()),
+        ("metadata", pa.string()),
+        ("reason", pa.string()),
+        ("score", pa.float64()),
+        ("scores", pa.map_(pa.string(), pa.float64())),
+    ]
+)
+FILES_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("rel", pa.string()),
+        ("bytes", pa.int64()),
+        ("content_hash", pa.string()),
+        ("records", pa.int64()),
+        ("kept", pa.int64()),
+        ("error", pa.string()),
+        ("uri", pa.string()),  # where the file was read from: s3://bucket/key, or the local path
+    ]
+)
+
+list_files = readers.list_files
+
+
+def doc_id_for(source: str, locator: str) -> str:
+    return f"{source}:{stable_id(source, locator)}"
+
+
+def doc_id_of(source: str, record: Record) -> str:
+    return (
+        f"{source}:{stable_id(source, 'id', record.key)}"
+        if record.key is not None
+        else doc_id_for(source, record.locator)
+    )
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One file to ingest: where its fragment lives (by content) and whether it is already there."""
+
+    source: SourceConfig
+    file: SourceFile
+    content_hash: str | None
+    fragment: str  # this file's cached fragment (Arrow IPC)
+    cached: bool
+
+
+def _reader_settings(source: SourceConfig) -> str:
+    """The source settings that change what a file's records are (not which files are listed)."""
+    settings = source.model_dump(exclude={"path", "include_ext", "exclude", "max_files", "storage_options"})
+    return json.dumps(settings, sort_keys=True)
+
+
+def fragment_key(source: SourceConfig, rel: str, content_hash: str) -> str:
+    return stable_id(VERSION, _reader_settings(source), rel, content_hash) + content_hash[:16]
+
+
+def _content_hash(fs, f: SourceFile) -> str | None:
+    try:
+        with readers.open_binary(fs, f.path) as fh:
+            return stream_hash(fh)
+    except OSError:
+        return None  # the reader records why the file cannot be read
+
+
+# --- 1. plan ------------------------------------------------------------------------------------------
+
+
+class IngestState:
+    """What the last successful ingest saw per source: rel → (size, mtime, content hash). Lives in the cache."""
+
+    def __init__(self, cache_dir: Path, source: SourceConfig):
+        self.path = cache_dir / "state" / f"{source.name}-{stable_id(source.resolved_path())}.json"
+        self.files: dict[str, list] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def save(self, files: dict[str, list]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, files)
+
+
+@dataclass
+class IngestPlan:
+    jobs: list[FileJob]
+    problems: list[SourceFile]  # listing problems (unreadable folders, symlinked folders skipped)
+    status: Counter[str]  # new / changed / unchanged / removed files
+    removed: list[str]
+    states: dict[str, tuple[IngestState, dict[str, list]]]
+
+
+def plan_ingest(sources: list[SourceConfig], cache_dir: Path) -> IngestPlan:
+    jobs: list[FileJob] = []
+    problems: list[SourceFile] = []
+    status: Counter[str] = Counter()
+    removed: list[str] = []
+    states: dict[str, tuple[IngestState, dict[str, list]]] = {}
+    for source in sources:
+        fs, _ = readers.source_filesystem(source)
+        state = IngestState(cache_dir, source)
+        seen: dict[str, list] = {}
+        for f in list_files(source):
+            if f.error is not None:
+                problems.append(f)
+                continue
+            previous = state.files.get(f.rel)
+            if previous and f.size is not None and f.mtime is not None and previous[:2] == [f.size, f.mtime]:
+                digest = previous[2]  # unchanged stat: trust the recorded content hash, do not open the file
+            else:
+                digest = _content_hash(fs, f)
+            status["new" if previous is None else "unchanged" if previous[2] == digest else "changed"] += 1
+            if digest is not None:
+                seen[f.rel] = [f.size, f.mtime, digest]
+                fragment = cache_dir / "fragments" / f"{fragment_key(source, f.rel, digest)}.arrow"
+                cached = fragment.exists()
+            else:
+                fragment = cache_dir / "fragments" / f"unhashed-{stable_id(source.name, f.rel)}.arrow"
+                cached = False
+            jobs.append(FileJob(source, f, digest, str(fragment), cached))
+        gone = sorted(set(state.files) - {j.file.rel for j in jobs if j.source.name == source.name})
+        removed += [f"{source.name}:{rel}" for rel in gone]
+        status["removed"] += len(gone)
+        states[source.name] = (state, seen)
+    return IngestPlan(jobs, problems, status, removed, states)
+
+
+# --- 2. read files into fragments ------------------------------------------------------------------------
+
+
+class _FragmentWriter:
+    """One file's records as an Arrow IPC file (one row per record: a document, or its drop reason)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = []
+        self.pending_bytes = 0
+        options = pa.ipc.IpcWriteOptions(compression="lz4")
+        self._writer = pa.ipc.new_file(str(path), FRAGMENT_SCHEMA, options=options)
+
+    def add(self, row: dict, n_bytes: int) -> None:
+        self.rows.append(row)
+        self.pending_bytes += n_bytes
+        if len(self.rows) >= FLUSH_ROWS or self.pending_bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self._writer.write_batch(pa.RecordBatch.from_pylist(self.rows, schema=FRAGMENT_SCHEMA))
+        self.rows, self.pending_bytes = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+
+def _read_into_fragment(job: FileJob) -> None:
+    fs, _ = readers.source_filesystem(job.source)
+    final = Path(job.fragment)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    writer = _FragmentWriter(tmp)
+    name = job.source.name
+    for ordinal, record in enumerate(readers.read_file(fs, job.file, job.source)):
+        text = record.text if record.reason is None else None
+        n_bytes = len(text.encode("utf-8", "surrogatepass")) if text is not None else 0
+        row = {
+            "doc_id": doc_id_of(name, record),
+            "locator": record.locator,
+            "ordinal": ordinal,  # position within the file; the merge offsets it
+            "text": text,
+            "n_bytes": n_bytes,
+            "metadata": record.metadata,
+            "reason": record.reason,
+            "score": record.scores.get("bytes") if record.reason else None,
+            "scores": record.scores or None,
+        }
+        writer.add(row, n_bytes)
+    writer.close()
+    os.replace(tmp, final)  # identical content by construction if another run made it meanwhile
+
+
+def ingest_part(jobs: list[FileJob]) -> list[FileJob]:
+    """Read the files of one part into their cached fragments (skipping those already cached)."""
+    for job in jobs:
+        if not job.cached:
+            _read_into_fragment(job)
+    return jobs
+
+
+# --- 3. merge ------------------------------------------------------------------------------------------
+
+
+class _RowGroupBuffer:
+    """Collects the many small per-file batches into row groups of about FLUSH_ROWS rows / FLUSH_BYTES."""
+
+    def __init__(self, writer: ParquetShardWriter):
+        self.writer = writer
+        self.batches: list[pa.RecordBatch] = []
+        self.rows = self.bytes = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.batches.append(batch)
+        self.rows += batch.num_rows
+        self.bytes += batch.nbytes
+        if self.rows >= FLUSH_ROWS or self.bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batches:
+            self.writer.write(pa.Table.from_batches(self.batches))
+        self.batches, self.rows, self.bytes = [], 0, 0
+
+
+def merge_fragments(
+    jobs: list[FileJob], problems: list[SourceFile], out_dir: Path, sources: Sequence[SourceConfig] = ()
+) -> dict:
+    """Stream fragments in file order into ``docs/``, ``ledger/`` and ``files/files.parquet``; return counts."""
+    by_name = {s.name: s for s in sources}
+    reasons: Counter[str] = Counter()
+    per_source: Counter[str] = Counter()
+    docs = ParquetShardWriter(out_dir / "docs", "docs", DOC_SCHEMA)
+    ledger = LedgerWriter(out_dir / "ledger", "ingest")
+    pending = _RowGroupBuffer(docs)
+    file_rows: list[dict] = []
+    ordinal = 0
+    bytes_kept = 0
+    for job in jobs:
+        name = job.source.name
+        records = kept = 0
+        file_reasons: Counter[str] = Counter()
+        with pa.OSFile(job.fragment) as source:  # not a memory map: batches outlive the file in the buffer
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                n = batch.num_rows
+                names = pa.array([name] * n, pa.string())
+                is_kept = pc.is_null(batch.column("reason"))
+                ledger.record_columns(
+                    {
+                        "doc_id": batch.column("doc_id"),
+                        "source": names,
+                        "locator": batch.column("locator"),
+                        "fate": pc.if_else(is_kept, "kept", "dropped"),
+                        "reason": batch.column("reason"),
+                        "score": batch.column("score"),
+                        "scores": batch.column("scores"),
+                    }
+                )
+                ordinals = pc.add(batch.column("ordinal"), pa.scalar(ordinal, pa.int64()))
+                rows = batch.set_column(batch.schema.get_field_index("ordinal"), "ordinal", ordinals)
+                rows = rows.append_column("source", names).filter(is_kept)
+                if rows.num_rows:
+                    pending.add(rows.select(DOC_SCHEMA.names))
+                    bytes_kept += pc.sum(rows.column("n_bytes")).as_py() or 0
+                records += n
+                kept += rows.num_rows
+                file_reasons.update(r for r in batch.column("reason").to_pylist() if r is not None)
+        ordinal += records
+        per_source[name] += records
+        reasons.update(file_reasons)
+        failure = next((r for r in file_reasons if r.startswith(("unreadable", "truncated", "reader_error"))), None)
+        file_rows.append(
+            {
+                "source": name,
+                "rel": job.file.rel,
+                "bytes": job.file.size,
+                "content_hash": job.content_hash,
+                "records": records,
+                "kept": kept,
+                "error": failure or (None if records else "no_records"),
+                "uri": readers.file_uri(job.source, job.file.path),
+            }
+        )
+    pending.flush()
+    file_rows += [
+        {
+            "source": p.source,
+            "rel": p.rel,
+            "records": 0,
+            "kept": 0,
+            "error": p.error,
+            "uri": readers.file_uri(by_name[p.source], p.path) if p.source in by_name else p.path,
+        }
+        for p in problems
+    ]
+    docs.close()
+    ledger.close()
+    (out_dir / "files").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(file_rows, schema=FILES_SCHEMA), out_dir / "files" / "files.parquet")
+    assert ledger.rows == ordinal, f"ingest ledger has {ledger.rows} rows for {ordinal} records"
+    return {
+        "docs_in": ordinal,
+        "kept": docs.rows,
+        "dropped": dict(sorted(reasons.items())),
+        "per_source": dict(per_source),
+        "bytes_kept": bytes_kept,
+        "source_errors": dict(Counter(p.error for p in problems if p.error)),
+    }
+
+
+# Files per part, whatever their size: 100M one-document files make ≈25k parts, not millions. Each file has
+# its own fragment, merged in file order, so the grouping never changes the artifact.
+MAX_FILES_PER_PART = 4096
+
+
+def ingest(
+    sources: list[SourceConfig],
+    ctx: StageContext,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+    part_bytes: int = 64 * 2**20,
+    parallel_min_bytes: int = 4 * 2**20,
+) -> dict:
+    """Read every source into ``docs/docs-*.parquet`` and ``ledger/ledger-*.parquet`` under ``ctx.out_dir``.
+
+    ``cache_dir`` keeps per-file fragments and the per-source state across runs (incremental refresh);
+    without it fragments go to the stage's work folder and nothing is reused.
+    """
+    cache = cache_dir or ctx.work_dir / "cache"
+    plan = plan_ingest(sources, cache)
+    todo = [j for j in plan.jobs if not j.cached]
+    n_workers = default_workers(workers)
+    total = sum(j.file.size or 0 for j in todo)
+    target = max(1 << 20, min(part_bytes, total // (4 * n_workers) + 1))
+    sizes = [j.file.size or 0 for j in todo]
+    parts = [[todo[i] for i in group] for group in balanced_groups(sizes, target, MAX_FILES_PER_PART)]
+    ctx.log(
+        f"ingest: {len(plan.jobs)} files ({dict(plan.status)}), reading {len(todo)} "
+        f"({total / 2**20:.1f} MiB) in {len(parts)} parts on {min(n_workers, max(len(parts), 1))} workers"
+    )
+    map_parts(ingest_part, parts, n_workers if total >= parallel_min_bytes else 1)
+    counts = merge_fragments(plan.jobs, plan.problems, ctx.out_dir, sources)
+    for state, seen in plan.states.values():
+        state.save(seen)
+    counts["files"] = dict(plan.status) | {"read": len(todo), "reused": len(plan.jobs) - len(todo)}
+    counts["removed_files"] = plan.removed[:1000]
+    for name, n in counts["per_source"].items():
+        ctx.log(f"ingest: source {name!r}: {n} records")
+    return counts

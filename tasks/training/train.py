@@ -1,0 +1,38 @@
+"""Train: a decoder-only Transformer on the train token shards, with atomic checkpoints and exact resume.
+
+``train`` is the stage function. With ``train.nproc > 1`` it hands the job to ``torchrun``
+(``tasks.training.launch``); every process then runs ``tasks.training.loop.run_training``. Checkpoints
+(``tasks.training.checkpoints``) make a retried task continue bit-identically on CPU. The published artifact holds
+``model.safetensors``, ``model.json``, ``train_log.jsonl`` and ``loss_curve.png`` — deterministic content
+only; throughput, MFU and memory go to the counts and ``telemetry.jsonl`` in the work folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from storage.artifacts import StageContext
+from tasks.config import ModelConfig, TrainConfig
+from tasks.training.distributed import DistEnv
+from tasks.training.job import TrainJob
+from tasks.training.loop import run_training
+
+VERSION = "2"
+
+
+def train(
+    train_shards: list[Path],
+    val_shards: list[Path],
+    vocab_size: int,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    seed: int,
+    ctx: StageContext,
+) -> dict:
+    """The train stage: in this process, or under ``torchrun`` when ``cfg.nproc > 1`` or ``cfg.nnodes > 1``."""
+    job = TrainJob.build(train_shards, val_shards, vocab_size, model_cfg, cfg, seed)
+    if cfg.nproc > 1 or cfg.nnodes > 1:
+        from tasks.training.launch import launch_distributed
+
+        return launch_distributed(job, ctx)
+    return run_training(job, ctx, DistEnv())
