@@ -19,7 +19,7 @@ from storage.hashing import canonical_json, fingerprint
 from storage.ledger import compact_ledger_folder
 from storage.stage_graph import DOWNSTREAM, STAGES, UPSTREAM, StageName, downstream  # noqa: F401 (re-exported)
 from tasks.config import PipelineConfig
-from tasks.data import clean, dedup, ingest, tokenize, tokenizer
+from tasks.data import clean, decontaminate, dedup, ingest, tokenize, tokenizer
 from tasks.evaluation import evaluate
 from tasks.modeling import export
 from tasks.parts import executor_for
@@ -78,10 +78,19 @@ def _tombstones(cfg: PipelineConfig) -> list[str]:
 
 
 def _clean_params(cfg: PipelineConfig) -> dict[str, Any]:
-    params = cfg.clean.model_dump()
+    params = cfg.clean.model_dump(exclude=set(cfg.clean.REPORTING))
     blocked = _tombstones(cfg)
     if blocked:  # only present when there are takedowns, so fingerprints of ordinary runs stay unchanged
         params["tombstones"] = hashlib.sha256("\n".join(blocked).encode()).hexdigest()
+    return params
+
+
+def _tokenize_params(cfg: PipelineConfig) -> dict[str, Any]:
+    params = cfg.tokenize.model_dump() | {"eot": cfg.tokenizer.special_tokens[0]}
+    decon = cfg.decontaminate
+    if decon.enabled:  # each named set by its content, so an edited benchmark file reruns tokenize
+        sets = [s.model_dump() | {"content": decontaminate.set_fingerprint(s)} for s in decon.sets]
+        params["decontaminate"] = decon.model_dump() | {"sets": sets}
     return params
 
 
@@ -123,9 +132,15 @@ SPECS: dict[str, StageSpec] = {
     "tokenize": StageSpec(
         "tokenize",
         tokenize.VERSION,
-        lambda c: c.tokenize.model_dump() | {"eot": c.tokenizer.special_tokens[0]},
+        _tokenize_params,
         lambda c, i, ctx: tokenize.tokenize(
-            i["dedup"].files_under("docs/"), i["tokenizer"].file(""), c.tokenizer, c.tokenize, ctx
+            i["dedup"].files_under("docs/"),
+            i["tokenizer"].file(""),
+            c.tokenizer,
+            c.tokenize,
+            ctx,
+            decontaminate=c.decontaminate,
+            cache_dir=ArtifactStore(c.root).cache_dir("decontaminate"),
         ),
     ),
     "train": StageSpec(
