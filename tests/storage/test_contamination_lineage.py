@@ -8,8 +8,8 @@ from pathlib import Path
 from storage.artifacts import ArtifactStore
 from storage.lineage import LineageStore
 from storage.lineage_queries import LineageQueries
-from tasks.stages import run_all
 from tasks.data.tokenize import split_of
+from tasks.stages import run_all
 from tests.data.test_decontaminate import ITEM, _doc_id
 from tests.support.corpus import prose, tiny_config
 
