@@ -20,7 +20,7 @@ from tasks.evaluation.baselines import KneserNeyBigram, Unigram
 from tasks.modeling.export import export_model, find_tokenizer, load_export
 from tasks.modeling.gpt import GPT, GPTConfig, KVCache, next_token
 from tasks.modeling.weights import load_model
-from tasks.reporting.report import publish_run_report, render_run_html
+from tasks.reporting.report import publish_run_report
 from tasks.stages import run_all
 from tests.support.corpus import tiny_config, write_corpus
 
