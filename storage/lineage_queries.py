@@ -27,6 +27,18 @@ def _stage_rank(stage: str) -> int:
     return LEDGER_STAGES.index(stage) if stage in LEDGER_STAGES else len(LEDGER_STAGES)
 
 
+def _model_entry(edge: dict, shards: list[str]) -> dict:
+    """A model (or what was made from one) as lineage answers name it: stage, fingerprint, relation, where."""
+    return {
+        "stage": edge["dst_stage"],
+        "fingerprint": edge["dst_fingerprint"],
+        "relation": edge["relation"],
+        "uri": edge["uri"],
+        "first_run": edge["run_id"],
+        "shards": shards,
+    }
+
+
 def _one_connection(method: Callable[..., Any]) -> Callable[..., Any]:
     """Answer a whole question over one read connection, closed when the answer is ready."""
 
@@ -100,16 +112,7 @@ class LineageQueries:
             covered = set(json.loads(e["coverage"] or "{}"))
             hit = sorted(covered & shards)
             if hit:
-                out.append(
-                    {
-                        "stage": e["dst_stage"],
-                        "fingerprint": e["dst_fingerprint"],
-                        "relation": e["relation"],
-                        "uri": e["uri"],
-                        "first_run": e["run_id"],
-                        "shards": hit,
-                    }
-                )
+                out.append(_model_entry(e, hit))
         return out + self._derived_from_models(out)
 
     def _derived_from_models(self, models: list[dict]) -> list[dict]:
@@ -127,17 +130,7 @@ class LineageQueries:
             )
             for e in rows:
                 if e["dst_stage"] in DOWNSTREAM["train"] and e["relation"] != "evaluated_on":
-                    out.append(
-                        {
-                            "stage": e["dst_stage"],
-                            "fingerprint": e["dst_fingerprint"],
-                            "relation": e["relation"],
-                            "uri": e["uri"],
-                            "first_run": e["run_id"],
-                            "shards": model["shards"],
-                            "via": f"train:{model['fingerprint']}",
-                        }
-                    )
+                    out.append(_model_entry(e, model["shards"]) | {"via": f"train:{model['fingerprint']}"})
         return out
 
     def _artifact_fp(self, run_id: str, stage: str) -> str | None:

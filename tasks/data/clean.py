@@ -30,6 +30,7 @@ from tasks.data import filters, language
 from tasks.data.filters import FilterResult, Rule, TextBatch, apply_rules
 from tasks.errors import UserError
 from tasks.parts import balanced_groups, map_parts
+from tasks.stage_contract import DocCounts, StageResult
 
 VERSION = "4"  # 4: language identification (scores language.*, drop reason language:<code>); 3: ledger index
 
@@ -309,7 +310,17 @@ def _drop_blocked(result: BatchOutcome, doc_ids: list[str], hashes: list[str], b
             result.score[i] = np.nan
 
 
-def clean_part(part: CleanPart) -> dict:
+@dataclass(frozen=True)
+class CleanPartResult:
+    """One part's documents, bytes in and dropped per reason, and the rules each preset held documents to."""
+
+    docs: DocCounts
+    bytes_in: int
+    dropped_bytes: dict[str, int]
+    rules: dict[str, list[dict]]
+
+
+def clean_part(part: CleanPart) -> CleanPartResult:
     """Clean the row groups of one part into ``docs/docs-<part>-*.parquet`` and ``ledger/ledger-<part>-*``."""
     out = Path(part.out_dir)
     docs = ParquetShardWriter(out / "docs", f"docs-{part.index:05d}", CLEAN_SCHEMA)
@@ -359,14 +370,7 @@ def clean_part(part: CleanPart) -> dict:
             docs.write(table.append_column("content_hash", hashes).filter(keep))
     docs.close()
     ledger.close()
-    return {
-        "docs_in": docs_in,
-        "kept": docs.rows,
-        "dropped": dict(reasons),
-        "bytes_in": bytes_in,
-        "dropped_bytes": dict(dropped_bytes),
-        "rules": rules,
-    }
+    return CleanPartResult(DocCounts(docs_in, docs.rows, reasons), bytes_in, dict(dropped_bytes), rules)
 
 
 def _uncompressed_bytes(path: Path) -> int:
@@ -394,7 +398,7 @@ def clean(
     workers: int | None = None,
     part_bytes: int | None = None,
     blocked: set[str] | None = None,
-) -> dict:
+) -> StageResult:
     """Normalize and filter raw documents into ``docs/`` with a ledger row per input document.
 
     The input is cut into parts by size alone (default: about 16 parts, 1–256 MiB each), never by the number
@@ -411,32 +415,28 @@ def clean(
     ctx.log(f"clean: {len(parts)} parts")
     results = map_parts(clean_part, parts, workers)
     (ctx.out_dir / "docs").mkdir(parents=True, exist_ok=True)
-    counts = merge_part_counts(results)
-    for warning in dropped_bytes_warnings(counts, cfg.warn_dropped_bytes_share):
+    result = merge_part_results(results)
+    for warning in dropped_bytes_warnings(result.as_counts(), cfg.warn_dropped_bytes_share):
         ctx.log(f"WARNING clean: {warning}")
-    return counts
+    return result
 
 
-def merge_part_counts(results: list[dict]) -> dict:
-    """The stage's counts from its parts': documents and bytes per drop reason, and the rules per preset."""
-    reasons: Counter[str] = Counter()
+def merge_part_results(results: list[CleanPartResult]) -> StageResult:
+    """The stage's result from its parts': documents and bytes per drop reason, and the rules per preset."""
     dropped_bytes: Counter[str] = Counter()
     rules: dict[str, list[dict]] = {}
     for r in results:
-        reasons.update(r["dropped"])
-        dropped_bytes.update(r["dropped_bytes"])
-        for preset, held_to in r["rules"].items():
+        dropped_bytes.update(r.dropped_bytes)
+        for preset, held_to in r.rules.items():
             rules.setdefault(preset, held_to)
-    bytes_in = sum(r["bytes_in"] for r in results)
-    return {
-        "docs_in": sum(r["docs_in"] for r in results),
-        "kept": sum(r["kept"] for r in results),
-        "dropped": dict(sorted(reasons.items())),
+    bytes_in = sum(r.bytes_in for r in results)
+    extra = {
         "bytes_in": bytes_in,
         "bytes_kept": bytes_in - sum(dropped_bytes.values()),
         "dropped_bytes": dict(sorted(dropped_bytes.items())),
         "rules": dict(sorted(rules.items())),
     }
+    return StageResult(DocCounts.total(r.docs for r in results), extra)
 
 
 def dropped_bytes_warnings(counts: dict, max_share: float) -> list[str]:

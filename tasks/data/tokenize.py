@@ -22,6 +22,7 @@ from storage.shards import LedgerWriter, iter_batches, token_dtype, write_token_
 from tasks.config import DecontaminateConfig, TokenizeConfig, TokenizerConfig
 from tasks.data.decontaminate import Match, NgramIndex, check_batch, set_index
 from tasks.data.tokenizer import load_tokenizer
+from tasks.stage_contract import DocCounts, StageResult
 
 VERSION = "2"  # 2: ledger in sorted parts with an index (storage/ledger.py)
 SPLITS = ("train", "val", "test")
@@ -149,7 +150,7 @@ def tokenize(
     ctx: StageContext,
     decontaminate: DecontaminateConfig | None = None,
     cache_dir: Path | None = None,
-) -> dict:
+) -> StageResult:
     """Encode documents in batches (the library's own thread pool) and write token shards plus a ledger.
 
     With ``decontaminate`` enabled, every train-bound document is first checked for n-gram overlap with this
@@ -216,10 +217,7 @@ def tokenize(
     }
     kept = sum(s.docs for s in splits.values())
     extra = {"contamination": contamination.write(ctx.out_dir / "contamination")} if contamination else {}
-    return extra | {
-        "docs_in": kept + sum(dropped.values()),
-        "kept": kept,
-        "dropped": dict(sorted(dropped.items())),
+    extra |= {
         "tokens": sum(s.tokens for s in splits.values()),
         "dtype": dtype.name,
         "eot_id": eot,
@@ -227,3 +225,4 @@ def tokenize(
         "splits": summary,
         "tokens_per_source": {k: dict(v) for k, v in sorted(per_source_tokens.items())},
     }
+    return StageResult(DocCounts(kept + sum(dropped.values()), kept, dropped), extra)
