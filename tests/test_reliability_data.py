@@ -22,7 +22,7 @@ from tasks.data import ingest as ingest_module
 from tasks.data import readers, streams
 from tasks.data.ingest import fragment_path, ingest, ingest_part, plan_ingest
 from tasks.data.readers import list_files
-from tasks.stages import stage_fingerprint
+from tasks.stages import data_version
 from tests.support.corpus import prose, tiny_config
 
 RECORDS = [{"text": prose(i), "n": i} for i in range(40)]
@@ -178,7 +178,7 @@ def test_file_names_that_are_not_utf8_get_an_escaped_locator_that_round_trips(tm
         "undecodable_name_collision": 1
     }
     cfg = tiny_config(root, tmp_path / "root", sources=[{"name": "s", "path": str(root)}])
-    assert stage_fingerprint("ingest", cfg, {})  # the source snapshot of the stage fingerprint
+    assert data_version(cfg)  # the source snapshot in the ingest fingerprint
     assert len(list_files(source)) == 5
 
 

@@ -37,6 +37,7 @@ from tasks.data import readers
 from tasks.data.readers import Record, SourceFile
 from tasks.data.streams import open_hashed
 from tasks.parts import balanced_groups, default_workers, map_parts
+from tasks.stage_contract import DocCounts, StageResult
 
 VERSION = "4"  # 4: ledger in sorted parts with an index (storage/ledger.py)
 FLUSH_ROWS = 1024
@@ -357,7 +358,7 @@ class _RowGroupBuffer:
 
 def merge_fragments(
     jobs: list[FileJob], problems: list[SourceFile], out_dir: Path, sources: Sequence[SourceConfig] = ()
-) -> dict:
+) -> StageResult:
     """Stream fragments in file order into ``docs/``, ``ledger/`` and ``files/files.parquet``; return counts."""
     by_name = {s.name: s for s in sources}
     reasons: Counter[str] = Counter()
@@ -434,14 +435,14 @@ def merge_fragments(
     (out_dir / "files").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(file_rows, schema=FILES_SCHEMA), out_dir / "files" / "files.parquet")
     assert ledger.rows == ordinal, f"ingest ledger has {ledger.rows} rows for {ordinal} records"
-    return {
-        "docs_in": ordinal,
-        "kept": docs.rows,
-        "dropped": dict(sorted(reasons.items())),
-        "per_source": dict(per_source),
-        "bytes_kept": bytes_kept,
-        "source_errors": dict(Counter(p.error for p in problems if p.error)),
-    }
+    return StageResult(
+        DocCounts(ordinal, docs.rows, reasons),
+        {
+            "per_source": dict(per_source),
+            "bytes_kept": bytes_kept,
+            "source_errors": dict(Counter(p.error for p in problems if p.error)),
+        },
+    )
 
 
 # Files per part, whatever their size: 100M one-document files make ≈25k parts, not millions. Each file has
@@ -467,7 +468,7 @@ def ingest(
     workers: int | None = None,
     part_bytes: int = 64 * 2**20,
     parallel_min_bytes: int = 4 * 2**20,
-) -> dict:
+) -> StageResult:
     """Read every source into ``docs/docs-*.parquet`` and ``ledger/ledger-*.parquet`` under ``ctx.out_dir``.
 
     ``cache_dir`` keeps per-file fragments and the per-source state across runs (incremental refresh);
@@ -494,9 +495,9 @@ def ingest(
         for part in map_parts(ingest_part, parts, n_workers if sum(sizes) >= parallel_min_bytes else 1)
         for job in part
     ]
-    counts = merge_fragments(done, plan.problems, ctx.out_dir, sources)
+    merged = merge_fragments(done, plan.problems, ctx.out_dir, sources)
     _settle_states(plan, done)
-    counts["files"] = dict(plan.status) | {"read": n_todo, "reused": len(plan.jobs) - n_todo}
+    files = dict(plan.status) | {"read": n_todo, "reused": len(plan.jobs) - n_todo}
     rebuilt = [j for j in done if j.rebuilt]
     changed = [
         j
@@ -508,10 +509,10 @@ def ingest(
     for job in changed:
         ctx.log(f"ingest: {job.source.name}:{job.file.rel} changed while being read: its new content is used")
     if rebuilt:
-        counts["files"]["rebuilt"] = len(rebuilt)
+        files["rebuilt"] = len(rebuilt)
     if changed:
-        counts["files"]["changed_while_reading"] = len(changed)
-    counts["removed_files"] = plan.removed[:1000]
-    for name, n in counts["per_source"].items():
+        files["changed_while_reading"] = len(changed)
+    extra = dict(merged.extra) | {"files": files, "removed_files": plan.removed[:1000]}
+    for name, n in extra["per_source"].items():
         ctx.log(f"ingest: source {name!r}: {n} records")
-    return counts
+    return StageResult(merged.docs, extra)

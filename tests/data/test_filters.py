@@ -118,13 +118,15 @@ def test_presets_by_source_and_extension():
     assert preset_for("web", "pkg/mod.py", cfg) == "none"
     with pytest.raises(ValueError, match="unknown preset"):
         CleanConfig(default_preset="fancy")
-    # the deprecated top-level knobs configure the code preset
-    assert CleanConfig(max_line_chars=300).presets["code"].code.max_line_chars == 300
+    # the code preset's own settings are where code limits live (no top-level aliases)
+    with pytest.raises(ValueError, match="max_line_chars"):
+        CleanConfig(max_line_chars=300)
+    assert CleanConfig(presets={"code": {"code": {"max_line_chars": 300}}}).presets["code"].code.max_line_chars == 300
 
 
 def test_every_filter_can_be_switched_off():
     off = {"gopher_quality": {"enabled": False}, "gopher_repetition": {"enabled": False}, "c4": {"enabled": False}}
-    cfg = CleanConfig(min_chars=1, presets={"prose": off})
+    cfg = CleanConfig(min_chars=1, presets={"prose": off}, language_id=False)
     out = clean_batch(["too few words."], ["s"], ["a.txt"], cfg)
     assert out.keep.tolist() == [True]
     assert set(dict(out.scores[0].as_py())) == {
@@ -173,7 +175,7 @@ def test_documents_emptied_by_c4_line_removal_are_dropped_not_passed_on():
         "gopher_repetition": {"enabled": False},
         "c4": {"remove_bad_lines": True, "min_good_line_fraction": 0.0},
     }
-    cfg = CleanConfig(min_chars=40, presets={"prose": c4_only})
+    cfg = CleanConfig(min_chars=40, language_id=False, presets={"prose": c4_only})
     no_good_line = "\n".join(f"menu item {i} link {i} home page login" for i in range(8))
     one_short_line = no_good_line + "\nOnly this one is fine."
     texts = [no_good_line, no_good_line.upper(), one_short_line, prose(3)]

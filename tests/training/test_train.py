@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from storage.artifacts import StageContext
+from storage.artifacts import StageContext, StageKey
 from storage.faults import InjectedFault
 from storage.shards import write_token_shard
 from tasks.config import ModelConfig, TrainConfig
@@ -284,11 +284,11 @@ print("RESULT", json.dumps({{"world": counts["world_size"], "steps": counts["ste
 def test_prefect_retries_every_failure_except_unrecoverable_ones():
     from prefect.states import Failed
 
-    from flows.pipeline import _retry_unless_unrecoverable
+    from flows.pipeline import retry_unless_unrecoverable
 
-    assert _retry_unless_unrecoverable(None, None, Failed(data=InjectedFault("transient")))
-    assert not _retry_unless_unrecoverable(None, None, Failed(data=UnrecoverableTrainingError("first-step OOM")))
-    assert not _retry_unless_unrecoverable(None, None, Failed(data=TrainingSetupError("bad batch geometry")))
+    assert retry_unless_unrecoverable(None, None, Failed(data=InjectedFault("transient")))
+    assert not retry_unless_unrecoverable(None, None, Failed(data=UnrecoverableTrainingError("first-step OOM")))
+    assert not retry_unless_unrecoverable(None, None, Failed(data=TrainingSetupError("bad batch geometry")))
 
 
 def test_only_a_cuda_train_stage_takes_the_gpu_slot(corpus, tmp_path):
@@ -310,7 +310,12 @@ def test_train_telemetry_lands_in_the_lineage_db(shards, tmp_path):
     def produce(ctx: StageContext) -> dict:
         return _run(shards, cfg, ctx)
 
-    manifest, _ = store.build("train", "test", {"cfg": cfg.model_dump()}, [], produce, run_id="r1", log=lambda m: None)
+    manifest, _ = store.build(
+        StageKey(stage="train", version="test", params={"cfg": cfg.model_dump()}, inputs=[]),
+        produce,
+        run_id="r1",
+        log=lambda m: None,
+    )
     lineage = LineageStore(store.lineage_path)
     lineage.start_run("r1", "tiny", {}, 7, None)
     lineage.record_stage("r1", "train", "completed", datetime.now(UTC), manifest=manifest)
