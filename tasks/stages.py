@@ -125,7 +125,7 @@ SPECS: dict[str, StageSpec] = {
         tokenize.VERSION,
         lambda c: c.tokenize.model_dump() | {"eot": c.tokenizer.special_tokens[0]},
         lambda c, i, ctx: tokenize.tokenize(
-            i["dedup"].files_under("docs/"), i["tokenizer"].file(""), c.tokenizer, c.tokenize, ctx
+            i["dedup"].files_under("docs/"), i["tokenizer"].file(""), c.tokenizer, c.tokenize, ctx, c.workers
         ),
     ),
     "train": StageSpec(

@@ -1,5 +1,9 @@
 """Tokenize: encode kept documents into flat token shards per split, recording each document's token span.
 
+Fan-out: one part per dedup output shard encodes it and writes its own token shards and document spans; the
+flow process then names the shards globally in part order (``train-00000``, ...) and writes the ledger, so
+the artifact is byte-identical for any number of workers and any executor.
+
 Format: one uncompressed Arrow IPC file per shard (``tokens/<split>-00000.arrow``) holding a single flat
 uint16/uint32 column: memory-mappable with zero copies, and block size stays a training-time choice
 (windows of ``block_size + 1`` tokens are cut by the loader), so changing the context length does not
@@ -9,19 +13,24 @@ so a document never changes split when others are added.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.artifacts import StageContext
 from storage.hashing import unit_interval
-from storage.shards import LedgerWriter, iter_batches, token_dtype, write_token_shard
+from storage.shards import LedgerWriter, ParquetShardWriter, iter_batches, token_dtype, write_token_shard
 from tasks.config import TokenizeConfig, TokenizerConfig
 from tasks.data.tokenizer import load_tokenizer
+from tasks.parts import map_parts
 
-VERSION = "2"  # 2: ledger in sorted parts with an index (storage/ledger.py)
+VERSION = "3"  # 3: one part per dedup shard; shards end at part boundaries (identical bytes for one input shard)
 SPLITS = ("train", "val", "test")
 
 
@@ -48,14 +57,15 @@ class _SplitShards:
     def current_shard(self) -> str:
         return f"{self.split}-{len(self.shards):05d}"
 
-    def add(self, ids: list[int], n_bytes: int) -> tuple[str, int, int]:
+    def add(self, ids: list[int], n_bytes: int) -> tuple[int, int, int]:
+        """Append a document; returns (shard number, token start, token end) of its span."""
         start = self.pending_tokens
         self.pending.append(np.asarray(ids, dtype=self.dtype))
         self.pending_tokens += len(ids)
         self.tokens += len(ids)
         self.docs += 1
         self.bytes += n_bytes
-        span = (self.current_shard, start, self.pending_tokens)
+        span = (len(self.shards), start, self.pending_tokens)
         if self.pending_tokens >= self.shard_tokens:
             self.flush()
         return span
@@ -69,66 +79,155 @@ class _SplitShards:
         self.pending, self.pending_tokens = [], 0
 
 
-def tokenize(
-    doc_paths: list[Path], tokenizer_dir: Path, tok_cfg: TokenizerConfig, cfg: TokenizeConfig, ctx: StageContext
-) -> dict:
-    """Encode documents in batches (the library's own thread pool) and write token shards plus a ledger."""
-    tokenizer = load_tokenizer(tokenizer_dir)
-    eot = tokenizer.token_to_id(tok_cfg.special_tokens[0])
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer(folder: str):
+    """The tokenizer, loaded once per worker process."""
+    if folder not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[folder] = load_tokenizer(Path(folder))
+    return _TOKENIZERS[folder]
+
+
+@dataclass(frozen=True)
+class TokenizePart:
+    """One dedup output shard to encode into ``out`` (a folder of its own): token shards named ``<split>-<k>``
+    in the part's own numbering, and ``spans.parquet`` (each document's split, part-local shard and span)."""
+
+    doc_path: str
+    tokenizer_dir: str
+    eot: str
+    cfg: TokenizeConfig
+    out: str
+
+
+SPANS_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("shard_in_part", pa.int32()),
+        ("token_start", pa.int64()),
+        ("token_end", pa.int64()),
+    ]
+)
+
+
+def tokenize_part(part: TokenizePart) -> dict:
+    """Encode one shard (the library's own thread pool per batch); returns its per-split counts and shards."""
+    tokenizer = _tokenizer(part.tokenizer_dir)
+    eot = tokenizer.token_to_id(part.eot)
     # encode_batch_fast skips computing character offsets, which tokenize never uses (tokenizers >= 0.20).
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    dtype = token_dtype(tokenizer.get_vocab_size())
-    folder = ctx.out_dir / "tokens"
+    folder = Path(part.out)
+    shutil.rmtree(folder, ignore_errors=True)  # a retried part starts over
     folder.mkdir(parents=True)
-    splits = {name: _SplitShards(folder, name, dtype, cfg.shard_tokens) for name in SPLITS}
-    ledger = LedgerWriter(ctx.out_dir / "ledger", "tokenize")
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    splits = {name: _SplitShards(folder, name, dtype, part.cfg.shard_tokens) for name in SPLITS}
     per_source_tokens: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
     # Dedup gives each document a split key (its near-duplicate cluster), so a cluster never straddles splits.
     columns = ["doc_id", "source", "text", "n_bytes"]
-    if doc_paths and "split_key" in pq.ParquetFile(doc_paths[0]).schema_arrow.names:
+    if "split_key" in pq.ParquetFile(part.doc_path).schema_arrow.names:
         columns.append("split_key")
-    for batch in iter_batches(doc_paths, columns=columns, batch_size=cfg.batch_docs):
-        docs = batch.to_pylist()
-        encodings = encode([d["text"] for d in docs], add_special_tokens=False)
-        rows = []
-        for doc, enc in zip(docs, encodings, strict=True):
-            split = split_of(doc.get("split_key") or doc["doc_id"], cfg)
-            shard, start, end = splits[split].add([*enc.ids, eot], doc["n_bytes"])
-            per_source_tokens[doc["source"]][split] += end - start
-            rows.append(
-                {
-                    "doc_id": doc["doc_id"],
-                    "source": doc["source"],
-                    "fate": "kept",
-                    "split": split,
-                    "shard": shard,
-                    "token_start": start,
-                    "token_end": end,
-                }
-            )
-        ledger.record(rows)
+    with ParquetShardWriter(folder, "spans", SPANS_SCHEMA, rows_per_shard=1 << 40) as spans:
+        for batch in iter_batches([Path(part.doc_path)], columns=columns, batch_size=part.cfg.batch_docs):
+            docs = batch.to_pylist()
+            rows = []
+            for doc, enc in zip(docs, encode([d["text"] for d in docs], add_special_tokens=False), strict=True):
+                split = split_of(doc.get("split_key") or doc["doc_id"], part.cfg)
+                shard, start, end = splits[split].add([*enc.ids, eot], doc["n_bytes"])
+                per_source_tokens[doc["source"]][split] += end - start
+                rows.append(
+                    {
+                        "doc_id": doc["doc_id"],
+                        "source": doc["source"],
+                        "split": split,
+                        "shard_in_part": shard,
+                        "token_start": start,
+                        "token_end": end,
+                    }
+                )
+            spans.write_rows(rows)
     for shards in splits.values():
         shards.flush()
-    ledger.close()
-    summary = {
-        name: {
-            "docs": s.docs,
-            "tokens": s.tokens,
-            "bytes": s.bytes,
-            "bytes_per_token": round(s.bytes / s.tokens, 4) if s.tokens else None,
-            "shards": s.shards,
-        }
-        for name, s in splits.items()
+    return {
+        "splits": {
+            name: {"docs": s.docs, "tokens": s.tokens, "bytes": s.bytes, "shards": s.shards}
+            for name, s in splits.items()
+        },
+        "tokens_per_source": {k: dict(v) for k, v in per_source_tokens.items()},
+        "spans": [str(p) for p in spans.paths],
     }
-    docs_in = sum(s.docs for s in splits.values())
+
+
+def tokenize(
+    doc_paths: list[Path],
+    tokenizer_dir: Path,
+    tok_cfg: TokenizerConfig,
+    cfg: TokenizeConfig,
+    ctx: StageContext,
+    workers: int | None = None,
+) -> dict:
+    """Encode the dedup output, one part per shard, then name the parts' token shards globally in part order.
+
+    Shards never straddle parts, so a part's output depends on its own shard alone and the artifact is the same
+    for any worker count or executor; the flow process only renames files and writes the ledger.
+    """
+    parts_dir = ctx.work_dir / "parts"
+    parts = [
+        TokenizePart(str(path), str(tokenizer_dir), tok_cfg.special_tokens[0], cfg, str(parts_dir / f"part-{i:05d}"))
+        for i, path in enumerate(doc_paths)
+    ]
+    results = map_parts(tokenize_part, parts, workers)
+    folder = ctx.out_dir / "tokens"
+    folder.mkdir(parents=True)
+    ledger = LedgerWriter(ctx.out_dir / "ledger", "tokenize")
+    splits = {name: {"docs": 0, "tokens": 0, "bytes": 0, "shards": []} for name in SPLITS}
+    per_source_tokens: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
+    for part, result in zip(parts, results, strict=True):
+        global_name: dict[tuple[str, int], str] = {}
+        for name, counts in result["splits"].items():
+            total = splits[name]
+            for k, shard in enumerate(counts["shards"]):
+                global_name[name, k] = f"{name}-{len(total['shards']):05d}"
+                os.replace(Path(part.out) / f"{shard['shard']}.arrow", folder / f"{global_name[name, k]}.arrow")
+                total["shards"].append({"shard": global_name[name, k], "tokens": shard["tokens"]})
+            for key in ("docs", "tokens", "bytes"):
+                total[key] += counts[key]
+        for source, by_split in result["tokens_per_source"].items():
+            for name, n in by_split.items():
+                per_source_tokens[source][name] += n
+        for batch in iter_batches([Path(p) for p in result["spans"]], batch_size=1 << 16):
+            split, local = batch.column("split").to_pylist(), batch.column("shard_in_part").to_pylist()
+            ledger.record_columns(
+                {
+                    "doc_id": batch.column("doc_id"),
+                    "source": batch.column("source"),
+                    "fate": pa.array(["kept"] * batch.num_rows, pa.string()),
+                    "split": batch.column("split"),
+                    "shard": pa.array([global_name[s, k] for s, k in zip(split, local, strict=True)], pa.string()),
+                    "token_start": batch.column("token_start"),
+                    "token_end": batch.column("token_end"),
+                }
+            )
+    ledger.close()
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    for s in splits.values():
+        s["bytes_per_token"] = round(s["bytes"] / s["tokens"], 4) if s["tokens"] else None
+    docs_in = sum(s["docs"] for s in splits.values())
+    tokenizer = _tokenizer(str(tokenizer_dir))
     return {
         "docs_in": docs_in,
         "kept": docs_in,
         "dropped": {},
-        "tokens": sum(s.tokens for s in splits.values()),
-        "dtype": dtype.name,
-        "eot_id": eot,
+        "tokens": sum(s["tokens"] for s in splits.values()),
+        "dtype": token_dtype(tokenizer.get_vocab_size()).name,
+        "eot_id": tokenizer.token_to_id(tok_cfg.special_tokens[0]),
         "vocab_size": tokenizer.get_vocab_size(),
-        "splits": summary,
+        "splits": {
+            name: {k: s[k] for k in ("docs", "tokens", "bytes", "bytes_per_token", "shards")}
+            for name, s in splits.items()
+        },
         "tokens_per_source": {k: dict(v) for k, v in sorted(per_source_tokens.items())},
     }
