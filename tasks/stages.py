@@ -125,7 +125,13 @@ SPECS: dict[str, StageSpec] = {
         tokenize.VERSION,
         lambda c: c.tokenize.model_dump() | {"eot": c.tokenizer.special_tokens[0]},
         lambda c, i, ctx: tokenize.tokenize(
-            i["dedup"].files_under("docs/"), i["tokenizer"].file(""), c.tokenizer, c.tokenize, ctx, c.workers
+            i["dedup"].sources_under("docs/"),
+            i["tokenizer"].file(""),
+            c.tokenizer,
+            c.tokenize,
+            ctx,
+            c.workers,
+            next(iter(i["tokenizer"].sources_under(tokenizer.TOKENIZER_FILE)), None),
         ),
     ),
     "train": StageSpec(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tokenizers import Tokenizer
 
-from storage.artifacts import StageContext
-from storage.hashing import unit_interval
-from storage.shards import LedgerWriter, ParquetShardWriter, iter_batches, token_dtype, write_token_shard
+from storage.artifacts import FileEntry, StageContext
+from storage.hashing import file_sha256, unit_interval
+from storage.remote import copy_object, is_remote, open_input, put_files, remove_prefix
+from storage.shards import LedgerWriter, ParquetShardWriter, token_dtype, write_token_shard
 from tasks.config import TokenizeConfig, TokenizerConfig
 from tasks.data.tokenizer import load_tokenizer
 from tasks.parts import map_parts
@@ -82,21 +85,29 @@ class _SplitShards:
 _TOKENIZERS: dict[str, object] = {}
 
 
-def _tokenizer(folder: str):
-    """The tokenizer, loaded once per worker process."""
-    if folder not in _TOKENIZERS:
+def _tokenizer(location: str):
+    """The tokenizer of a folder or of an object URI of ``tokenizer.json``, loaded once per worker process."""
+    if location not in _TOKENIZERS:
         _TOKENIZERS.clear()
-        _TOKENIZERS[folder] = load_tokenizer(Path(folder))
-    return _TOKENIZERS[folder]
+        if is_remote(location):
+            with open_input(location) as fh:
+                _TOKENIZERS[location] = Tokenizer.from_str(fh.read().decode())
+        else:
+            _TOKENIZERS[location] = load_tokenizer(Path(location))
+    return _TOKENIZERS[location]
 
 
 @dataclass(frozen=True)
 class TokenizePart:
     """One dedup output shard to encode into ``out`` (a folder of its own): token shards named ``<split>-<k>``
-    in the part's own numbering, and ``spans.parquet`` (each document's split, part-local shard and span)."""
+    in the part's own numbering, and ``spans.parquet`` (each document's split, part-local shard and span).
+
+    On a remote root every location is an object URI: the part reads its shard and the tokenizer from the store
+    and uploads what it wrote from a scratch folder of its own, so a worker needs nothing but the store.
+    """
 
     doc_path: str
-    tokenizer_dir: str
+    tokenizer: str  # the tokenizer artifact's folder, or the URI of its tokenizer.json
     eot: str
     cfg: TokenizeConfig
     out: str
@@ -116,22 +127,38 @@ SPANS_SCHEMA = pa.schema(
 
 def tokenize_part(part: TokenizePart) -> dict:
     """Encode one shard (the library's own thread pool per batch); returns its per-split counts and shards."""
-    tokenizer = _tokenizer(part.tokenizer_dir)
+    if not is_remote(part.out):
+        shutil.rmtree(part.out, ignore_errors=True)  # a retried part starts over
+        return _encode_part(part, Path(part.out))
+    with tempfile.TemporaryDirectory(prefix="tokenize-part-") as scratch:
+        result = _encode_part(part, Path(scratch) / "out")
+        folder = Path(scratch) / "out"
+        names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        for split in result["splits"].values():
+            for shard in split["shards"]:
+                path = folder / f"{shard['shard']}.arrow"
+                shard |= {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        put_files(folder, part.out, names)
+    result["spans"] = [f"{part.out}/{Path(p).name}" for p in result["spans"]]
+    return result
+
+
+def _encode_part(part: TokenizePart, folder: Path) -> dict:
+    tokenizer = _tokenizer(part.tokenizer)
     eot = tokenizer.token_to_id(part.eot)
     # encode_batch_fast skips computing character offsets, which tokenize never uses (tokenizers >= 0.20).
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    folder = Path(part.out)
-    shutil.rmtree(folder, ignore_errors=True)  # a retried part starts over
     folder.mkdir(parents=True)
     dtype = token_dtype(tokenizer.get_vocab_size())
     splits = {name: _SplitShards(folder, name, dtype, part.cfg.shard_tokens) for name in SPLITS}
     per_source_tokens: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
     # Dedup gives each document a split key (its near-duplicate cluster), so a cluster never straddles splits.
     columns = ["doc_id", "source", "text", "n_bytes"]
-    if "split_key" in pq.ParquetFile(part.doc_path).schema_arrow.names:
+    source = pq.ParquetFile(open_input(part.doc_path))
+    if "split_key" in source.schema_arrow.names:
         columns.append("split_key")
     with ParquetShardWriter(folder, "spans", SPANS_SCHEMA, rows_per_shard=1 << 40) as spans:
-        for batch in iter_batches([Path(part.doc_path)], columns=columns, batch_size=part.cfg.batch_docs):
+        for batch in source.iter_batches(columns=columns, batch_size=part.cfg.batch_docs):
             docs = batch.to_pylist()
             rows = []
             for doc, enc in zip(docs, encode([d["text"] for d in docs], add_special_tokens=False), strict=True):
@@ -162,21 +189,25 @@ def tokenize_part(part: TokenizePart) -> dict:
 
 
 def tokenize(
-    doc_paths: list[Path],
+    doc_paths: list[str] | list[Path],
     tokenizer_dir: Path,
     tok_cfg: TokenizerConfig,
     cfg: TokenizeConfig,
     ctx: StageContext,
     workers: int | None = None,
+    tokenizer_uri: str | None = None,
 ) -> dict:
     """Encode the dedup output, one part per shard, then name the parts' token shards globally in part order.
 
     Shards never straddle parts, so a part's output depends on its own shard alone and the artifact is the same
-    for any worker count or executor; the flow process only renames files and writes the ledger.
+    for any worker count or executor; the flow process only renames files (on a remote root: server-side copies
+    inside the attempt folder) and writes the ledger. ``tokenizer_uri``: where remote parts read the tokenizer.
     """
-    parts_dir = ctx.work_dir / "parts"
+    remote = ctx.attempt_uri is not None
+    parts_dir = f"{ctx.attempt_uri}/.parts" if remote else str(ctx.work_dir / "parts")
+    tokenizer = tokenizer_uri if remote and tokenizer_uri else str(tokenizer_dir)
     parts = [
-        TokenizePart(str(path), str(tokenizer_dir), tok_cfg.special_tokens[0], cfg, str(parts_dir / f"part-{i:05d}"))
+        TokenizePart(str(path), tokenizer, tok_cfg.special_tokens[0], cfg, f"{parts_dir}/part-{i:05d}")
         for i, path in enumerate(doc_paths)
     ]
     results = map_parts(tokenize_part, parts, workers)
@@ -191,14 +222,19 @@ def tokenize(
             total = splits[name]
             for k, shard in enumerate(counts["shards"]):
                 global_name[name, k] = f"{name}-{len(total['shards']):05d}"
-                os.replace(Path(part.out) / f"{shard['shard']}.arrow", folder / f"{global_name[name, k]}.arrow")
+                src, dst = f"{part.out}/{shard['shard']}.arrow", f"tokens/{global_name[name, k]}.arrow"
+                if remote:
+                    copy_object(src, f"{ctx.attempt_uri}/{dst}")
+                    ctx.uploaded.append(FileEntry(path=dst, bytes=shard["bytes"], sha256=shard["sha256"]))
+                else:
+                    os.replace(src, ctx.out_dir / dst)
                 total["shards"].append({"shard": global_name[name, k], "tokens": shard["tokens"]})
             for key in ("docs", "tokens", "bytes"):
                 total[key] += counts[key]
         for source, by_split in result["tokens_per_source"].items():
             for name, n in by_split.items():
                 per_source_tokens[source][name] += n
-        for batch in iter_batches([Path(p) for p in result["spans"]], batch_size=1 << 16):
+        for batch in (b for p in result["spans"] for b in pq.ParquetFile(open_input(p)).iter_batches(1 << 16)):
             split, local = batch.column("split").to_pylist(), batch.column("shard_in_part").to_pylist()
             ledger.record_columns(
                 {
@@ -212,7 +248,10 @@ def tokenize(
                 }
             )
     ledger.close()
-    shutil.rmtree(parts_dir, ignore_errors=True)
+    if remote:
+        remove_prefix(parts_dir)
+    else:
+        shutil.rmtree(parts_dir, ignore_errors=True)
     for s in splits.values():
         s["bytes_per_token"] = round(s["bytes"] / s["tokens"], 4) if s["tokens"] else None
     docs_in = sum(s["docs"] for s in splits.values())
