@@ -2,7 +2,7 @@
 
 - ``pipeline/tokenmill``: the whole pipeline (Run → Custom run in the UI edits the config form);
 - ``nightly-refresh/nightly``: the refresh on a cron schedule (02:00 in a configurable time zone);
-- ``stage/<name>`` for each of the seven stages: rerun one stage of a recorded run.
+- ``stage/<name>`` for each stage of ``storage.stage_graph.STAGES``: rerun one stage of a recorded run.
 
 ``tokenmill serve`` serves them all from one process (a process "work pool" with no worker to run);
 ``tokenmill deploy --pool P`` registers the same deployments with a work pool (process, Docker, Kubernetes),

@@ -32,6 +32,7 @@ from storage.shards import LedgerWriter, ParquetShardWriter, token_dtype, write_
 from tasks.config import TokenizeConfig, TokenizerConfig
 from tasks.data.tokenizer import load_tokenizer
 from tasks.parts import map_parts
+from tasks.stage_contract import DocCounts, StageResult
 
 VERSION = "3"  # 3: one part per dedup shard; shards end at part boundaries (identical bytes for one input shard)
 SPLITS = ("train", "val", "test")
@@ -196,7 +197,7 @@ def tokenize(
     ctx: StageContext,
     workers: int | None = None,
     tokenizer_uri: str | None = None,
-) -> dict:
+) -> StageResult:
     """Encode the dedup output, one part per shard, then name the parts' token shards globally in part order.
 
     Shards never straddle parts, so a part's output depends on its own shard alone and the artifact is the same
@@ -256,17 +257,14 @@ def tokenize(
         s["bytes_per_token"] = round(s["bytes"] / s["tokens"], 4) if s["tokens"] else None
     docs_in = sum(s["docs"] for s in splits.values())
     tokenizer = _tokenizer(str(tokenizer_dir))
-    return {
-        "docs_in": docs_in,
-        "kept": docs_in,
-        "dropped": {},
+    extra = {
         "tokens": sum(s["tokens"] for s in splits.values()),
         "dtype": token_dtype(tokenizer.get_vocab_size()).name,
         "eot_id": tokenizer.token_to_id(tok_cfg.special_tokens[0]),
         "vocab_size": tokenizer.get_vocab_size(),
         "splits": {
-            name: {k: s[k] for k in ("docs", "tokens", "bytes", "bytes_per_token", "shards")}
-            for name, s in splits.items()
+            k: {f: v[f] for f in ("docs", "tokens", "bytes", "bytes_per_token", "shards")} for k, v in splits.items()
         },
         "tokens_per_source": {k: dict(v) for k, v in sorted(per_source_tokens.items())},
     }
+    return StageResult(DocCounts(docs_in, docs_in), extra)

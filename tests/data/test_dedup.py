@@ -23,7 +23,7 @@ from tasks.data import dedup as dd
 from tasks.data.clean import CLEAN_SCHEMA
 from tasks.data.dedup.candidates import BandPart, band_pairs
 from tasks.data.dedup.clusters import cluster
-from tasks.data.dedup.schema import WORK_BANDS_SCHEMA
+from tasks.data.dedup.schema import WORK_BANDS_SCHEMA, minhash_params
 from tasks.data.ingest import doc_id_for
 from tasks.data.minhash import MinHasher, MinHashParams, dedup_words, jaccard, shingle_set
 from tasks.stages import run_stage
@@ -98,7 +98,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory):
 
 def test_planted_near_duplicates_point_at_their_original(planted):
     texts, (counts, ledger, kept) = planted
-    hasher = MinHasher(MinHashParams())
+    hasher = MinHasher(minhash_params(DedupConfig()))
     by_id = dict(texts)
     for i in range(0, 12, 3):
         for name in PLANTED:
@@ -157,7 +157,7 @@ def test_connected_components_label_by_smallest_node():
 
 
 def test_minhash_estimates_jaccard_and_normalizes():
-    hasher = MinHasher(MinHashParams(permutations=256, bands=32, rows=8))
+    hasher = MinHasher(MinHashParams(ngram=5, permutations=256, bands=32, rows=8))
     a = " ".join(words(1, 400))
     b = " ".join(edit(words(1, 400), 0.03, 1))
     sigs = hasher.signatures(*hasher.shingles([a, b]))
@@ -287,7 +287,7 @@ def _chain_texts() -> list[tuple[str, str]]:
 
 
 def test_a_document_removed_through_a_chain_names_its_link_and_its_representative(tmp_path: Path):
-    hasher = MinHasher(MinHashParams())
+    hasher = MinHasher(minhash_params(DedupConfig()))
     texts = dict(_chain_texts())
     sim = {(x, y): jaccard(shingle_set(hasher, texts[x]), shingle_set(hasher, texts[y])) for x, y in ["ab", "bc", "ac"]}
     assert sim["a", "b"] >= 0.7 and sim["b", "c"] >= 0.7 and sim["a", "c"] < 0.7
@@ -323,10 +323,13 @@ def test_lineage_why_shows_the_chain(tmp_path: Path):
 def test_number_folding_is_an_option():
     table = "round 1 score 12 to 7\n" * 30
     other = table.replace("12 to 7", "31 to 2")
-    folded, kept_apart = MinHasher(MinHashParams()), MinHasher(MinHashParams(fold_numbers=False))
+    folded, kept_apart = (
+        MinHasher(minhash_params(DedupConfig())),
+        MinHasher(minhash_params(DedupConfig(fold_numbers=False))),
+    )
     assert jaccard(shingle_set(folded, table), shingle_set(folded, other)) == 1.0
     assert jaccard(shingle_set(kept_apart, table), shingle_set(kept_apart, other)) < 0.7
     assert dedup_words("v3.10 2024", fold_numbers=False) == ["v3", "10", "2024"]
     # The default keeps the band hashes of earlier indexes comparable; turning it off is checked against them.
-    assert "fold_numbers" not in dd.index.index_signature(MinHashParams())
-    assert dd.index.index_signature(MinHashParams(fold_numbers=False))["fold_numbers"] is False
+    assert "fold_numbers" not in dd.index.index_signature(minhash_params(DedupConfig()))
+    assert dd.index.index_signature(minhash_params(DedupConfig(fold_numbers=False)))["fold_numbers"] is False
