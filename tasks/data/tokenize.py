@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from storage.artifacts import FileEntry, StageContext
 from storage.hashing import file_sha256, unit_interval
 from storage.remote import copy_object, is_remote, open_input, put_files, remove_prefix
 from storage.shards import LedgerWriter, ParquetShardWriter, token_dtype, write_token_shard
-from tasks.config import TokenizeConfig, TokenizerConfig
+from tasks.config import DecontaminateConfig, TokenizeConfig, TokenizerConfig
+from tasks.data.decontaminate import Match, NgramIndex, check_batch, set_index
 from tasks.data.tokenizer import load_tokenizer
 from tasks.parts import map_parts
 from tasks.stage_contract import DocCounts, StageResult
@@ -83,6 +84,77 @@ class _SplitShards:
         self.pending, self.pending_tokens = [], 0
 
 
+def _own_split_indexes(doc_paths: list[str], columns: list[str], cfg: TokenizeConfig, n: int) -> list[NgramIndex]:
+    """N-gram indexes of this run's val and test documents (one pass over the documents)."""
+
+    def batches(split: str):
+        sources = (pq.ParquetFile(open_input(p)) for p in doc_paths)
+        for batch in (b for f in sources for b in f.iter_batches(columns=columns, batch_size=cfg.batch_docs)):
+            keys = batch.column("split_key" if "split_key" in columns else "doc_id").to_pylist()
+            ids = batch.column("doc_id").to_pylist()
+            picked = [
+                i
+                for i, (key, doc_id) in enumerate(zip(keys, ids, strict=True))
+                if split_of(key or doc_id, cfg) == split
+            ]
+            if picked:
+                texts = batch.column("text").to_pylist()
+                yield [texts[i] for i in picked], [ids[i] for i in picked]
+
+    return [NgramIndex.build(split, batches(split), n) for split in ("val", "test")]
+
+
+class _Contamination:
+    """Checks train-bound documents against the evaluation sets and collects the matches."""
+
+    def __init__(self, cfg: DecontaminateConfig, indexes: list[NgramIndex]):
+        self.cfg, self.indexes = cfg, indexes
+        self.rows: list[dict] = []
+
+    def check(self, docs: list[dict]) -> list[Match | None]:
+        """The decisive match (first set in order) of each document, None when clean."""
+        found = check_batch(
+            [d["doc_id"] for d in docs], [d["source"] for d in docs], [d["text"] for d in docs],
+            self.indexes, self.cfg.ngram, self.cfg.min_overlap,
+        )  # fmt: skip
+        for matches in found:
+            for m in matches:
+                self.rows += [
+                    {"doc_id": m.doc_id, "source": m.source, "set": m.set, "item_id": item, "overlap": share,
+                     "action": self.cfg.action}
+                    for item, share in m.items
+                ]  # fmt: skip
+        return [matches[0] if matches else None for matches in found]
+
+    def write(self, folder: Path) -> dict:
+        folder.mkdir(parents=True)
+        table = pa.Table.from_pylist(self.rows, schema=MATCH_SCHEMA).sort_by(
+            [("doc_id", "ascending"), ("set", "ascending")]
+        )
+        pq.write_table(table, folder / "matches.parquet", compression="zstd")
+        summary = {}
+        for index in self.indexes:
+            mine = [r for r in self.rows if r["set"] == index.name]
+            summary[index.name] = {
+                "items": len(index.item_ids),
+                "items_without_ngrams": index.skipped,
+                "items_matched": len({r["item_id"] for r in mine}),
+                "docs_matched": len({r["doc_id"] for r in mine}),
+            }
+        return {
+            "action": self.cfg.action,
+            "ngram": self.cfg.ngram,
+            "min_overlap": self.cfg.min_overlap,
+            "sets": summary,
+        }
+
+
+MATCH_SCHEMA = pa.schema(
+    [("doc_id", pa.string()), ("source", pa.string()), ("set", pa.string()), ("item_id", pa.string()),
+     ("overlap", pa.float64()), ("action", pa.string())]
+)  # fmt: skip
+
+
 _TOKENIZERS: dict[str, object] = {}
 
 
@@ -112,6 +184,8 @@ class TokenizePart:
     eot: str
     cfg: TokenizeConfig
     out: str
+    decontaminate: DecontaminateConfig | None = None
+    indexes: tuple[tuple[str, str], ...] = ()  # (set name, saved NgramIndex: path or URI) to check train docs
 
 
 SPANS_SCHEMA = pa.schema(
@@ -119,6 +193,9 @@ SPANS_SCHEMA = pa.schema(
         ("doc_id", pa.string()),
         ("source", pa.string()),
         ("split", pa.string()),
+        ("fate", pa.string()),
+        ("reason", pa.string()),
+        ("score", pa.float64()),
         ("shard_in_part", pa.int32()),
         ("token_start", pa.int64()),
         ("token_end", pa.int64()),
@@ -158,28 +235,41 @@ def _encode_part(part: TokenizePart, folder: Path) -> dict:
     source = pq.ParquetFile(open_input(part.doc_path))
     if "split_key" in source.schema_arrow.names:
         columns.append("split_key")
+    contamination = None
+    if part.decontaminate is not None and part.indexes:
+        contamination = _Contamination(part.decontaminate, [_index(name, where) for name, where in part.indexes])
+    dropped: Counter[str] = Counter()
     with ParquetShardWriter(folder, "spans", SPANS_SCHEMA, rows_per_shard=1 << 40) as spans:
         for batch in source.iter_batches(columns=columns, batch_size=part.cfg.batch_docs):
             docs = batch.to_pylist()
+            split_names = [split_of(d.get("split_key") or d["doc_id"], part.cfg) for d in docs]
+            found: list[Match | None] = [None] * len(docs)
+            if contamination is not None:
+                train = [i for i, split in enumerate(split_names) if split == "train"]
+                for i, match in zip(train, contamination.check([docs[i] for i in train]), strict=True):
+                    found[i] = match
+            drop = [m is not None and part.decontaminate.action == "drop" for m in found]  # type: ignore[union-attr]
+            encoded = iter(
+                encode([d["text"] for d, gone in zip(docs, drop, strict=True) if not gone], add_special_tokens=False)
+            )
             rows = []
-            for doc, enc in zip(docs, encode([d["text"] for d in docs], add_special_tokens=False), strict=True):
-                split = split_of(doc.get("split_key") or doc["doc_id"], part.cfg)
-                shard, start, end = splits[split].add([*enc.ids, eot], doc["n_bytes"])
+            for doc, split, match, gone in zip(docs, split_names, found, drop, strict=True):
+                row = {"doc_id": doc["doc_id"], "source": doc["source"], "fate": "kept", "split": split}
+                if match is not None:
+                    row |= {"reason": f"contaminated:{match.set}", "score": match.overlap}
+                if gone:
+                    dropped[row["reason"]] += 1
+                    rows.append(row | {"fate": "dropped"})
+                    continue
+                shard, start, end = splits[split].add([*next(encoded).ids, eot], doc["n_bytes"])
                 per_source_tokens[doc["source"]][split] += end - start
-                rows.append(
-                    {
-                        "doc_id": doc["doc_id"],
-                        "source": doc["source"],
-                        "split": split,
-                        "shard_in_part": shard,
-                        "token_start": start,
-                        "token_end": end,
-                    }
-                )
+                rows.append(row | {"shard_in_part": shard, "token_start": start, "token_end": end})
             spans.write_rows(rows)
     for shards in splits.values():
         shards.flush()
     return {
+        "dropped": dict(dropped),
+        "matches": contamination.rows if contamination is not None else [],
         "splits": {
             name: {"docs": s.docs, "tokens": s.tokens, "bytes": s.bytes, "shards": s.shards}
             for name, s in splits.items()
@@ -197,18 +287,36 @@ def tokenize(
     ctx: StageContext,
     workers: int | None = None,
     tokenizer_uri: str | None = None,
+    decontaminate: DecontaminateConfig | None = None,
+    cache_dir: Path | None = None,
 ) -> StageResult:
     """Encode the dedup output, one part per shard, then name the parts' token shards globally in part order.
 
     Shards never straddle parts, so a part's output depends on its own shard alone and the artifact is the same
     for any worker count or executor; the flow process only renames files (on a remote root: server-side copies
     inside the attempt folder) and writes the ledger. ``tokenizer_uri``: where remote parts read the tokenizer.
+
+    With ``decontaminate`` enabled, every train-bound document is first checked for n-gram overlap with this
+    run's val/test documents and the named evaluation sets; a contaminated one is dropped (or flagged) with
+    reason ``contaminated:<set>`` and its matches go to ``contamination/matches.parquet``. The flow process
+    builds the n-gram indexes once (one pass over the val/test documents) and saves them where the parts
+    load them (once per worker process).
     """
     remote = ctx.attempt_uri is not None
     parts_dir = f"{ctx.attempt_uri}/.parts" if remote else str(ctx.work_dir / "parts")
     tokenizer = tokenizer_uri if remote and tokenizer_uri else str(tokenizer_dir)
+    contamination, saved = None, ()
+    if decontaminate is not None and decontaminate.enabled:
+        columns = ["doc_id", "text"] + (["split_key"] if _has_split_key(doc_paths) else [])
+        own = decontaminate.own_splits
+        indexes = _own_split_indexes([str(p) for p in doc_paths], columns, cfg, decontaminate.ngram) if own else []
+        indexes += [set_index(s, decontaminate.ngram, cache_dir) for s in decontaminate.sets]
+        contamination = _Contamination(decontaminate, indexes)
+        saved = tuple((index.name, _save_index(index, i, ctx, parts_dir)) for i, index in enumerate(indexes))
     parts = [
-        TokenizePart(str(path), tokenizer, tok_cfg.special_tokens[0], cfg, f"{parts_dir}/part-{i:05d}")
+        TokenizePart(
+            str(path), tokenizer, tok_cfg.special_tokens[0], cfg, f"{parts_dir}/part-{i:05d}", decontaminate, saved
+        )
         for i, path in enumerate(doc_paths)
     ]
     results = map_parts(tokenize_part, parts, workers)
@@ -217,6 +325,7 @@ def tokenize(
     ledger = LedgerWriter(ctx.out_dir / "ledger", "tokenize")
     splits = {name: {"docs": 0, "tokens": 0, "bytes": 0, "shards": []} for name in SPLITS}
     per_source_tokens: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
+    dropped: Counter[str] = Counter()
     for part, result in zip(parts, results, strict=True):
         global_name: dict[tuple[str, int], str] = {}
         for name, counts in result["splits"].items():
@@ -235,15 +344,16 @@ def tokenize(
         for source, by_split in result["tokens_per_source"].items():
             for name, n in by_split.items():
                 per_source_tokens[source][name] += n
+        dropped.update(result["dropped"])
+        if contamination is not None:
+            contamination.rows += result["matches"]
         for batch in (b for p in result["spans"] for b in pq.ParquetFile(open_input(p)).iter_batches(1 << 16)):
             split, local = batch.column("split").to_pylist(), batch.column("shard_in_part").to_pylist()
+            shard = [None if k is None else global_name[s, k] for s, k in zip(split, local, strict=True)]
             ledger.record_columns(
-                {
-                    "doc_id": batch.column("doc_id"),
-                    "source": batch.column("source"),
-                    "fate": pa.array(["kept"] * batch.num_rows, pa.string()),
-                    "split": batch.column("split"),
-                    "shard": pa.array([global_name[s, k] for s, k in zip(split, local, strict=True)], pa.string()),
+                {name: batch.column(name) for name in ("doc_id", "source", "fate", "reason", "score", "split")}
+                | {
+                    "shard": pa.array(shard, pa.string()),
                     "token_start": batch.column("token_start"),
                     "token_end": batch.column("token_end"),
                 }
@@ -255,9 +365,10 @@ def tokenize(
         shutil.rmtree(parts_dir, ignore_errors=True)
     for s in splits.values():
         s["bytes_per_token"] = round(s["bytes"] / s["tokens"], 4) if s["tokens"] else None
-    docs_in = sum(s["docs"] for s in splits.values())
+    kept = sum(s["docs"] for s in splits.values())
     tokenizer = _tokenizer(str(tokenizer_dir))
-    extra = {
+    extra = {"contamination": contamination.write(ctx.out_dir / "contamination")} if contamination else {}
+    extra |= {
         "tokens": sum(s["tokens"] for s in splits.values()),
         "dtype": token_dtype(tokenizer.get_vocab_size()).name,
         "eot_id": tokenizer.token_to_id(tok_cfg.special_tokens[0]),
@@ -267,4 +378,28 @@ def tokenize(
         },
         "tokens_per_source": {k: dict(v) for k, v in sorted(per_source_tokens.items())},
     }
-    return StageResult(DocCounts(docs_in, docs_in), extra)
+    return StageResult(DocCounts(kept + sum(dropped.values()), kept, dropped), extra)
+
+
+def _has_split_key(doc_paths: list) -> bool:
+    return bool(doc_paths) and "split_key" in pq.ParquetFile(open_input(doc_paths[0])).schema_arrow.names
+
+
+_INDEXES: dict[str, NgramIndex] = {}
+
+
+def _index(name: str, where: str) -> NgramIndex:
+    """A saved n-gram index (path or URI), loaded once per worker process."""
+    if where not in _INDEXES:
+        _INDEXES[where] = NgramIndex.load(name, open_input(where))
+    return _INDEXES[where]
+
+
+def _save_index(index: NgramIndex, number: int, ctx: StageContext, parts_dir: str) -> str:
+    """Save an n-gram index where every part can load it: the work folder, or the attempt's ``.parts/``."""
+    path = ctx.work_dir / "indexes" / f"index-{number:03d}.npz"
+    index.save(path)
+    if not is_remote(parts_dir):
+        return str(path)
+    put_files(path.parent, f"{parts_dir}/indexes", [path.name])
+    return f"{parts_dir}/indexes/{path.name}"
