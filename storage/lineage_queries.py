@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, ledger_folder, local_folder
+from storage.artifacts import ArtifactStore, CorruptArtifactError, ledger_folder, local_folder
 from storage.ledger import LedgerIndex
 from storage.lineage import LineageStore
 from storage.stage_graph import DOWNSTREAM, LEDGER_STAGES
@@ -108,7 +108,7 @@ class LineageQueries:
             [tokenize_fp],
         )
         out = []
-        for e in edges:
+        for e in self.store.located(edges, "dst_stage", "dst_fingerprint"):
             covered = set(json.loads(e["coverage"] or "{}"))
             hit = sorted(covered & shards)
             if hit:
@@ -128,7 +128,7 @@ class LineageQueries:
                 "WHERE e.src_stage = 'train' AND e.src_fingerprint = ? ORDER BY e.dst_stage, e.dst_fingerprint",
                 [model["fingerprint"]],
             )
-            for e in rows:
+            for e in self.store.located(rows, "dst_stage", "dst_fingerprint"):
                 if e["dst_stage"] in DOWNSTREAM["train"] and e["relation"] != "evaluated_on":
                     out.append(_model_entry(e, model["shards"]) | {"via": f"train:{model['fingerprint']}"})
         return out
@@ -519,10 +519,13 @@ class LineageQueries:
         run_id = self._run(run_id)
         problems: list[str] = []
         checked: list[str] = []
-        arts = {a["stage"]: a for a in self.store.run_artifacts(run_id)}
-        store = ArtifactStore(Path(self.store.path).parent)
+        arts = {a["stage"]: a for a in self.store.run_artifacts(run_id)}  # under the root being checked
         for stage, art in arts.items():
-            manifest = Manifest.model_validate_json((local_folder(art["uri"]) / "manifest.json").read_text())
+            try:
+                store, manifest = ArtifactStore.of_artifact(art["uri"])
+            except (OSError, ValueError) as err:
+                problems.append(f"{stage}: {err}")
+                continue
             try:
                 store.verify(manifest)
                 checked.append(f"{stage}: {len(manifest.files)} files match manifest hashes")

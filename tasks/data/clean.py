@@ -25,14 +25,14 @@ import pyarrow.parquet as pq
 from storage.artifacts import StageContext
 from storage.hashing import text_hash
 from storage.shards import DOC_SCHEMA, LedgerWriter, ParquetShardWriter
-from tasks.config import CleanConfig, PiiConfig
+from tasks.config import C4Config, CleanConfig, PiiConfig
 from tasks.data import filters, language
 from tasks.data.filters import FilterResult, Rule, TextBatch, apply_rules
 from tasks.errors import UserError
 from tasks.parts import balanced_groups, map_parts
 from tasks.stage_contract import DocCounts, StageResult
 
-VERSION = "4"  # 4: language identification (scores language.*, drop reason language:<code>); 3: ledger index
+VERSION = "5"  # 5: size rules rerun after C4 line removal, case-insensitive Gopher stop words; 4: language id
 
 CLEAN_SCHEMA = DOC_SCHEMA.append(pa.field("content_hash", pa.string()))
 SCORES_TYPE = pa.map_(pa.string(), pa.float64())
@@ -222,6 +222,30 @@ def _scores_array(names: list[str], matrix: np.ndarray, per_row_key: list[str] |
     return pa.MapArray.from_arrays(offsets, keys, pa.array(matrix.ravel(), pa.float64()), type=SCORES_TYPE)
 
 
+def _basic_rules(batch: TextBatch, cfg: CleanConfig) -> FilterResult:
+    """The size rules every document passes: not blank, at least ``min_chars``, at most ``max_chars``."""
+    stats = {"chars": batch.chars.astype(np.float64), "blank": batch.count(lambda t: not t.strip())}
+    rules = [
+        Rule("empty", "blank", high=0),
+        Rule("too_short", "chars", cfg.min_chars, None),
+        Rule("too_long", "chars", None, cfg.max_chars),
+    ]
+    return apply_rules("doc", stats, rules, batch.n)
+
+
+def _remove_bad_lines(
+    out: list[str], rows: np.ndarray, c4: C4Config, cfg: CleanConfig, result: FilterResult
+) -> np.ndarray:
+    """C4 line removal on ``out[rows]``, then the size rules again on what is left: a document emptied or cut
+    below ``min_chars`` is dropped as ``empty`` / ``too_short`` (not passed on to become a duplicate of every
+    other emptied one). Returns the characters left per row."""
+    for i in rows:
+        out[i] = filters.c4_remove_bad_lines(out[i], c4)
+    left = TextBatch([out[i] for i in rows])
+    _merge_first_failure(result, _basic_rules(left, cfg), rows)
+    return left.chars.astype(np.float64)
+
+
 def clean_batch(texts: list[str], sources: list[str], locators: list[str], cfg: CleanConfig) -> BatchOutcome:
     """Normalize, redact and filter one batch of documents."""
     n = len(texts)
@@ -234,19 +258,10 @@ def clean_batch(texts: list[str], sources: list[str], locators: list[str], cfg: 
         extras[i] = (emails, ips, mojibake)
         out.append(text)
     batch = TextBatch(out)
-    basic = {"chars": batch.chars.astype(np.float64), "blank": batch.count(lambda t: not t.strip())}
-    result = basic_rules = apply_rules(
-        "doc",
-        basic,
-        [
-            Rule("empty", "blank", high=0),
-            Rule("too_short", "chars", cfg.min_chars, None),
-            Rule("too_long", "chars", None, cfg.max_chars),
-        ],
-        n,
-    )
+    result = basic_rules = _basic_rules(batch, cfg)
+    basic = result.scores
     base_names = ["doc.chars", "pii.emails", "pii.ips", "normalize.mojibake_fixed"]
-    base = np.column_stack([basic["chars"], extras])
+    base = np.column_stack([basic["doc.chars"], extras])
     presets = [preset_for(s, loc, cfg) for s, loc in zip(sources, locators, strict=True)]
     requirements = [language_requirement(s, p, cfg) for s, p in zip(sources, presets, strict=True)]
     lang = identify_languages(out, requirements, cfg.language_sample_chars)
@@ -269,6 +284,10 @@ def clean_batch(texts: list[str], sources: list[str], locators: list[str], cfg: 
             names += list(res.scores)
             columns.append(np.column_stack(list(res.scores.values())))
             held_to += [r for r in res.rules if r not in held_to]
+        c4 = cfg.presets[name].c4
+        if c4.enabled and c4.remove_bad_lines:
+            names.append("c4.chars_after_line_removal")
+            columns.append(_remove_bad_lines(out, rows, c4, cfg, result)[:, None])
         names.append(f"preset.{name}")
         columns.append(np.ones((len(rows), 1)))
         per_row_key = None
@@ -279,10 +298,6 @@ def clean_batch(texts: list[str], sources: list[str], locators: list[str], cfg: 
             per_row_key = [f"language.{lang.codes[j]}" for j in at]
         parts.append(_scores_array(names, np.hstack(columns), per_row_key))
         order.append(rows)
-        c4 = cfg.presets[name].c4
-        if c4.enabled and c4.remove_bad_lines:
-            for i in rows:
-                out[i] = filters.c4_remove_bad_lines(out[i], c4)
     inverse = np.argsort(np.concatenate(order), kind="stable")
     scores = pc.take(pa.concat_arrays(parts), pa.array(inverse))
     return BatchOutcome(out, result.keep, result.reason, result.score, scores, rules)
