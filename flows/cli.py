@@ -305,6 +305,11 @@ def lineage_why(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_js
                 f"{doc_id}: {r['verdict']} at {r['stage']} ({r['reason']}) of {r['duplicate_of']} "
                 f"({r['duplicate_of_locator']}), similarity {r['similarity']}"
             )
+            if r["cluster_id"] != r["duplicate_of"]:
+                console.print(
+                    f"  linked through a chain: its cluster is represented by the kept {r['cluster_id']} "
+                    f"({r['cluster_locator']})"
+                )
         else:
             console.print(f"{doc_id}: {r['verdict']} at {r['stage']}: {r['reason']} (score {r['score']}{_bound(r)})")
         for flag in r.get("flags") or []:

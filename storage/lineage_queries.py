@@ -208,11 +208,17 @@ class LineageQueries:
             "threshold": self._threshold(info["run_id"], decisive),
         }
         if decisive.get("duplicate_of"):
-            rep = self._rows(info["run_id"], [decisive["duplicate_of"]], ("ingest",), ["doc_id", "locator"])
+            # duplicate_of is the document of the verified pair that removed this one; cluster_id the kept
+            # representative, which differs when the document joined the cluster through a chain of pairs.
+            linked, cluster = decisive["duplicate_of"], decisive.get("cluster_id") or decisive["duplicate_of"]
+            rows = self._rows(info["run_id"], {linked, cluster}, ("ingest",), ["doc_id", "locator"])
+            locator = {r["doc_id"]: r["locator"] for r in rows}
             out |= {
-                "duplicate_of": decisive["duplicate_of"],
-                "duplicate_of_locator": rep[0]["locator"] if rep else None,
+                "duplicate_of": linked,
+                "duplicate_of_locator": locator.get(linked),
                 "similarity": decisive.get("similarity"),
+                "cluster_id": cluster,
+                "cluster_locator": locator.get(cluster),
             }
         return out
 
@@ -563,12 +569,11 @@ class LineageQueries:
                 known += " UNION ALL SELECT doc_id FROM read_parquet(?)"
                 params.append(index)
             dangling = self.store.query(
-                "SELECT count(*) AS n FROM read_parquet(?) WHERE duplicate_of IS NOT NULL "
-                f"AND duplicate_of NOT IN ({known})",
+                f"SELECT count(*) AS n FROM read_parquet(?) WHERE fate = 'duplicate' AND cluster_id NOT IN ({known})",
                 params,
             )[0]["n"]
             if dangling:
-                problems.append(f"dedup: {dangling} duplicates point at documents that were not kept")
+                problems.append(f"dedup: {dangling} duplicates' clusters are represented by documents not kept")
             else:
-                checked.append("dedup: every duplicate_of points at a kept or indexed document")
+                checked.append("dedup: every duplicate's cluster_id is a kept or indexed document")
         return {"run_id": run_id, "ok": not problems, "problems": problems, "checked": checked}

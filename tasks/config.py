@@ -294,6 +294,17 @@ class DedupConfig(Section):
         0.7, gt=0, le=1, description="Jaccard similarity at or above which a candidate pair is a near-duplicate."
     )
     verify: bool = Field(True, description="Check candidate pairs with exact Jaccard (else the MinHash estimate).")
+    fold_numbers: bool = Field(
+        True,
+        description="Fold every digit run to 0 in shingles (off: documents that differ only in numbers stay apart).",
+    )
+    bucket_partners: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Candidate pairs per LSH bucket member: its pairs with the bucket's best-ranked members, up to "
+        "this many (every pair in buckets of up to bucket_partners + 1 documents).",
+    )
     minhash_seed: int = Field(
         0,
         ge=0,
