@@ -371,6 +371,14 @@ def lineage_source(source: str, root: str = LRoot, run_id: str | None = LRun, as
         for sh in r["shards"]:
             console.print(f"  shard {sh['shard']:<14} {sh['docs']:>7,} docs {sh['tokens']:>12,} tokens")
         _print_models(r["models"])
+        for m in r["models"]:
+            realized = m.get("tokens_per_source") or {}
+            if r["source"] in realized:
+                total = sum(realized.values()) or 1
+                console.print(
+                    f"  model {m['fingerprint'][:12]} trained on {realized[r['source']]:,} tokens of it "
+                    f"({realized[r['source']] / total:.1%} of its training tokens, source weights)"
+                )
 
     _answer(lambda: _queries(root).source(source, run_id), as_json, render)
 

@@ -35,6 +35,7 @@ class TrainJob:
     model: dict
     train: dict
     seed: int
+    mixture: dict | None = None  # source weights for the loader (tasks.training.loader.Mixture fields)
 
     @classmethod
     def build(
@@ -45,6 +46,7 @@ class TrainJob:
         model_cfg: ModelConfig,
         cfg: TrainConfig,
         seed: int,
+        mixture: dict | None = None,
     ) -> TrainJob:
         return cls(
             [str(p) for p in train_shards],
@@ -53,6 +55,7 @@ class TrainJob:
             model_cfg.sizes(),
             cfg.model_dump(),
             seed,
+            mixture,
         )
 
     @property
