@@ -111,6 +111,8 @@ class StageContext:
     work_dir: Path
     log: Callable[[str], None] = print
     progress: Callable[[float, str], None] = field(default=lambda fraction, message: None)
+    # Asked after each periodic validation of a training run: True stops it (a sweep pruning a weak trial).
+    should_stop: Callable[[int, float], bool] = field(default=lambda step, val_loss: False)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -194,8 +194,12 @@ def run_stage(
     force: bool = False,
     log: Callable[[str], None] = print,
     progress: Callable[[float, str], None] | None = None,
+    should_stop: Callable[[int, float], bool] | None = None,
 ) -> tuple[Manifest, bool]:
-    """Produce (or reuse) one stage's artifact. Returns ``(manifest, reused)``."""
+    """Produce (or reuse) one stage's artifact. Returns ``(manifest, reused)``.
+
+    ``should_stop(step, val_loss)`` is asked after each periodic validation of training (``StageContext``).
+    """
     if name not in SPECS:
         raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
     missing = [u for u in UPSTREAM[name] if u not in inputs]
@@ -207,6 +211,8 @@ def run_stage(
         store.verify(inputs[upstream], deep=False)
 
     def produce(ctx: StageContext) -> dict[str, Any]:
+        if should_stop is not None:
+            ctx.should_stop = should_stop
         maybe_fail(name, "start")
         for upstream in UPSTREAM[name]:  # remote roots: a verified local copy of each input, downloaded once
             store.materialize(inputs[upstream])
