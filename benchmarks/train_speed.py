@@ -8,13 +8,13 @@ on a shared machine hit both; ``--concurrent`` runs each pair at the same time i
 outside load. Throughput is measured in steady state, after ``--skip`` steps, excluding evaluation: nanoGPT
 from its per-iteration times, tokenmill from its per-eval-interval telemetry.
 
-nanoGPT is never vendored: pass ``--nanogpt`` a checkout or a bare git directory (e.g. the one the
-``fetch`` tool leaves under /work/.mirror); its ``train.py``, ``model.py``, ``configurator.py`` and config
+nanoGPT is never vendored: pass ``--nanogpt`` a checkout or a bare git directory of
+https://github.com/karpathy/nanoGPT; its ``train.py``, ``model.py``, ``configurator.py`` and config
 are copied into the work folder at run time. The data preparation is ours (nanoGPT's downloads).
 
 It also measures the loader alone (windows/s) against what training consumes.
 
-    python benchmarks/train_speed.py --nanogpt /work/.mirror/karpathy+nanoGPT/repo
+    python benchmarks/train_speed.py --nanogpt PATH/TO/nanoGPT
 """
 
 from __future__ import annotations

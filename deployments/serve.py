@@ -2,7 +2,7 @@
 
 - ``pipeline/tokenmill``: the whole pipeline (Run → Custom run in the UI edits the config form);
 - ``nightly-refresh/nightly``: the refresh on a cron schedule (02:00 in a configurable time zone);
-- ``stage/<name>`` for each of the seven stages: rerun one stage of a recorded run;
+- ``stage/<name>`` for each stage of ``storage.stage_graph.STAGES``: rerun one stage of a recorded run;
 - ``sweep/tokenmill``: a sweep (the form takes a spec path or an inline space with a base config, trials, objective).
 
 ``tokenmill serve`` serves them all from one process (a process "work pool" with no worker to run);

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +33,8 @@ from storage.stage_graph import DATA_STAGES, UPSTREAM
 from tasks.config import PipelineConfig
 from tasks.errors import UserError
 from tasks.reporting.sweep_report import publish_sweep_report
-from tasks.stages import run_stage, stage_fingerprint
+from tasks.run_recorder import error_text
+from tasks.stages import run_stage, stage_key
 from tasks.sweep import evalset
 from tasks.sweep.spec import SweepSpec, apply_params, load_spec, resolve_spec, sweep_id
 from tasks.sweep.study import objective_from_val_loss, open_study, plan, suggest
@@ -85,8 +85,8 @@ def _stage(name: str, cfg: PipelineConfig, manifests: dict[str, Manifest], run_i
     try:
         manifest, reused = run_stage(name, cfg, inputs, run_id=run_id, log=log)
     except Exception as err:
-        error = "".join(traceback.format_exception_only(err)).strip()
-        fp = stage_fingerprint(name, cfg, inputs)
+        error = error_text(err)
+        fp = stage_key(name, cfg, inputs).fingerprint
         _record_stage(lineage, run_id, name, started, status="failed", error=error, fingerprint=fp)
         raise
     _record_stage(lineage, run_id, name, started, status="cached" if reused else "completed", manifest=manifest)
@@ -126,12 +126,12 @@ def trial_task(sweep: dict[str, Any], number: int, params: dict[str, Any], repla
                 "tokens_per_byte": _tokens_per_byte(tokenize),
             }
         train_started = datetime.now(UTC)
-        train_fp = stage_fingerprint("train", cfg, {"tokenize": tokenize})
+        train_fp = stage_key("train", cfg, {"tokenize": tokenize}).fingerprint
         try:
             with training_slot(cfg, spec.concurrency):
                 trained = train_in_child(cfg, tokenize, run_id, pruning)
         except Exception as err:
-            error = "".join(traceback.format_exception_only(err)).strip()
+            error = error_text(err)
             _record_stage(lineage, run_id, "train", train_started, status="failed", error=error, fingerprint=train_fp)
             raise
         result: dict[str, Any] = {
@@ -188,7 +188,7 @@ def _failed_row(number: int, params: dict, future: PrefectFuture, sweep: dict) -
         state.result()
         error = f"trial ended in state {state.name}"
     except Exception as err:  # noqa: BLE001 - whatever the trial raised is its recorded error
-        error = "".join(traceback.format_exception_only(err)).strip()
+        error = error_text(err)
     return {
         "trial": number,
         "run_id": f"{sweep['sweep_id']}-t{number:03d}",

@@ -45,6 +45,20 @@ class InputRef(BaseModel):
     content_hash: str
 
 
+class StageKey(BaseModel):
+    """What identifies a stage's output: stage, code version, parameters and inputs. Its ``fingerprint`` is the
+    artifact's folder name and the Prefect cache key; computed once per stage run and passed along."""
+
+    stage: str
+    version: str
+    params: dict[str, Any]
+    inputs: list[InputRef]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.stage, self.version, self.params, [i.content_hash for i in self.inputs])
+
+
 class Manifest(BaseModel):
     """What a stage produced: files with hashes, counts, and what it was made from."""
 
@@ -382,10 +396,7 @@ class ArtifactStore:
 
     def build(
         self,
-        stage: str,
-        version: str,
-        params: dict[str, Any],
-        inputs: list[Manifest],
+        key: StageKey,
         produce: Callable[[StageContext], dict[str, Any]],
         *,
         run_id: str | None = None,
@@ -393,14 +404,14 @@ class ArtifactStore:
         log: Callable[[str], None] = print,
         progress: Callable[[float, str], None] | None = None,
     ) -> tuple[Manifest, bool]:
-        """Return the artifact for these inputs and parameters, producing it unless it already exists.
+        """Return the artifact ``key`` names, producing it unless it already exists.
 
         Returns ``(manifest, reused)``. An existing artifact that fails verification is quarantined and
         rebuilt. ``produce`` writes its files into ``ctx.out_dir`` and returns the counts for the manifest.
         """
-        fp = fingerprint(stage, version, params, [m.content_hash for m in inputs])
-        with self._build_lock(stage, fp, log):
-            return self._build_locked(stage, version, fp, params, inputs, produce, run_id, force, log, progress)
+        fp = key.fingerprint
+        with self._build_lock(key.stage, fp, log):
+            return self._build_locked(key, fp, produce, run_id, force, log, progress)
 
     @contextmanager
     def _build_lock(self, stage: str, fp: str, log: Callable[[str], None]) -> Iterator[None]:
@@ -423,17 +434,15 @@ class ArtifactStore:
 
     def _build_locked(
         self,
-        stage: str,
-        version: str,
+        key: StageKey,
         fp: str,
-        params: dict[str, Any],
-        inputs: list[Manifest],
         produce: Callable[[StageContext], dict[str, Any]],
         run_id: str | None,
         force: bool,
         log: Callable[[str], None],
         progress: Callable[[float, str], None] | None,
     ) -> tuple[Manifest, bool]:
+        stage = key.stage
         final = self.artifact_dir(stage, fp)
         existing = self.load(stage, fp)
         if existing is not None and not force:
@@ -464,10 +473,10 @@ class ArtifactStore:
             ]
             manifest = Manifest(
                 stage=stage,
-                version=version,
+                version=key.version,
                 fingerprint=fp,
-                params=params,
-                inputs=[m.ref() for m in inputs],
+                params=key.params,
+                inputs=key.inputs,
                 files=files,
                 content_hash=content_hash_of(files),
                 counts=counts,

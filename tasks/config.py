@@ -165,12 +165,6 @@ class CleanConfig(Section):
 
     min_chars: int = Field(64, ge=0, description="Drop documents shorter than this after normalization.")
     max_chars: int = Field(500_000, ge=1, description="Drop documents longer than this.")
-    max_line_chars: int | None = Field(
-        None, ge=1, description="Deprecated alias of presets.code.code.max_line_chars (applies to the code preset)."
-    )
-    min_alnum_fraction: float | None = Field(
-        None, ge=0, le=1, description="Deprecated alias of presets.code.code.min_alnum_fraction."
-    )
     fix_mojibake: bool = Field(True, description="Repair mojibake with ftfy (non-ASCII documents only).")
     pii: PiiConfig = PiiConfig()
     presets: dict[str, FilterPreset] = Field(default_factory=_default_presets, description="Named filter sets.")
@@ -201,18 +195,6 @@ class CleanConfig(Section):
         unknown = sorted({p for p in named if p not in self.presets})
         if unknown:
             raise ValueError(f"clean: unknown preset(s) {unknown}; defined presets are {sorted(self.presets)}")
-        code = self.presets.get("code")
-        if code is not None and (self.max_line_chars is not None or self.min_alnum_fraction is not None):
-            update = {
-                k: v
-                for k, v in {
-                    "max_line_chars": self.max_line_chars,
-                    "min_alnum_fraction": self.min_alnum_fraction,
-                }.items()
-                if v is not None
-            }
-            self.presets["code"] = code.model_copy(update={"code": code.code.model_copy(update=update)})
-            self.max_line_chars = self.min_alnum_fraction = None
         return self
 
 

@@ -8,7 +8,7 @@ import optuna
 
 from storage.artifacts import ArtifactStore
 from storage.stage_graph import DATA_STAGES, UPSTREAM
-from tasks.stages import run_stage, stage_fingerprint
+from tasks.stages import run_stage, stage_key
 from tasks.sweep.spec import SweepSpec
 from tasks.sweep.study import open_study, plan, suggest
 from tasks.sweep.trainer import train_trial
@@ -44,7 +44,7 @@ def test_a_trial_worse_than_its_rung_is_pruned_and_leaves_no_artifact(corpus: Pa
     assert result == {"manifest": None, "reused": False, "stopped_at_step": 3}
     store = ArtifactStore(cfg.root)
     assert store.published("train") == []  # a half-trained model never takes the full run's fingerprint
-    fp = stage_fingerprint("train", cfg, {"tokenize": manifests["tokenize"]})
+    fp = stage_key("train", cfg, {"tokenize": manifests["tokenize"]}).fingerprint
     assert (store.work_dir("train", fp) / "telemetry.jsonl").exists()  # its curve stays readable
     assert list(study.trials[-1].intermediate_values) == [3]
 

@@ -29,6 +29,7 @@ from tasks.config import CleanConfig, PiiConfig
 from tasks.data import filters
 from tasks.data.filters import FilterResult, Rule, TextBatch, apply_rules
 from tasks.parts import balanced_groups, map_parts
+from tasks.stage_contract import DocCounts, StageResult
 
 VERSION = "3"  # 3: ledger in sorted parts with an index (storage/ledger.py)
 
@@ -224,7 +225,7 @@ def _drop_blocked(result: BatchOutcome, doc_ids: list[str], hashes: list[str], b
             result.score[i] = np.nan
 
 
-def clean_part(part: CleanPart) -> dict:
+def clean_part(part: CleanPart) -> DocCounts:
     """Clean the row groups of one part into ``docs/docs-<part>-*.parquet`` and ``ledger/ledger-<part>-*``."""
     out = Path(part.out_dir)
     docs = ParquetShardWriter(out / "docs", f"docs-{part.index:05d}", CLEAN_SCHEMA)
@@ -266,7 +267,7 @@ def clean_part(part: CleanPart) -> dict:
             docs.write(table.append_column("content_hash", hashes).filter(keep))
     docs.close()
     ledger.close()
-    return {"docs_in": docs_in, "kept": docs.rows, "dropped": dict(reasons)}
+    return DocCounts(docs_in, docs.rows, reasons)
 
 
 def _uncompressed_bytes(path: Path) -> int:
@@ -294,7 +295,7 @@ def clean(
     workers: int | None = None,
     part_bytes: int | None = None,
     blocked: set[str] | None = None,
-) -> dict:
+) -> StageResult:
     """Normalize and filter raw documents into ``docs/`` with a ledger row per input document.
 
     The input is cut into parts by size alone (default: about 16 parts, 1–256 MiB each), never by the number
@@ -309,12 +310,5 @@ def clean(
     parts = [CleanPart(i, units, cfg, str(ctx.out_dir), batch_rows, frozen) for i, units in enumerate(plan)]
     ctx.log(f"clean: {len(parts)} parts")
     results = map_parts(clean_part, parts, workers)
-    reasons: Counter[str] = Counter()
-    for r in results:
-        reasons.update(r["dropped"])
     (ctx.out_dir / "docs").mkdir(parents=True, exist_ok=True)
-    return {
-        "docs_in": sum(r["docs_in"] for r in results),
-        "kept": sum(r["kept"] for r in results),
-        "dropped": dict(sorted(reasons.items())),
-    }
+    return StageResult(DocCounts.total(results))

@@ -36,6 +36,7 @@ from tasks.config import SourceConfig
 from tasks.data import readers
 from tasks.data.readers import Record, SourceFile
 from tasks.parts import balanced_groups, default_workers, map_parts
+from tasks.stage_contract import DocCounts, StageResult
 
 VERSION = "4"  # 4: ledger in sorted parts with an index (storage/ledger.py)
 FLUSH_ROWS = 1024
@@ -258,7 +259,7 @@ class _RowGroupBuffer:
 
 def merge_fragments(
     jobs: list[FileJob], problems: list[SourceFile], out_dir: Path, sources: Sequence[SourceConfig] = ()
-) -> dict:
+) -> StageResult:
     """Stream fragments in file order into ``docs/``, ``ledger/`` and ``files/files.parquet``; return counts."""
     by_name = {s.name: s for s in sources}
     reasons: Counter[str] = Counter()
@@ -333,14 +334,14 @@ def merge_fragments(
     (out_dir / "files").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(file_rows, schema=FILES_SCHEMA), out_dir / "files" / "files.parquet")
     assert ledger.rows == ordinal, f"ingest ledger has {ledger.rows} rows for {ordinal} records"
-    return {
-        "docs_in": ordinal,
-        "kept": docs.rows,
-        "dropped": dict(sorted(reasons.items())),
-        "per_source": dict(per_source),
-        "bytes_kept": bytes_kept,
-        "source_errors": dict(Counter(p.error for p in problems if p.error)),
-    }
+    return StageResult(
+        DocCounts(ordinal, docs.rows, reasons),
+        {
+            "per_source": dict(per_source),
+            "bytes_kept": bytes_kept,
+            "source_errors": dict(Counter(p.error for p in problems if p.error)),
+        },
+    )
 
 
 # Files per part, whatever their size: 100M one-document files make ≈25k parts, not millions. Each file has
@@ -355,7 +356,7 @@ def ingest(
     workers: int | None = None,
     part_bytes: int = 64 * 2**20,
     parallel_min_bytes: int = 4 * 2**20,
-) -> dict:
+) -> StageResult:
     """Read every source into ``docs/docs-*.parquet`` and ``ledger/ledger-*.parquet`` under ``ctx.out_dir``.
 
     ``cache_dir`` keeps per-file fragments and the per-source state across runs (incremental refresh);
@@ -374,11 +375,11 @@ def ingest(
         f"({total / 2**20:.1f} MiB) in {len(parts)} parts on {min(n_workers, max(len(parts), 1))} workers"
     )
     map_parts(ingest_part, parts, n_workers if total >= parallel_min_bytes else 1)
-    counts = merge_fragments(plan.jobs, plan.problems, ctx.out_dir, sources)
+    merged = merge_fragments(plan.jobs, plan.problems, ctx.out_dir, sources)
     for state, seen in plan.states.values():
         state.save(seen)
-    counts["files"] = dict(plan.status) | {"read": len(todo), "reused": len(plan.jobs) - len(todo)}
-    counts["removed_files"] = plan.removed[:1000]
-    for name, n in counts["per_source"].items():
+    files = dict(plan.status) | {"read": len(todo), "reused": len(plan.jobs) - len(todo)}
+    extra = dict(merged.extra) | {"files": files, "removed_files": plan.removed[:1000]}
+    for name, n in extra["per_source"].items():
         ctx.log(f"ingest: source {name!r}: {n} records")
-    return counts
+    return StageResult(merged.docs, extra)

@@ -54,12 +54,15 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class MinHashParams:
-    """Shingle size, signature length and LSH banding; ``bands * rows <= permutations``."""
+    """Shingle size, signature length and LSH banding; ``bands * rows <= permutations``.
 
-    ngram: int = 5
-    permutations: int = 112
-    bands: int = 14
-    rows: int = 8
+    No defaults here: ``DedupConfig`` holds the one set, and ``tasks.data.dedup.schema.minhash_params`` builds this.
+    """
+
+    ngram: int
+    permutations: int
+    bands: int
+    rows: int
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -179,11 +182,6 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
         return 1.0
     inter = len(np.intersect1d(a, b, assume_unique=True))
     return inter / (len(a) + len(b) - inter)
-
-
-def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
-    """Fraction of equal signature entries: an unbiased estimate of Jaccard similarity."""
-    return float(np.mean(sig_a == sig_b))
 
 
 def s_curve_table(params: MinHashParams, points: tuple[float, ...] = (0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)):

@@ -20,6 +20,7 @@ from storage.hashing import unit_interval
 from storage.shards import LedgerWriter, iter_batches, token_dtype, write_token_shard
 from tasks.config import TokenizeConfig, TokenizerConfig
 from tasks.data.tokenizer import load_tokenizer
+from tasks.stage_contract import DocCounts, StageResult
 
 VERSION = "2"  # 2: ledger in sorted parts with an index (storage/ledger.py)
 SPLITS = ("train", "val", "test")
@@ -71,7 +72,7 @@ class _SplitShards:
 
 def tokenize(
     doc_paths: list[Path], tokenizer_dir: Path, tok_cfg: TokenizerConfig, cfg: TokenizeConfig, ctx: StageContext
-) -> dict:
+) -> StageResult:
     """Encode documents in batches (the library's own thread pool) and write token shards plus a ledger."""
     tokenizer = load_tokenizer(tokenizer_dir)
     eot = tokenizer.token_to_id(tok_cfg.special_tokens[0])
@@ -121,10 +122,7 @@ def tokenize(
         for name, s in splits.items()
     }
     docs_in = sum(s.docs for s in splits.values())
-    return {
-        "docs_in": docs_in,
-        "kept": docs_in,
-        "dropped": {},
+    extra = {
         "tokens": sum(s.tokens for s in splits.values()),
         "dtype": dtype.name,
         "eot_id": eot,
@@ -132,3 +130,4 @@ def tokenize(
         "splits": summary,
         "tokens_per_source": {k: dict(v) for k, v in sorted(per_source_tokens.items())},
     }
+    return StageResult(DocCounts(docs_in, docs_in), extra)

@@ -3,8 +3,8 @@
 The evaluate artifact stays deterministic (its content hash depends only on its inputs); this run-level
 report adds what depends on the run's history (the previous run of the same pipeline, from the lineage DB)
 and is written by the flow process to ``<root>/reports/<run_id>/`` as Markdown (the Prefect artifact) and
-as one self-contained HTML file (inline CSS; the train stage's ``loss_curve.png`` embedded as base64, or an
-inline SVG drawn from ``train_log.jsonl`` for train artifacts without it: no network access).
+as one self-contained HTML file (inline CSS, Markdown rendered by markdown-it-py, the train stage's
+``loss_curve.png`` embedded as base64: no network access).
 Every number in it is also written to the lineage DB's ``metrics`` table (``metric_rows``).
 """
 
@@ -14,9 +14,10 @@ import base64
 import html
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
+
+from markdown_it import MarkdownIt
 
 from storage.artifacts import ArtifactStore, Manifest
 from storage.lineage import LineageStore
@@ -212,42 +213,6 @@ def training_curve(train_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def curve_svg(curve: list[dict], width: int = 640, height: int = 260) -> str:
-    """Train loss (line) and periodic val loss (dots) against step, as inline SVG."""
-    points = [(p["step"], p["loss"]) for p in curve if p.get("loss") is not None]
-    vals = [(p["step"], p["val_loss"]) for p in curve if p.get("val_loss") is not None]
-    if not points:
-        return "<p>(no training log)</p>"
-    left, right, top, bottom = 56, 16, 16, 36
-    xs = [s for s, _ in points + vals]
-    ys = [v for _, v in points + vals]
-    x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(max(ys), min(ys) + 1e-6)
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (width - left - right)
-
-    def sy(y: float) -> float:
-        return top + (y1 - y) / (y1 - y0) * (height - top - bottom)
-
-    line = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in points)
-    dots = "".join(f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="3.5" fill="#d62728"/>' for s, v in vals)
-    ticks = ""
-    for i in range(5):
-        y = y0 + (y1 - y0) * i / 4
-        ticks += f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>'
-        ticks += f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>'
-        x = x0 + (x1 - x0) * i / 4
-        ticks += f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:.0f}</text>'
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
-        f'font-family="sans-serif" role="img" aria-label="training curve">{ticks}'
-        f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>{dots}'
-        f'<text x="{(width + left) / 2}" y="{height - 4}" text-anchor="middle">step</text>'
-        f'<text x="{left + 8}" y="{top + 10}" fill="#1f77b4">train loss</text>'
-        f'<text x="{left + 80}" y="{top + 10}" fill="#d62728">● val loss</text></svg>'
-    )
-
-
 def data_markdown(data: dict) -> str:
     lines = ["## Data", "", "| stage | docs in | kept | dropped (reason = documents) |", "|---|---:|---:|---|"]
     for stage, c in data["stages"].items():
@@ -287,46 +252,7 @@ def render_run_markdown(run: dict) -> str:
     )
 
 
-def _inline(text: str) -> str:
-    """Escaped text with this report's inline Markdown: **bold** and `code`."""
-    escaped = html.escape(text)
-    escaped = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", escaped)
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
-
-
-def _markdown_table_to_html(block: str) -> str:
-    rows = [line.strip("|").split("|") for line in block.strip().splitlines() if not line.startswith("|--")]
-    rows = [r for r in rows if not set("".join(r)) <= set("-:| ")]
-    head = "".join(f"<th>{_inline(c.strip())}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{_inline(c.strip())}</td>" for c in r) + "</tr>" for r in rows[1:])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _markdown_to_html(text: str) -> str:
-    """Just enough Markdown for this report's own output: headings, tables, code blocks, paragraphs."""
-    out, table, code = [], [], None
-    for line in text.splitlines() + [""]:
-        if code is not None:
-            if line.startswith("```"):
-                out.append(f"<pre>{html.escape(chr(10).join(code))}</pre>")
-                code = None
-            else:
-                code.append(line)
-            continue
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        if table:
-            out.append(_markdown_table_to_html("\n".join(table)))
-            table = []
-        if line.startswith("```"):
-            code = []
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{_inline(line.lstrip('# '))}</h{level}>")
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-    return "\n".join(out)
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
 STYLE = (
@@ -337,16 +263,16 @@ STYLE = (
 
 
 def curve_html(run: dict) -> str:
-    """The train stage's own ``loss_curve.png`` embedded as base64, or an inline SVG drawn from its log."""
+    """The train stage's own ``loss_curve.png`` embedded as base64 (every train artifact has one)."""
     png = run.get("curve_png")
     if png:
         return f'<img alt="training curve" src="data:image/png;base64,{png}">'
-    return curve_svg(run["curve"])
+    return "<p>(no loss curve in the train artifact)</p>"
 
 
 def render_run_html(run: dict) -> str:
     """One self-contained HTML page: the Markdown report with the training curve embedded."""
-    body = _markdown_to_html(render_run_markdown(run))
+    body = _MARKDOWN.render(render_run_markdown(run))
     body = body.replace("<h2>Training</h2>", f"<h2>Training</h2>\n{curve_html(run)}", 1)
     title = html.escape(f"tokenmill run {run['run_id']}")
     return f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head>' + (

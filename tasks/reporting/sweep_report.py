@@ -11,9 +11,11 @@ import io
 from pathlib import Path
 from typing import Any
 
+from markdown_it import MarkdownIt
+
 from storage.artifacts import ArtifactStore
 from storage.leaderboard import leaderboard_rows
-from tasks.reporting.report import STYLE, _markdown_to_html
+from tasks.reporting.report import STYLE
 from tasks.sweep.spec import SweepSpec
 
 
@@ -129,7 +131,8 @@ def render_markdown(sweep_id: str, spec: SweepSpec, trials: list[dict], test: di
 
 
 def render_html(sweep_id: str, spec: SweepSpec, trials: list[dict], test: dict | None) -> str:
-    body = _markdown_to_html(render_markdown(sweep_id, spec, trials, test))
+    markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
+    body = markdown.render(render_markdown(sweep_id, spec, trials, test))
     body = body.replace(
         "<h2>Validation curves</h2>", f"<h2>Validation curves</h2>\n{curves_svg(trials, spec.objective)}", 1
     )

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from storage.artifacts import ArtifactStore, Manifest, StageContext
+from storage.artifacts import ArtifactStore, Manifest, StageContext, StageKey
 from tasks.data.tokenizer import load_tokenizer
 from tasks.evaluation.evaluate import token_byte_lengths, token_nll
 from tasks.modeling.weights import load_model
@@ -58,7 +58,8 @@ def build_eval_set(
         return {"split": split, "docs": docs.num_rows, "bytes": int(pc.sum(docs["n_bytes"]).as_py() or 0)}
 
     params = {"split": split, "max_docs": max_docs}
-    return store.build(EVAL_SET_STAGE, EVAL_SET_VERSION, params, [dedup, tokenize], produce, log=log)
+    key = StageKey(stage=EVAL_SET_STAGE, version=EVAL_SET_VERSION, params=params, inputs=[dedup.ref(), tokenize.ref()])
+    return store.build(key, produce, log=log)
 
 
 def eval_doc_ids(eval_set: Manifest) -> list[str]:
@@ -109,5 +110,6 @@ def score_trial(
         (ctx.out_dir / SCORE_FILE).write_text(json.dumps(counts, indent=2, sort_keys=True))
         return counts
 
-    inputs = [train, tokenizer, tokenize, eval_set]
-    return store.build(SCORE_STAGE, SCORE_VERSION, {"batch_size": SCORE_BATCH}, inputs, produce, log=log)
+    inputs = [m.ref() for m in (train, tokenizer, tokenize, eval_set)]
+    key = StageKey(stage=SCORE_STAGE, version=SCORE_VERSION, params={"batch_size": SCORE_BATCH}, inputs=inputs)
+    return store.build(key, produce, log=log)

@@ -15,6 +15,7 @@ from storage.shards import ParquetShardWriter
 from tasks.config import DedupConfig, PipelineConfig
 from tasks.data import dedup as dd
 from tasks.data.clean import CLEAN_SCHEMA
+from tasks.data.dedup.schema import minhash_params
 from tasks.data.ingest import doc_id_for
 from tasks.data.minhash import MinHasher, MinHashParams, dedup_words, jaccard, shingle_set
 from tasks.stages import run_stage
@@ -89,7 +90,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory):
 
 def test_planted_near_duplicates_point_at_their_original(planted):
     texts, (counts, ledger, kept) = planted
-    hasher = MinHasher(MinHashParams())
+    hasher = MinHasher(minhash_params(DedupConfig()))
     by_id = dict(texts)
     for i in range(0, 12, 3):
         for name in PLANTED:
@@ -148,7 +149,7 @@ def test_connected_components_label_by_smallest_node():
 
 
 def test_minhash_estimates_jaccard_and_normalizes():
-    hasher = MinHasher(MinHashParams(permutations=256, bands=32, rows=8))
+    hasher = MinHasher(MinHashParams(ngram=5, permutations=256, bands=32, rows=8))
     a = " ".join(words(1, 400))
     b = " ".join(edit(words(1, 400), 0.03, 1))
     sigs = hasher.signatures(*hasher.shingles([a, b]))

@@ -118,8 +118,10 @@ def test_presets_by_source_and_extension():
     assert preset_for("web", "pkg/mod.py", cfg) == "none"
     with pytest.raises(ValueError, match="unknown preset"):
         CleanConfig(default_preset="fancy")
-    # the deprecated top-level knobs configure the code preset
-    assert CleanConfig(max_line_chars=300).presets["code"].code.max_line_chars == 300
+    # the code preset's own settings are where code limits live (no top-level aliases)
+    with pytest.raises(ValueError, match="max_line_chars"):
+        CleanConfig(max_line_chars=300)
+    assert CleanConfig(presets={"code": {"code": {"max_line_chars": 300}}}).presets["code"].code.max_line_chars == 300
 
 
 def test_every_filter_can_be_switched_off():

@@ -14,7 +14,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from storage.artifacts import MANIFEST, ArtifactStore, CorruptArtifactError, Manifest, StageContext
+from storage.artifacts import MANIFEST, ArtifactStore, CorruptArtifactError, Manifest, StageContext, StageKey
 from storage.faults import InjectedFault
 from storage.lineage import LineageStore
 from storage.lineage_queries import LineageQueries
@@ -242,7 +242,14 @@ def test_two_machines_racing_on_one_fingerprint_publish_once(s3_root_env, tmp_pa
         return {"rows": 1}
 
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda store: store.build("s", "1", {}, [], produce, log=lambda m: None), stores))
+        results = list(
+            pool.map(
+                lambda store: store.build(
+                    StageKey(stage="s", version="1", params={}, inputs=[]), produce, log=lambda m: None
+                ),
+                stores,
+            )
+        )
     assert sorted(reused for _, reused in results) == [False, True]
     winner = next(m for m, reused in results if not reused)
     assert {m.attempt for m, _ in results} == {winner.attempt}
@@ -254,4 +261,4 @@ def test_two_machines_racing_on_one_fingerprint_publish_once(s3_root_env, tmp_pa
         fs.pipe_file(f"tm-race/root/s/{winner.fingerprint}/{attempt}/part.bin", b"partial")
     assert stores[0].remove_orphaned_attempts() == [f"s3://tm-race/root/s/{winner.fingerprint}/{old}"]
     assert {a for _, _, a in stores[0].remote.attempts()} == {winner.attempt, recent}
-    assert stores[1].build("s", "1", {}, [], produce)[0].attempt == winner.attempt
+    assert stores[1].build(StageKey(stage="s", version="1", params={}, inputs=[]), produce)[0].attempt == winner.attempt

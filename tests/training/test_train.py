@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from storage.artifacts import StageContext
+from storage.artifacts import StageContext, StageKey
 from storage.faults import InjectedFault
 from storage.shards import write_token_shard
 from tasks.config import ModelConfig, TrainConfig
@@ -307,7 +307,12 @@ def test_train_telemetry_lands_in_the_lineage_db(shards, tmp_path):
     def produce(ctx: StageContext) -> dict:
         return _run(shards, cfg, ctx)
 
-    manifest, _ = store.build("train", "test", {"cfg": cfg.model_dump()}, [], produce, run_id="r1", log=lambda m: None)
+    manifest, _ = store.build(
+        StageKey(stage="train", version="test", params={"cfg": cfg.model_dump()}, inputs=[]),
+        produce,
+        run_id="r1",
+        log=lambda m: None,
+    )
     lineage = LineageStore(store.lineage_path)
     lineage.start_run("r1", "tiny", {}, 7, None)
     lineage.record_stage("r1", "train", "completed", datetime.now(UTC), manifest=manifest)

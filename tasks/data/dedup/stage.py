@@ -26,6 +26,7 @@ from tasks.data.minhash import (
     MinHashParams,
     s_curve_table,
 )
+from tasks.stage_contract import DocCounts, StageResult
 
 VERSION = "3"  # 3: ledger in sorted parts with an index (storage/ledger.py)
 
@@ -42,7 +43,7 @@ def stage_params(cfg: PipelineConfig) -> dict[str, Any]:
 
 def dedup(
     doc_paths: list[Path], cfg: DedupConfig, ctx: StageContext, previous: Manifest | None = None, batch_rows: int = 2048
-) -> dict:
+) -> StageResult:
     """Write unique documents to ``docs/``, a ledger row per input document, ``index/`` and ``report.md``."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -89,20 +90,19 @@ def dedup(
         clusters = verify_and_cluster(graph, n_old, texts, hasher, cfg)
         lap("verify_cluster")
 
-    counts = _write(doc_paths, p, cfg, old_ids, clusters, index, ctx, batch_rows)
+    docs, matched_index, examples = _write(doc_paths, p, cfg, old_ids, clusters, index, ctx, batch_rows)
     lap("write")
     near = {
         "enabled": cfg.near,
         "signed": signed,
         "candidate_pairs": clusters.candidate_pairs,
         "verified_pairs": clusters.verified_pairs,
-        "matched_earlier_index": counts.pop("matched_index"),
+        "matched_earlier_index": matched_index,
         "lsh_threshold": round(params.threshold, 4),
         "similarity_threshold": cfg.threshold,
         "s_curve": s_curve_table(params),
     }
-    counts |= {"near_duplicates": near, "timings_s": timings}
-    examples = counts.pop("examples")
+    result = StageResult(docs, {"near_duplicates": near, "timings_s": timings})
     if examples:  # name representatives by locator too (they may be indexed documents of an earlier run)
         con.register("wanted", pa.table({"doc_id": [e["duplicate_of"] for e in examples]}))
         files = [str(f) for f in doc_paths]
@@ -114,11 +114,13 @@ def dedup(
         for e in examples:
             e["kept"] = where.get(e["duplicate_of"], e["duplicate_of"])
     con.close()
-    _write_report(ctx.out_dir / "report.md", cfg, params, counts, examples)
-    return counts
+    _write_report(ctx.out_dir / "report.md", cfg, params, result.as_counts(), examples)
+    return result
 
 
-def _write(doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, ctx, batch_rows) -> dict:
+def _write(
+    doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, ctx, batch_rows
+) -> tuple[DocCounts, int, list[dict]]:
     """Stream the input once more, in order: kept documents, ledger rows and the index of the kept corpus."""
     n_old = len(old_ids)
     docs = ParquetShardWriter(ctx.out_dir / "docs", "docs", DEDUP_SCHEMA)
@@ -192,13 +194,7 @@ def _write(doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, c
     _write_band_index(ctx, index, p, removed)
     meta = {"minhash": index_signature(minhash_params(cfg)), "holders": holders}
     (ctx.out_dir / "index" / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return {
-        "docs_in": pos,
-        "kept": docs.rows,
-        "dropped": dict(sorted(reasons.items())),
-        "matched_index": matched_index,
-        "examples": examples,
-    }
+    return DocCounts(pos, docs.rows, reasons), matched_index, examples
 
 
 def _verdict(node: int, p: Plan, clusters: Clusters, n_old: int, final) -> tuple[str, str, float, bool] | None:
