@@ -94,6 +94,7 @@ def main() -> None:
         )
     total = sum(elapsed for _, _, elapsed, _ in alone)
     print(f"sum of the trials run alone: {total:.1f} s; the sweep took {sweep_s:.1f} s ({total / sweep_s:.2f}x)")
+    print(f"sweep spec and root: {sweep_spec} {work / 'sweep-root'}")
 
 
 if __name__ == "__main__":

@@ -198,8 +198,10 @@ def sweep_command(
     """Tune model and data parameters on the fixed validation set; evaluate only the winner on test."""
     from flows.sweep import sweep
     from tasks.errors import UserError
+    from tasks.sweep.spec import load_spec
 
     try:
+        load_spec(spec, trials=trials, objective=objective)  # a bad spec fails here, before a flow run starts
         result = sweep(
             spec_path=str(spec), trials=trials, objective=objective, test=test, allow_second_test=allow_second_test
         )

@@ -215,9 +215,8 @@ def _run_trials(sweep: dict, spec: SweepSpec, study, lineage: LineageStore) -> N
 
     logger = get_run_logger()
     finished, to_ask = plan(study, spec)
-    recorded = {t["trial"] for t in lineage.trials(sweep["sweep_id"]) if t["status"] == "pruned"}
     pending: list[tuple[Any, dict, PrefectFuture, bool]] = []
-    for t in (t for t in finished if t.state == TrialState.COMPLETE or t.number not in recorded):  # pruned: kept
+    for t in (t for t in finished if t.state == TrialState.COMPLETE):  # pruned trials keep their recorded row
         pending.append((t.number, t.params, trial_task.submit(sweep, t.number, t.params, replay=True), True))
     asked = 0
     while pending or asked < to_ask:

@@ -181,8 +181,12 @@ def resolve_spec(data: dict[str, Any], base_dir: Path, where: str) -> tuple[Swee
         raise UserError(f"{where}: base: {spec.base!r} is not a file (paths are relative to the spec)")
     try:
         base = PipelineConfig.from_yaml(base_path, root=spec.root)
-    except (ValidationError, ValueError) as err:
-        raise UserError(f"{where}: base config {base_path} is invalid: {str(err).splitlines()[0]}") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"{where}: base config {base_path}: {field}: {first['msg']}; fix the base config") from None
+    except ValueError as err:
+        raise UserError(f"{where}: base config {base_path}: {err}") from None
     check_space(spec, base, where)
     return spec, base
 
