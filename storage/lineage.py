@@ -207,7 +207,7 @@ class _Attachments:
                 alias = f"lineage_{self._serial}"
                 mode = " (READ_ONLY)" if path.exists() else ""
                 quoted = str(path).replace("'", "''")
-                _retry_while_locked(lambda: self._db.execute(f"ATTACH '{quoted}' AS {alias}{mode}"))
+                retry_while_locked(lambda: self._db.execute(f"ATTACH '{quoted}' AS {alias}{mode}"))
             self._attached[path] = (alias, users + 1)
             cursor = self._db.cursor()
         cursor.execute(f"USE {alias}")
@@ -227,7 +227,7 @@ class _Attachments:
 _ATTACHMENTS = _Attachments()
 
 
-def _retry_while_locked(open_fn: Any, timeout_s: float = 60) -> Any:
+def retry_while_locked(open_fn: Any, timeout_s: float = 60) -> Any:
     """Call ``open_fn`` until it succeeds, retrying while another process holds DuckDB's write lock."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -301,7 +301,7 @@ class LineageStore:
         """A short-lived read-write connection for one write transaction (this process's readers close first)."""
         for reader in list(_READERS.get(self.path, ())):
             reader.close()
-        con = _retry_while_locked(lambda: duckdb.connect(str(self.path)))
+        con = retry_while_locked(lambda: duckdb.connect(str(self.path)))
         try:
             yield con
         finally:
