@@ -25,7 +25,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.runtime import task_run as task_runtime
 
-from flows.pipeline import GPU_CONCURRENCY_LIMIT, _retry_unless_unrecoverable, concurrency_slot, uses_gpu
+from flows.pipeline import GPU_CONCURRENCY_LIMIT, retry_unless_unrecoverable, concurrency_slot, uses_gpu
 from storage.artifacts import ArtifactStore, Manifest
 from storage.leaderboard import best, leaderboard_rows
 from storage.lineage import LineageStore
@@ -96,7 +96,7 @@ def _stage(name: str, cfg: PipelineConfig, manifests: dict[str, Manifest], run_i
 @task(
     retries=1,
     retry_delay_seconds=1,
-    retry_condition_fn=_retry_unless_unrecoverable,
+    retry_condition_fn=retry_unless_unrecoverable,
     cache_policy=NO_CACHE,
     task_run_name="trial-{number}",
 )
