@@ -25,7 +25,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.runtime import task_run as task_runtime
 
-from flows.pipeline import GPU_CONCURRENCY_LIMIT, retry_unless_unrecoverable, concurrency_slot, uses_gpu
+from flows.pipeline import GPU_CONCURRENCY_LIMIT, concurrency_slot, retry_unless_unrecoverable, uses_gpu
 from storage.artifacts import ArtifactStore, Manifest
 from storage.leaderboard import best, leaderboard_rows
 from storage.lineage import LineageStore
