@@ -32,6 +32,7 @@ from storage.lineage import LineageStore
 from storage.stage_graph import DATA_STAGES, UPSTREAM
 from tasks.config import PipelineConfig
 from tasks.errors import UserError
+from tasks.reporting.report import publish_run_report
 from tasks.reporting.sweep_report import publish_sweep_report
 from tasks.run_recorder import error_text
 from tasks.stages import run_stage, stage_key
@@ -129,6 +130,7 @@ def trial_task(sweep: dict[str, Any], number: int, params: dict[str, Any], repla
         train_fp = stage_key("train", cfg, {"tokenize": tokenize}).fingerprint
         try:
             with training_slot(cfg, spec.concurrency):
+                train_started = datetime.now(UTC)  # the stage's time counts from holding a slot
                 trained = train_in_child(cfg, tokenize, run_id, pruning)
         except Exception as err:
             error = error_text(err)
@@ -309,7 +311,9 @@ def _test_winner(
         "override": bool(prior),
     }
     lineage.record_test_read(read)
-    return read | {"reused": False, "own_split": manifests["evaluate"].counts.get("test", {})}
+    _, report = publish_run_report(store, lineage, run_id, f"{spec.name}/trial-{winner['trial']}", manifests)
+    own_split = manifests["evaluate"].counts.get("test", {})
+    return read | {"reused": False, "own_split": own_split, "run_report": str(report["html"])}
 
 
 def _flow_run_name() -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from storage.artifacts import ArtifactStore
 from storage.lineage import LineageStore
@@ -56,6 +58,12 @@ def test_a_sweep_builds_shared_stages_once_retries_a_failed_trial_alone_and_read
     failed_runs = lineage.query("SELECT DISTINCT run_id FROM stage_runs WHERE status = 'failed'")
     assert [r["run_id"] for r in failed_runs] == [retried["run_id"]]
     assert len({t["fingerprints"]["tokenize"] for t in trials}) == 1
+    spans = lineage.query(  # from holding a training slot (limit cpu-train, 2 wide) to the published model
+        "SELECT started_at, ended_at FROM stage_runs WHERE stage = 'train' AND status = 'completed' AND run_id LIKE ?",
+        [f"{result['sweep_id']}-t%"],
+    )
+    at_once = [sum(s["started_at"] <= t["started_at"] < s["ended_at"] for s in spans) for t in spans]
+    assert max(at_once) == 2, spans  # trials trained concurrently, never more than the limit
 
     winner = min((t for t in trials), key=lambda t: t["objective"])
     assert result["winner"]["trial"] == winner["trial"] and [t["selected"] for t in trials].count(True) == 1
@@ -77,6 +85,18 @@ def test_a_sweep_builds_shared_stages_once_retries_a_failed_trial_alone_and_read
         sweep(spec_path=str(wider))  # tuning again under the same name and peeking at test again is refused
     assert _built(root) == built
 
+    from flows.cli import app
+
+    runner = CliRunner()
+    answer = runner.invoke(app, ["lineage", "sweep", "lr", "--root", str(root), "--json"])
+    assert answer.exit_code == 0, answer.output
+    board = json.loads(answer.output)
+    assert board["sweep_id"] == result["sweep_id"] and board["leaderboard"][0]["trial"] == winner["trial"]
+    assert [r["trial"] for r in board["test_reads"]] == [winner["trial"]]
+    exported = runner.invoke(app, ["export", "--sweep", "lr", "--root", str(root), "--out", str(tmp_path / "hf")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "hf" / "config.json").is_file()
+
 
 def test_a_data_parameter_sweep_scores_every_trial_on_the_same_documents(prefect_harness, corpus: Path, tmp_path: Path):
     from flows.sweep import sweep
@@ -95,3 +115,13 @@ def test_a_data_parameter_sweep_scores_every_trial_on_the_same_documents(prefect
     leaked = [t["eval_docs_in_train"] for t in trials]
     assert 0 in leaked and max(leaked) == 0  # split by doc-id hash: a larger val fraction never moves val to train
     assert store.published("evaluate") == [] and lineage.test_reads(result["sweep_id"]) == []
+
+
+def test_an_inline_space_needs_a_base_config(tmp_path: Path, corpus: Path):
+    from flows.sweep import resolve
+
+    with pytest.raises(UserError, match="give spec_path, or an inline space together with base"):
+        resolve(None, {"train.learning_rate": [1e-3]}, None, None, None, None)
+    base = _spec(tmp_path, corpus, "unused", space={"train.learning_rate": [1e-3]}).parent / "base.yaml"
+    spec, cfg = resolve(None, {"model.n_layer": [1, 2]}, str(base), None, "val_loss", None)
+    assert (spec.n_trials, spec.objective, cfg.name) == (2, "val_loss", "tiny")
