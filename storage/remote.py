@@ -197,6 +197,13 @@ def copy_object(src: str, dst: str) -> None:
     fs.copy(src_key, object_fs(dst)[1])
 
 
+def register_object_fs(con: Any, locations: Iterable[str | Path]) -> None:
+    """Let a DuckDB connection read object URIs among ``locations`` (through fsspec; no httpfs extension)."""
+    remote = next((str(x) for x in locations if is_remote(x)), None)
+    if remote is not None:
+        con.register_filesystem(object_fs(remote)[0])
+
+
 def remove_prefix(uri: str) -> None:
     fs, key = object_fs(uri)
     if fs.exists(key):

@@ -114,7 +114,10 @@ def _produce_clean(run: StageRun) -> StageResult:
 
 def _produce_dedup(run: StageRun) -> StageResult:
     previous = dedup.resolve_previous(run.cfg.dedup.against, run.cfg.root)
-    return dedup.dedup(run.inputs["clean"].files_under("docs/"), run.cfg.dedup, run.ctx, previous=previous)
+    clean = run.inputs["clean"]
+    return dedup.dedup(
+        clean.files_under("docs/"), run.cfg.dedup, run.ctx, previous=previous, sources=clean.sources_under("docs/")
+    )
 
 
 def _produce_tokenizer(run: StageRun) -> StageResult:
