@@ -17,6 +17,8 @@ from tasks.config import PipelineConfig
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tokenmill: raw text to a trained, evaluated GPT.")
 lineage_app = typer.Typer(no_args_is_help=True, help="Ask the lineage DB where documents went.")
 app.add_typer(lineage_app, name="lineage")
+clean_app = typer.Typer(no_args_is_help=True, help="Inspect the clean stage's filters.")
+app.add_typer(clean_app, name="clean")
 console = Console()
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML (default: configs/quickstart.yaml settings).")
@@ -46,6 +48,12 @@ def _lineage(root: str):
     return LineageStore(store.lineage_path)
 
 
+def _size(counts: dict, reason: str) -> str:
+    """`` (1.2 MB)`` when the stage counted the bytes it dropped for ``reason``."""
+    size = (counts.get("dropped_bytes") or {}).get(reason)
+    return f" ({size / 1e6:.2f} MB)" if size is not None else ""
+
+
 def print_run_summary(root: str, run_id: str) -> None:
     lineage = _lineage(root)
     table = Table(title=f"run {run_id}")
@@ -60,10 +68,13 @@ def print_run_summary(root: str, run_id: str) -> None:
             f"{row['elapsed_s']:.1f}",
             str(counts.get("docs_in", "")),
             str(counts.get("kept", "")),
-            ", ".join(f"{k}={v}" for k, v in dropped.items()),
+            ", ".join(f"{k}={v}" + _size(counts, k) for k, v in dropped.items()),
             f"{counts['tokens']:,}" if "tokens" in counts else str(counts.get("tokens_trained", "")),
         )
     console.print(table)
+    for row in lineage.stage_runs(run_id):
+        for warning in (json.loads(row["counts"]) if row["counts"] else {}).get("warnings") or []:
+            console.print(f"[yellow]warning[/yellow] {row['stage']}: {warning}")
     evaluation = [r for r in lineage.stage_runs(run_id) if r["stage"] == "evaluate" and r["counts"]]
     if evaluation:
         metrics = json.loads(evaluation[-1]["counts"])
@@ -338,6 +349,11 @@ def lineage_why(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_js
                 f"{doc_id}: {r['verdict']} at {r['stage']} ({r['reason']}) of {r['duplicate_of']} "
                 f"({r['duplicate_of_locator']}), similarity {r['similarity']}"
             )
+            if r["cluster_id"] != r["duplicate_of"]:
+                console.print(
+                    f"  linked through a chain: its cluster is represented by the kept {r['cluster_id']} "
+                    f"({r['cluster_locator']})"
+                )
         else:
             console.print(f"{doc_id}: {r['verdict']} at {r['stage']}: {r['reason']} (score {r['score']}{_bound(r)})")
         for flag in r.get("flags") or []:
@@ -523,6 +539,66 @@ def lineage_check(run_id: str | None = typer.Argument(None), root: str = LRoot, 
     _answer(compute, as_json, render)
     if result is not None and not result["ok"]:
         raise typer.Exit(1)
+
+
+@clean_app.command("audit")
+def clean_audit(
+    config: Path | None = ConfigOpt,
+    root: str | None = RootOpt,
+    limit: int | None = typer.Option(None, "--limit", help="Audit only the first N ingested documents."),
+    as_json: bool = LJson,
+) -> None:
+    """What each clean rule would drop — documents, bytes, score distribution against its threshold, examples —
+    before anything is committed (ingest is run or reused; clean runs in memory)."""
+    cfg = load_config(config, root)
+    from tasks.data.audit import audit
+    from tasks.errors import UserError
+    from tasks.stages import run_stage
+
+    try:
+        ingested, _ = run_stage("ingest", cfg, {}, log=lambda m: None)
+        result = audit(ingested.files_under("docs/", ".parquet"), cfg.clean, limit)
+    except UserError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    share = result["bytes_kept"] / result["bytes"] if result["bytes"] else 1.0
+    console.print(
+        f"{result['docs']:,} documents, {result['bytes'] / 1e6:.2f} MB: {result['kept']:,} kept, "
+        f"{result['bytes_kept'] / 1e6:.2f} MB ({share:.0%} of the bytes)"
+    )
+    for preset, p in result["presets"].items():
+        table = Table(title=f"preset {preset}: {p['docs']:,} documents, {p['bytes'] / 1e6:.2f} MB")
+        for col in ("rule", "statistic", "keep if", "breaks", "drops", "MB dropped", "p5 / p50 / p95"):
+            table.add_column(col, justify="left" if col in ("rule", "statistic", "keep if") else "right")
+        for r in p["rules"]:
+            q = r["quantiles"]
+            bound = " and ".join(
+                b
+                for b in (
+                    f"≥ {r['low']}" if r["low"] is not None else "",
+                    f"≤ {r['high']}" if r["high"] is not None else "",
+                )
+                if b
+            ) or ("≥ language.min_score" if r["reason"] == "language:*" else "")
+            spread = f"{q['0.05']:.3g} / {q['0.5']:.3g} / {q['0.95']:.3g}" if q else ""
+            table.add_row(
+                r["reason"],
+                r["stat"],
+                bound,
+                str(r["breaks"]),
+                str(r["drops"]),
+                f"{r['bytes_dropped'] / 1e6:.2f}",
+                spread,
+            )
+        console.print(table)
+        for r in p["rules"]:
+            for ex in r["examples"]:
+                console.print(
+                    f"  {r['reason']}: {ex['locator']} (score {ex['score']}): {ex['opening'][:100]}", soft_wrap=True
+                )
 
 
 @app.command()

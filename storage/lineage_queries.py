@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, ledger_folder, local_folder
+from storage.artifacts import ArtifactStore, CorruptArtifactError, ledger_folder, local_folder
 from storage.leaderboard import leaderboard_rows
 from storage.ledger import LedgerIndex
 from storage.lineage import LineageStore
@@ -109,7 +109,7 @@ class LineageQueries:
             [tokenize_fp],
         )
         out = []
-        for e in edges:
+        for e in self.store.located(edges, "dst_stage", "dst_fingerprint"):
             covered = set(json.loads(e["coverage"] or "{}"))
             hit = sorted(covered & shards)
             if hit:
@@ -129,7 +129,7 @@ class LineageQueries:
                 "WHERE e.src_stage = 'train' AND e.src_fingerprint = ? ORDER BY e.dst_stage, e.dst_fingerprint",
                 [model["fingerprint"]],
             )
-            for e in rows:
+            for e in self.store.located(rows, "dst_stage", "dst_fingerprint"):
                 if e["dst_stage"] in DOWNSTREAM["train"] and e["relation"] != "evaluated_on":
                     out.append(_model_entry(e, model["shards"]) | {"via": f"train:{model['fingerprint']}"})
         return out
@@ -209,11 +209,17 @@ class LineageQueries:
             "threshold": self._threshold(info["run_id"], decisive),
         }
         if decisive.get("duplicate_of"):
-            rep = self._rows(info["run_id"], [decisive["duplicate_of"]], ("ingest",), ["doc_id", "locator"])
+            # duplicate_of is the document of the verified pair that removed this one; cluster_id the kept
+            # representative, which differs when the document joined the cluster through a chain of pairs.
+            linked, cluster = decisive["duplicate_of"], decisive.get("cluster_id") or decisive["duplicate_of"]
+            rows = self._rows(info["run_id"], {linked, cluster}, ("ingest",), ["doc_id", "locator"])
+            locator = {r["doc_id"]: r["locator"] for r in rows}
             out |= {
-                "duplicate_of": decisive["duplicate_of"],
-                "duplicate_of_locator": rep[0]["locator"] if rep else None,
+                "duplicate_of": linked,
+                "duplicate_of_locator": locator.get(linked),
                 "similarity": decisive.get("similarity"),
+                "cluster_id": cluster,
+                "cluster_locator": locator.get(cluster),
             }
         return out
 
@@ -514,10 +520,13 @@ class LineageQueries:
         run_id = self._run(run_id)
         problems: list[str] = []
         checked: list[str] = []
-        arts = {a["stage"]: a for a in self.store.run_artifacts(run_id)}
-        store = ArtifactStore(Path(self.store.path).parent)
+        arts = {a["stage"]: a for a in self.store.run_artifacts(run_id)}  # under the root being checked
         for stage, art in arts.items():
-            manifest = Manifest.model_validate_json((local_folder(art["uri"]) / "manifest.json").read_text())
+            try:
+                store, manifest = ArtifactStore.of_artifact(art["uri"])
+            except (OSError, ValueError) as err:
+                problems.append(f"{stage}: {err}")
+                continue
             try:
                 store.verify(manifest)
                 checked.append(f"{stage}: {len(manifest.files)} files match manifest hashes")
@@ -561,14 +570,13 @@ class LineageQueries:
                 known += " UNION ALL SELECT doc_id FROM read_parquet(?)"
                 params.append(index)
             dangling = self.store.query(
-                "SELECT count(*) AS n FROM read_parquet(?) WHERE duplicate_of IS NOT NULL "
-                f"AND duplicate_of NOT IN ({known})",
+                f"SELECT count(*) AS n FROM read_parquet(?) WHERE fate = 'duplicate' AND cluster_id NOT IN ({known})",
                 params,
             )[0]["n"]
             if dangling:
-                problems.append(f"dedup: {dangling} duplicates point at documents that were not kept")
+                problems.append(f"dedup: {dangling} duplicates' clusters are represented by documents not kept")
             else:
-                checked.append("dedup: every duplicate_of points at a kept or indexed document")
+                checked.append("dedup: every duplicate's cluster_id is a kept or indexed document")
         return {"run_id": run_id, "ok": not problems, "problems": problems, "checked": checked}
 
     @_one_connection

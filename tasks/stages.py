@@ -114,7 +114,10 @@ def _produce_clean(run: StageRun) -> StageResult:
 
 def _produce_dedup(run: StageRun) -> StageResult:
     previous = dedup.resolve_previous(run.cfg.dedup.against, run.cfg.root)
-    return dedup.dedup(run.inputs["clean"].files_under("docs/"), run.cfg.dedup, run.ctx, previous=previous)
+    clean = run.inputs["clean"]
+    return dedup.dedup(
+        clean.files_under("docs/"), run.cfg.dedup, run.ctx, previous=previous, sources=clean.sources_under("docs/")
+    )
 
 
 def _produce_tokenizer(run: StageRun) -> StageResult:
@@ -123,10 +126,18 @@ def _produce_tokenizer(run: StageRun) -> StageResult:
 
 
 def _produce_tokenize(run: StageRun) -> StageResult:
-    docs, tok = run.inputs["dedup"].files_under("docs/"), run.inputs["tokenizer"].file("")
-    cache = ArtifactStore(run.cfg.root).cache_dir("decontaminate")
+    """On a remote root the parts read the dedup shards and the tokenizer from the store (``sources_under``)."""
+    docs, tok, cfg = run.inputs["dedup"].sources_under("docs/"), run.inputs["tokenizer"], run.cfg
     return tokenize.tokenize(
-        docs, tok, run.cfg.tokenizer, run.cfg.tokenize, run.ctx, decontaminate=run.cfg.decontaminate, cache_dir=cache
+        docs,
+        tok.file(""),
+        cfg.tokenizer,
+        cfg.tokenize,
+        run.ctx,
+        cfg.workers,
+        tokenizer_uri=next(iter(tok.sources_under(tokenizer.TOKENIZER_FILE)), None),
+        decontaminate=cfg.decontaminate,
+        cache_dir=ArtifactStore(cfg.root).cache_dir("decontaminate"),
     )
 
 
