@@ -284,7 +284,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[StageName] |
     lineage = LineageStore(store.lineage_path)
     run_id = lineage_run_id(lineage)
     get_run_logger().info(f"lineage run {run_id} in {store.lineage_path}")
-    record = RunRecorder(lineage, run_id)
+    record = RunRecorder(lineage, run_id, backup=store.backup_lineage)
     record.start(config, str(flow_run.get_id()))
     with parts_executor(config):  # one task runner / Dask / Ray client (or private cluster) for the whole run
         manifests = run_stages(config, STAGES, run_id, force, record)

@@ -74,6 +74,10 @@ class RemoteRoot:
             ) from err
         self._base = self._base.rstrip("/")
 
+    def object_key(self, *parts: str) -> str:
+        """The file system key of ``<root>/<parts...>``."""
+        return "/".join([self._base, *parts])
+
     def artifact_uri(self, stage: str, fp: str) -> str:
         return f"{self.uri}/{stage}/{fp}"
 

@@ -278,7 +278,8 @@ def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print, run_id: str
     from tasks.run_recorder import RunRecorder
 
     run_id = run_id or f"local-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
-    record = RunRecorder(LineageStore(ArtifactStore(cfg.root).lineage_path), run_id)
+    store = ArtifactStore(cfg.root)
+    record = RunRecorder(LineageStore(store.lineage_path), run_id, backup=store.backup_lineage)
     record.start(cfg)
     manifests: dict[str, Manifest] = {}
     for name in STAGES:

@@ -13,7 +13,9 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
+from flows.cli import app
 from storage.artifacts import MANIFEST, ArtifactStore, CorruptArtifactError, Manifest, StageContext, StageKey
 from storage.faults import InjectedFault
 from storage.lineage import LineageStore
@@ -21,6 +23,7 @@ from storage.lineage_queries import LineageQueries
 from storage.local_s3 import MOTO_SERVER, moto_server
 from tasks.config import PipelineConfig
 from tasks.data.dedup import resolve_previous
+from tasks.run_recorder import RunRecorder
 from tasks.stages import UPSTREAM, run_stage
 from tests.support.corpus import prose, tiny_config, write_corpus
 
@@ -264,6 +267,34 @@ def test_share_nothing_workers_publish_the_same_artifacts(s3_root_env, tmp_path:
             + [f"tm-share/root/{stage}/{m.fingerprint}/{m.attempt}/{f.path}" for f in m.files]
         )
     assert not worker_home.exists()
+
+
+def test_lineage_snapshot_next_to_the_artifacts_is_restored_on_a_fresh_machine(s3_root_env, tmp_path, monkeypatch):
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("tm-lineage")
+    write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "corpus", "s3://tm-lineage/root")
+    for run_id in ("snap-1", "snap-2"):
+        store = ArtifactStore(cfg.root)
+        record = RunRecorder(LineageStore(store.lineage_path), run_id, backup=store.backup_lineage)
+        record.start(cfg)
+        started = datetime.now(UTC)
+        manifest, reused = run_stage("ingest", cfg, {}, run_id=run_id, log=lambda m: None)
+        record.stage_done("ingest", started, manifest, reused)
+        record.finish()
+    pointer = json.loads(fs.cat_file("tm-lineage/root/lineage/LATEST"))
+    assert pointer["run_id"] == "snap-2"
+    assert fs.ls("tm-lineage/root/lineage/", detail=False) == sorted(
+        [f"tm-lineage/root/lineage/{pointer['object']}", "tm-lineage/root/lineage/LATEST"]
+    )  # the earlier snapshot is gone once the pointer moved on
+
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "fresh-machine"))
+    fresh = ArtifactStore(cfg.root)
+    assert not (fresh.root / "lineage.duckdb").exists()
+    runs = LineageStore(fresh.lineage_path, read_only=True).runs()
+    assert {r["run_id"] for r in runs} == {"snap-1", "snap-2"}
+    out = CliRunner().invoke(app, ["lineage", "runs", "--root", cfg.root])
+    assert out.exit_code == 0 and "snap-2" in out.output
 
 
 def test_interrupted_publish_is_invisible_and_rebuilt(s3_root_env, tmp_path: Path, monkeypatch):
