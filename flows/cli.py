@@ -196,6 +196,50 @@ def deploy(
     console.print(f"{len(ids)} deployments registered with work pool {work_pool!r}")
 
 
+@app.command("sweep")
+def sweep_command(
+    spec: Path = typer.Option(..., "--spec", "-s", help="Sweep spec YAML (base, space, sampler, trials, objective)."),
+    trials: int | None = typer.Option(None, min=1, help="Override the spec's number of trials."),
+    objective: str | None = typer.Option(None, help="Override the spec's objective: val_bpb or val_loss."),
+    test: bool = typer.Option(True, "--test/--no-test", help="Evaluate the winner on test (once) at the end."),
+    allow_second_test: bool = typer.Option(
+        False, "--allow-second-test", help="Read test although this sweep (or its name) already did (see docs)."
+    ),
+) -> None:
+    """Tune model and data parameters on the fixed validation set; evaluate only the winner on test."""
+    from flows.sweep import sweep
+    from tasks.errors import UserError
+    from tasks.sweep.spec import load_spec
+
+    try:
+        load_spec(spec, trials=trials, objective=objective)  # a bad spec fails here, before a flow run starts
+        result = sweep(
+            spec_path=str(spec), trials=trials, objective=objective, test=test, allow_second_test=allow_second_test
+        )
+    except UserError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    _print_sweep(_queries(result["root"]).sweep(result["sweep_id"]))
+    console.print(f"report: {result['report']}")
+
+
+def _print_sweep(r: dict) -> None:
+    table = Table(title=f"sweep {r['sweep_id']} ({r['sampler']}, {r['status']})")
+    rows = r["leaderboard"]
+    for col in rows[0] if rows else ():
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+    for read in r["test_reads"]:
+        console.print(
+            f"test read: trial {read['trial']} ({read['run_id']}) at {read['read_at']}: loss {read['test_loss']:.4f}, "
+            f"bits/byte {read['test_bpb']:.4f}{' (override)' if read['override'] else ''}"
+        )
+    if not r["test_reads"]:
+        console.print("test split not read")
+
+
 @app.command()
 def server(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
@@ -478,6 +522,12 @@ def lineage_openlineage(
     console.print(f"sent {n} OpenLineage events to {to}")
 
 
+@lineage_app.command("sweep")
+def lineage_sweep(sweep_id: str, root: str = LRoot, as_json: bool = LJson) -> None:
+    """A sweep's leaderboard (by sweep id or name), its winner and the reads of its test split."""
+    _answer(lambda: _queries(root).sweep(sweep_id), as_json, _print_sweep)
+
+
 @lineage_app.command("check")
 def lineage_check(run_id: str | None = typer.Argument(None), root: str = LRoot, as_json: bool = LJson) -> None:
     """Verify conservation per stage, manifest hashes against files, and ledger references."""
@@ -627,14 +677,20 @@ def evaluate(
 
 @app.command("export")
 def export_command(
-    model: Path = typer.Option(..., "--model", "-m", help="A train artifact folder."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="A train artifact folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (transformers layout)."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="tokenizer.json (default: lineage)."),
     special_tokens: list[str] = typer.Option(["<|endoftext|>", "<|pad|>"], "--special-token"),
+    sweep: str | None = typer.Option(None, "--sweep", help="Export a sweep's winner (sweep id or name) instead."),
+    root: str = typer.Option("./data", "--root", "-r", help="Data root of --sweep."),
 ) -> None:
-    """Write MODEL as safetensors + config + tokenizer that transformers' AutoModelForCausalLM loads."""
+    """Write MODEL (or a sweep's winner) as safetensors + config + tokenizer for transformers' AutoModelForCausalLM."""
     from tasks.modeling.export import export_model, find_tokenizer
 
+    if (model is None) == (sweep is None):
+        raise typer.BadParameter("give --model or --sweep (one of them)")
+    if sweep is not None:
+        model = _sweep_winner_model(root, sweep)
     try:
         path = find_tokenizer(model) if tokenizer is None else tokenizer
         counts = export_model(model, path / "tokenizer.json" if path.is_dir() else path, special_tokens, out)
@@ -642,6 +698,24 @@ def export_command(
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
     console.print(f"exported {counts['params']:,} parameters to {out} ({counts['format']})")
+
+
+def _sweep_winner_model(root: str, sweep_id: str) -> Path:
+    """The train artifact of a sweep's selected trial, found through lineage."""
+    from storage.artifacts import local_folder
+
+    try:
+        winner = _queries(root).sweep(sweep_id)["winner"]
+    except LookupError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    if winner is None:
+        console.print(f"[red]sweep {sweep_id} has no winner yet[/red]: run `tokenmill sweep` to the end first")
+        raise typer.Exit(1)
+    artifact = _lineage(root).query(
+        "SELECT uri FROM artifacts WHERE stage = 'train' AND fingerprint = ?", [winner["fingerprints"]["train"]]
+    )
+    return local_folder(artifact[0]["uri"])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from pydantic import BaseModel
 
 from storage.faults import maybe_fail
 from storage.hashing import canonical_json, file_sha256, fingerprint
+from storage.lineage_snapshot import restore_lineage, snapshot_lineage
 from storage.remote import ATTEMPT_PREFIX, ATTEMPT_TIME, RemoteRoot, is_remote, local_mirror, local_path
 
 MANIFEST = "manifest.json"
@@ -147,6 +149,8 @@ class StageContext:
     work_dir: Path
     log: Callable[[str], None] = print
     progress: Callable[[float, str], None] = field(default=lambda fraction, message: None)
+    # Asked after each periodic validation of a training run: True stops it (a sweep pruning a weak trial).
+    should_stop: Callable[[int, float], bool] = field(default=lambda step, val_loss: False)
     # Remote roots: the attempt folder this build publishes into. Parts may upload files there themselves (so
     # workers need no shared file system) and list them in ``uploaded``; the manifest names both kinds.
     attempt_uri: str | None = None
@@ -218,6 +222,7 @@ class ArtifactStore:
         self.remote = RemoteRoot(str(root)) if is_remote(root) else None
         local = local_mirror(self.remote.uri) if self.remote else local_path(root)
         self.root = local.expanduser().resolve()  # on a remote root: its local mirror (storage.remote)
+        self._lineage_checked = False
         self.root.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -237,7 +242,20 @@ class ArtifactStore:
 
     @property
     def lineage_path(self) -> Path:
-        return self.root / "lineage.duckdb"
+        """The lineage DuckDB file. On a remote root without one (a fresh machine), the latest snapshot in the
+        bucket is restored first (``storage.lineage_snapshot``)."""
+        path = self.root / "lineage.duckdb"
+        if self.remote is not None and not self._lineage_checked:
+            self._lineage_checked = True
+            if restore_lineage(self.remote, path):
+                print(f"lineage: restored the latest snapshot from {self.remote.uri}/lineage/", file=sys.stderr)
+        return path
+
+    def backup_lineage(self, run_id: str | None = None) -> str | None:
+        """After a run on a remote root: put a consistent snapshot of the lineage file next to the artifacts."""
+        if self.remote is None:
+            return None
+        return snapshot_lineage(self.remote, self.root / "lineage.duckdb", run_id)
 
     def report_dir(self, run_id: str) -> Path:
         """Where a pipeline run's human-readable report goes (run-level, not content-addressed)."""

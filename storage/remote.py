@@ -74,6 +74,10 @@ class RemoteRoot:
             ) from err
         self._base = self._base.rstrip("/")
 
+    def object_key(self, *parts: str) -> str:
+        """The file system key of ``<root>/<parts...>``."""
+        return "/".join([self._base, *parts])
+
     def artifact_uri(self, stage: str, fp: str) -> str:
         return f"{self.uri}/{stage}/{fp}"
 
@@ -195,6 +199,13 @@ def copy_object(src: str, dst: str) -> None:
     """Copy one object within the store (server-side on S3: no bytes pass through this process)."""
     fs, src_key = object_fs(src)
     fs.copy(src_key, object_fs(dst)[1])
+
+
+def register_object_fs(con: Any, locations: Iterable[str | Path]) -> None:
+    """Let a DuckDB connection read object URIs among ``locations`` (through fsspec; no httpfs extension)."""
+    remote = next((str(x) for x in locations if is_remote(x)), None)
+    if remote is not None:
+        con.register_filesystem(object_fs(remote)[0])
 
 
 def remove_prefix(uri: str) -> None:

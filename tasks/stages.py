@@ -116,7 +116,10 @@ def _produce_clean(run: StageRun) -> StageResult:
 
 def _produce_dedup(run: StageRun) -> StageResult:
     previous = dedup.resolve_previous(run.cfg.dedup.against, run.cfg.root)
-    return dedup.dedup(run.inputs["clean"].files_under("docs/"), run.cfg.dedup, run.ctx, previous=previous)
+    clean = run.inputs["clean"]
+    return dedup.dedup(
+        clean.files_under("docs/"), run.cfg.dedup, run.ctx, previous=previous, sources=clean.sources_under("docs/")
+    )
 
 
 def _produce_tokenizer(run: StageRun) -> StageResult:
@@ -249,10 +252,12 @@ def run_stage(
     force: bool = False,
     log: Callable[[str], None] = print,
     progress: Callable[[float, str], None] | None = None,
+    should_stop: Callable[[int, float], bool] | None = None,
 ) -> tuple[Manifest, bool]:
     """Produce (or reuse) one stage's artifact. Returns ``(manifest, reused)``.
 
     ``key`` is the stage's ``stage_key`` when the caller already computed it (the flow does, for its cache key).
+    ``should_stop(step, val_loss)`` is asked after each periodic validation of training (``StageContext``).
     """
     key = key or stage_key(name, cfg, inputs)
     spec = SPECS[name]
@@ -261,6 +266,8 @@ def run_stage(
         store.verify(inputs[upstream], deep=False)
 
     def produce(ctx: StageContext) -> dict[str, Any]:
+        if should_stop is not None:
+            ctx.should_stop = should_stop
         maybe_fail(name, "start")
         for upstream in UPSTREAM[name]:  # remote roots: a verified local copy of each input, downloaded once
             store.materialize(inputs[upstream])
@@ -285,7 +292,8 @@ def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print, run_id: str
     from tasks.run_recorder import RunRecorder
 
     run_id = run_id or f"local-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
-    record = RunRecorder(LineageStore(ArtifactStore(cfg.root).lineage_path), run_id)
+    store = ArtifactStore(cfg.root)
+    record = RunRecorder(LineageStore(store.lineage_path), run_id, backup=store.backup_lineage)
     record.start(cfg)
     manifests: dict[str, Manifest] = {}
     for name in STAGES:

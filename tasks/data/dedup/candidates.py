@@ -16,6 +16,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from storage.remote import register_object_fs
 from tasks.data.dedup.index import PreviousIndex
 from tasks.data.dedup.plan import Plan
 from tasks.parts import map_parts
@@ -40,6 +41,7 @@ def band_pairs(part: BandPart) -> np.ndarray:
     1/bands of the rows.
     """
     con = duckdb.connect()
+    register_object_fs(con, part.band_files)
     if part.spill_dir:
         con.execute(f"SET temp_directory = '{part.spill_dir}'")
     found = [np.empty((0, 2), np.int64)]
@@ -66,7 +68,7 @@ def band_pairs(part: BandPart) -> np.ndarray:
 
 
 def candidate_pairs(
-    band_files: list[Path], n_bands: int, partners: int, workers: int | None, spill_dir: Path | None = None
+    band_files: list[str], n_bands: int, partners: int, workers: int | None, spill_dir: Path | None = None
 ) -> np.ndarray:
     """Bucket pairs over all bands, distinct and sorted; bands fan out in groups of ``BANDS_PER_PART``."""
     files = tuple(str(f) for f in band_files)
@@ -80,11 +82,12 @@ def candidate_pairs(
 
 
 def index_matches(
-    con: duckdb.DuckDBPyConnection, band_files: list[Path], previous: PreviousIndex, p: Plan
+    con: duckdb.DuckDBPyConnection, band_files: list[str], previous: PreviousIndex, p: Plan
 ) -> tuple[list, np.ndarray]:
     """New documents that share a band with an indexed one: (old doc ids, edges (old number, new node))."""
     if not previous.band_files or not band_files:
         return [], np.empty((0, 2), np.int64)
+    register_object_fs(con, band_files)
     con.register("node_doc", pa.table({"node": np.arange(len(p.doc_id)), "doc_id": p.doc_id.tolist()}))
     rows = con.execute(
         f"""

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.remote import open_input
 from tasks.config import DedupConfig
 from tasks.data.dedup.index import PreviousIndex
 from tasks.data.minhash import MinHasher, MinHashParams, jaccard
@@ -31,7 +31,7 @@ def texts_by_position(doc_paths: list[str], positions: np.ndarray, batch_rows: i
     """Stream (position, text) for the given sorted input positions, reading only the shards that hold them."""
     start = 0
     for path in doc_paths:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(open_input(path))
         rows = pf.metadata.num_rows
         lo, hi = np.searchsorted(positions, [start, start + rows])
         if hi > lo:
@@ -142,7 +142,7 @@ def similarities(
     edges: np.ndarray,
     n_old: int,
     pos_of_node: np.ndarray,
-    doc_paths: list[Path],
+    doc_paths: list[str],
     old: dict[int, str],
     params: MinHashParams,
     cfg: DedupConfig,

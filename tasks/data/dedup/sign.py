@@ -7,6 +7,7 @@ input order, whatever the executor or worker count.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.shards import iter_batches
+from storage.remote import is_remote, open_input, put_files
 from tasks.config import DedupConfig
 from tasks.data.dedup.plan import Plan
 from tasks.data.dedup.schema import WORK_BANDS_SCHEMA
@@ -37,7 +38,8 @@ def _hasher(params: MinHashParams) -> MinHasher:
 
 @dataclass(frozen=True)
 class SignPart:
-    """One input shard: its path, the node of each of its rows (-1: not signed) and where to write."""
+    """One input shard: its path or URI, the node of each of its rows (-1: not signed) and where to write (a
+    path, or an object URI: then the part writes a scratch file of its own and uploads it)."""
 
     doc_path: str
     nodes: np.ndarray
@@ -48,11 +50,22 @@ class SignPart:
 
 def sign_part(part: SignPart) -> int:
     """Write (node, band, hash) rows for the part's documents to sign; returns how many it signed."""
+    if not is_remote(part.out):
+        return _sign_into(part, Path(part.out))
+    with tempfile.TemporaryDirectory(prefix="sign-part-") as scratch:
+        name = part.out.rsplit("/", 1)[1]
+        signed = _sign_into(part, Path(scratch) / name)
+        put_files(Path(scratch), part.out.rsplit("/", 1)[0], [name])
+    return signed
+
+
+def _sign_into(part: SignPart, out: Path) -> int:
     hasher = _hasher(part.params)
     signed = 0
     pos = 0
-    with pq.ParquetWriter(part.out, WORK_BANDS_SCHEMA, compression="zstd") as writer:
-        for batch in iter_batches([Path(part.doc_path)], columns=["text"], batch_size=part.batch_docs):
+    source = pq.ParquetFile(open_input(part.doc_path))
+    with pq.ParquetWriter(out, WORK_BANDS_SCHEMA, compression="zstd") as writer:
+        for batch in source.iter_batches(columns=["text"], batch_size=part.batch_docs):
             nodes = part.nodes[pos : pos + batch.num_rows]
             pos += batch.num_rows
             where = np.flatnonzero(nodes >= 0)
@@ -77,23 +90,32 @@ def sign_part(part: SignPart) -> int:
 
 
 def sign(
-    doc_paths: list[Path], p: Plan, params: MinHashParams, cfg: DedupConfig, workers: int | None, out: Path, log
-) -> tuple[list[Path], int]:
-    """Sign every document to sign, one part per input shard: (the band files in input order, documents signed)."""
+    doc_paths: list[Path],
+    sources: list[str],
+    p: Plan,
+    params: MinHashParams,
+    cfg: DedupConfig,
+    workers: int | None,
+    out: str,
+    log,
+) -> tuple[list[str], int]:
+    """Sign every document to sign, one part per input shard (read from ``sources``, the shards' paths or URIs):
+    (the band files in input order, documents signed). ``out``: a folder, or an object-store prefix."""
     node_of_row = np.where(_sign_mask(p), p.node_of_pos, -1)
-    out.mkdir(parents=True, exist_ok=True)
+    if not is_remote(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
     parts, start = [], 0
-    for i, path in enumerate(doc_paths):
+    for i, (path, source) in enumerate(zip(doc_paths, sources, strict=True)):
         rows = pq.ParquetFile(path).metadata.num_rows
         nodes = node_of_row[start : start + rows]
-        parts.append(SignPart(str(path), nodes, params, cfg.batch_docs, str(out / f"bands-{i:05d}.parquet")))
+        parts.append(SignPart(source, nodes, params, cfg.batch_docs, f"{out}/bands-{i:05d}.parquet"))
         start += rows
     signed = sum(map_parts(sign_part, parts, workers))
     executor = active_executor()
     n_workers = min(default_workers(workers), len(parts))
     where = f"on the {executor.name} cluster" if executor else f"with {n_workers} worker(s)"
     log(f"dedup: signed {signed} documents in {len(parts)} parts {where}")
-    return [Path(part.out) for part in parts], signed
+    return [part.out for part in parts], signed
 
 
 def _sign_mask(p: Plan) -> np.ndarray:

@@ -12,8 +12,10 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from storage.artifacts import Manifest, StageContext
+from storage.remote import open_input, remove_prefix
 from storage.shards import LedgerWriter, ParquetShardWriter, iter_batches
 from tasks.config import DedupConfig, PipelineConfig
 from tasks.data.dedup.candidates import candidate_pairs, index_matches
@@ -42,9 +44,19 @@ def stage_params(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def dedup(
-    doc_paths: list[Path], cfg: DedupConfig, ctx: StageContext, previous: Manifest | None = None, batch_rows: int = 2048
+    doc_paths: list[Path],
+    cfg: DedupConfig,
+    ctx: StageContext,
+    previous: Manifest | None = None,
+    batch_rows: int = 2048,
+    sources: list[str] | None = None,
 ) -> StageResult:
-    """Write unique documents to ``docs/``, a ledger row per input document, ``index/`` and ``report.md``."""
+    """Write unique documents to ``docs/``, a ledger row per input document, ``index/`` and ``report.md``.
+
+    ``sources``: where the signing and verification parts read the input shards (their object URIs on a remote
+    root, so workers need no shared file system; default: ``doc_paths``). On a remote root the parts' band files
+    go to the attempt folder's ``.work/`` prefix, which is deleted before the artifact is committed.
+    """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -71,7 +83,9 @@ def dedup(
     if p is not None and cfg.near and n:
         # Small inputs are not worth starting processes for; part layouts never depend on the worker count.
         workers = 1 if int(p.to_sign.sum()) <= 2 * cfg.batch_docs else cfg.workers
-        band_files, signed = sign(doc_paths, p, params, cfg, workers, ctx.work_dir / "bands", ctx.log)
+        sources = sources or [str(d) for d in doc_paths]
+        work = f"{ctx.attempt_uri}/.work" if ctx.attempt_uri else str(ctx.work_dir)
+        band_files, signed = sign(doc_paths, sources, p, params, cfg, workers, f"{work}/bands", ctx.log)
         lap("sign")
         spill = ctx.work_dir / "duckdb-spill"
         edges = candidate_pairs(band_files, params.bands, cfg.bucket_partners, workers, spill)
@@ -85,13 +99,15 @@ def dedup(
         if n_old:
             by_id = old_texts(con, index, old_ids)  # type: ignore[arg-type]
             old = {i: by_id[d] for i, d in enumerate(old_ids)}
-        sims = similarities(graph, n_old, p.pos_of_node, doc_paths, old, params, cfg, workers)
+        sims = similarities(graph, n_old, p.pos_of_node, sources, old, params, cfg, workers)
         lap("verify")
         clusters = cluster(graph, sims, n_old, cfg.threshold)
         lap("cluster")
 
     docs, matched_index, examples = _write(doc_paths, p, cfg, old_ids, clusters, index, ctx, batch_rows, band_files)
     lap("write")
+    if ctx.attempt_uri:
+        remove_prefix(f"{ctx.attempt_uri}/.work")
     near = {
         "enabled": cfg.near,
         "signed": signed,
@@ -229,7 +245,7 @@ class _Verdicts:
 
 
 def _write_band_index(
-    ctx: StageContext, index: PreviousIndex | None, p: Plan | None, removed: np.ndarray, band_files: list[Path]
+    ctx: StageContext, index: PreviousIndex | None, p: Plan | None, removed: np.ndarray, band_files: list[str]
 ) -> None:
     """The kept corpus's band hashes: the earlier index's, then this run's kept documents' (input order)."""
     writer = ParquetShardWriter(ctx.out_dir / "index", "bands", INDEX_BANDS_SCHEMA, rows_per_shard=20_000_000)
@@ -237,7 +253,7 @@ def _write_band_index(
         for batch in iter_batches(index.band_files):
             writer.write(batch)
     if p is not None:
-        for batch in iter_batches(band_files, batch_size=1 << 20):
+        for batch in (b for f in band_files for b in pq.ParquetFile(open_input(f)).iter_batches(1 << 20)):
             nodes = batch.column("node").to_numpy()
             keep = ~removed[nodes]
             writer.write(
