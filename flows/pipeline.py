@@ -30,7 +30,8 @@ from flows.runners import parts_executor
 from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, StageKey
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
-from tasks.errors import is_retryable
+from tasks.errors import UserError, is_retryable
+from tasks.preflight import preflight
 from tasks.reporting.report import publish_run_report
 from tasks.run_recorder import RunRecorder
 from tasks.stages import STAGES, UPSTREAM, StageName, cache_key, data_version, run_stage, stage_key
@@ -274,7 +275,8 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[StageName] |
     force = force or []
     unknown = sorted(set(force) - set(STAGES))
     if unknown:
-        raise ValueError(f"force names unknown stages {unknown}; stages are {list(STAGES)}")
+        raise UserError(f"force names unknown stages {unknown}; stages are {list(STAGES)}")
+    preflight(config)  # every path the configuration names, before any stage (a deployment skips the CLI's check)
     store = ArtifactStore(config.root)
     lineage = LineageStore(store.lineage_path)
     run_id = _run_id(lineage)

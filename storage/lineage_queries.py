@@ -311,6 +311,12 @@ class LineageQueries:
             )
             seeds, hashes = {r["doc_id"] for r in found}, set()
         copies, hashes, locators = self._close_over_copies(run_id, seeds, hashes)
+        if not locators:  # nothing of that id, hash or source in the run: a typo must not become a tombstone
+            kind = {"doc": "document", "content_hash": "content hash", "source": "source"}[by]
+            raise LookupError(
+                f"no {kind} {target!r} in run {run_id}: check the spelling, or pass --run for an older run "
+                "(`tokenmill lineage runs` lists them); nothing was recorded"
+            )
         placed = self._rows(run_id, copies, ("tokenize",), ["doc_id", "split", "shard", "token_start", "token_end"])
         fp = self._artifact_fp(run_id, "tokenize")
         models = self._models_for_shards(fp, {p["shard"] for p in placed}) if fp and placed else []

@@ -28,7 +28,8 @@ class RunRecorder:
     run_id: str
 
     def start(self, cfg: PipelineConfig, flow_run_id: str | None = None) -> None:
-        self.lineage.start_run(self.run_id, cfg.name, cfg.model_dump(), cfg.seed, flow_run_id)
+        """Record the run as started, with its configuration snapshot — credentials redacted (``tasks.config``)."""
+        self.lineage.start_run(self.run_id, cfg.name, cfg.model_dump(mode="json"), cfg.seed, flow_run_id)
 
     def stage_done(self, stage: str, started: datetime, manifest: Manifest, reused: bool) -> None:
         self.lineage.record_stage(self.run_id, stage, "cached" if reused else "completed", started, manifest=manifest)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,19 +49,9 @@ def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
     return snapshot
 
 
-_SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
-
-
-def _redacted(options: Any) -> Any:
-    """fsspec options without credentials (access keys, tokens): they must not reach manifests or lineage."""
-    if isinstance(options, dict):
-        return {k: "<redacted>" if _SECRET_OPTION.search(str(k)) else _redacted(v) for k, v in options.items()}
-    return options
-
-
 def _ingest_params(cfg: PipelineConfig) -> dict[str, Any]:
-    sources = [s.model_dump() | {"storage_options": _redacted(s.storage_options)} for s in cfg.sources]
-    return {"sources": sources, "snapshot": _source_snapshot(cfg)}
+    # model_dump redacts credentials (SourceConfig's serializers): they never reach manifests or lineage
+    return {"sources": [s.model_dump() for s in cfg.sources], "snapshot": _source_snapshot(cfg)}
 
 
 def data_version(cfg: PipelineConfig) -> str:
@@ -106,6 +95,23 @@ def _produce_clean(run: StageRun) -> StageResult:
 def _produce_dedup(run: StageRun) -> StageResult:
     previous = dedup.resolve_previous(run.cfg.dedup.against, run.cfg.root)
     return dedup.dedup(run.inputs["clean"].files_under("docs/"), run.cfg.dedup, run.ctx, previous=previous)
+
+
+def require_documents(name: str, inputs: dict[str, Manifest]) -> None:
+    """A ``UserError`` when a document stage feeding ``name`` kept no document: every one was dropped upstream.
+
+    Without it the next stages run on nothing (a tokenizer trained on no text) and training fails minutes later
+    with an unrelated message."""
+    for upstream, manifest in inputs.items():
+        counts = manifest.counts
+        if "docs_in" not in counts or counts.get("kept") != 0:
+            continue
+        dropped = ", ".join(f"{reason} {n}" for reason, n in (counts.get("dropped") or {}).items())
+        raise UserError(
+            f"{upstream} kept none of its {counts['docs_in']} documents ({dropped or 'no input'}), so {name} has "
+            "nothing to work on; `tokenmill lineage source NAME` shows why per source — loosen the settings that "
+            "drop them or add sources"
+        )
 
 
 def _produce_tokenizer(run: StageRun) -> StageResult:
@@ -225,6 +231,7 @@ def run_stage(
     store = ArtifactStore(cfg.root)
     for upstream in UPSTREAM[name]:
         store.verify(inputs[upstream], deep=False)
+    require_documents(name, inputs)
 
     def produce(ctx: StageContext) -> dict[str, Any]:
         maybe_fail(name, "start")
@@ -248,8 +255,10 @@ def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print, run_id: str
     from datetime import UTC, datetime
 
     from storage.lineage import LineageStore
+    from tasks.preflight import preflight
     from tasks.run_recorder import RunRecorder
 
+    preflight(cfg)
     run_id = run_id or f"local-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
     record = RunRecorder(LineageStore(ArtifactStore(cfg.root).lineage_path), run_id)
     record.start(cfg)
