@@ -63,7 +63,7 @@ def stage_summary_markdown(manifest: Manifest, reused: bool) -> str:
 GPU_CONCURRENCY_LIMIT = "gpu"
 
 
-def _retry_unless_unrecoverable(task, task_run, state: State) -> bool:
+def retry_unless_unrecoverable(task, task_run, state: State) -> bool:
     """Retry a failed stage unless its error says a retry cannot help (``retryable = False``, e.g. first-step OOM)."""
     try:
         state.result()
@@ -118,7 +118,7 @@ def progress_reporter(name: str) -> Callable[[float, str], None]:
 @task(
     retries=1,
     retry_delay_seconds=1,
-    retry_condition_fn=_retry_unless_unrecoverable,
+    retry_condition_fn=retry_unless_unrecoverable,
     cache_key_fn=_stage_cache_key,
     persist_result=True,
     result_serializer="json",
@@ -156,7 +156,7 @@ def counts_table(counts: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_id(lineage: LineageStore) -> str:
+def lineage_run_id(lineage: LineageStore) -> str:
     """The lineage run id; a retried flow run (same Prefect id) continues the lineage run it started."""
     flow_run_id = flow_run.get_id()
     if flow_run_id and (existing := lineage.run_for_flow_run(str(flow_run_id))):
@@ -279,7 +279,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[StageName] |
     preflight(config)  # every path the configuration names, before any stage (a deployment skips the CLI's check)
     store = ArtifactStore(config.root)
     lineage = LineageStore(store.lineage_path)
-    run_id = _run_id(lineage)
+    run_id = lineage_run_id(lineage)
     get_run_logger().info(f"lineage run {run_id} in {store.lineage_path}")
     record = RunRecorder(lineage, run_id)
     record.start(config, str(flow_run.get_id()))

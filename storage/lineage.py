@@ -167,7 +167,7 @@ def _explained(path: Path) -> Iterator[None]:
 def _open_or_explain(path: Path, open_fn: Any) -> Any:
     """``open_fn()`` (retried while another process holds the write lock); a damaged file as ``LineageDBError``."""
     with _explained(path):
-        return _retry_while_locked(open_fn)
+        return retry_while_locked(open_fn)
 
 
 # Open read connections per database file in this process: a writer in the same process must close them first
@@ -221,7 +221,7 @@ class _Attachments:
 _ATTACHMENTS = _Attachments()
 
 
-def _retry_while_locked(open_fn: Any, timeout_s: float = 60) -> Any:
+def retry_while_locked(open_fn: Any, timeout_s: float = 60) -> Any:
     """Call ``open_fn`` until it succeeds, retrying while another process holds DuckDB's write lock."""
     deadline = time.monotonic() + timeout_s
     while True:

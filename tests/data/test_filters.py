@@ -126,7 +126,7 @@ def test_presets_by_source_and_extension():
 
 def test_every_filter_can_be_switched_off():
     off = {"gopher_quality": {"enabled": False}, "gopher_repetition": {"enabled": False}, "c4": {"enabled": False}}
-    cfg = CleanConfig(min_chars=1, presets={"prose": off})
+    cfg = CleanConfig(min_chars=1, presets={"prose": off}, language_id=False)
     out = clean_batch(["too few words."], ["s"], ["a.txt"], cfg)
     assert out.keep.tolist() == [True]
     assert set(dict(out.scores[0].as_py())) == {

@@ -196,8 +196,8 @@ def test_questions_leave_the_lineage_file_free_for_writers(run, tmp_path: Path):
     q = LineageQueries(LineageStore(tmp_path / "lineage.duckdb"))
     assert q.doc(doc_id, "run-a")["doc_id"] == doc_id
     script = (
-        "import sys; from storage.lineage import LineageStore, _retry_while_locked; "
-        "import storage.lineage as l; l._retry_while_locked = lambda fn, timeout_s=60: fn(); "
+        "import sys; from storage.lineage import LineageStore, retry_while_locked; "
+        "import storage.lineage as l; l.retry_while_locked = lambda fn, timeout_s=60: fn(); "
         "LineageStore(sys.argv[1]).start_run('other-process', 'p', {}, 0, None)"
     )
     path = str(q.store.path)

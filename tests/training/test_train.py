@@ -281,11 +281,11 @@ print("RESULT", json.dumps({{"world": counts["world_size"], "steps": counts["ste
 def test_prefect_retries_every_failure_except_unrecoverable_ones():
     from prefect.states import Failed
 
-    from flows.pipeline import _retry_unless_unrecoverable
+    from flows.pipeline import retry_unless_unrecoverable
 
-    assert _retry_unless_unrecoverable(None, None, Failed(data=InjectedFault("transient")))
-    assert not _retry_unless_unrecoverable(None, None, Failed(data=UnrecoverableTrainingError("first-step OOM")))
-    assert not _retry_unless_unrecoverable(None, None, Failed(data=TrainingSetupError("bad batch geometry")))
+    assert retry_unless_unrecoverable(None, None, Failed(data=InjectedFault("transient")))
+    assert not retry_unless_unrecoverable(None, None, Failed(data=UnrecoverableTrainingError("first-step OOM")))
+    assert not retry_unless_unrecoverable(None, None, Failed(data=TrainingSetupError("bad batch geometry")))
 
 
 def test_only_a_cuda_train_stage_takes_the_gpu_slot(corpus, tmp_path):
