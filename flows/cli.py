@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -100,6 +105,48 @@ def recorded_config(root: str, run_id: str | None) -> PipelineConfig | None:
     return cfg
 
 
+@contextmanager
+def interruptible(root: str) -> Iterator[None]:
+    """Run a flow so that Ctrl-C or SIGTERM ends the command within seconds: the flow records the run as
+    cancelled in lineage, the Prefect server (private to this command unless PREFECT_API_URL is set) outlives
+    the interrupt long enough to hear about it, and the exit code is 128 + the signal's number."""
+    from deployments.server import temporary_server
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(temporary_server())
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # Prefect's flow engine keeps it while a flow runs
+        try:
+            yield
+        except BaseException as err:
+            signum = _interrupt_signal(err)
+            if signum is None:
+                raise
+            stack.close()
+            typer.echo(
+                f"interrupted by {signal.Signals(signum).name}: the run is recorded as cancelled in "
+                f"{root}/lineage.duckdb; rerun the same command to resume (finished stages are reused, training "
+                "continues from its last checkpoint)",
+                err=True,
+            )
+            # Everything is committed (lineage rows, atomic checkpoints, Prefect's queues drained): skip the
+            # interpreter's finalization, which spends seconds tearing down torch and thread pools.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signum)
+
+
+def _interrupt_signal(err: BaseException) -> int | None:
+    """The signal behind an interrupt (SIGINT for Ctrl-C, SIGTERM), or None for any other error."""
+    if isinstance(err, KeyboardInterrupt):
+        return err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
+    signum = getattr(err, "signal", None)  # prefect.exceptions.TerminationSignal
+    return signum if type(err).__name__ == "TerminationSignal" and isinstance(signum, int) else None
+
+
 def check_stage_names(names: list[str], option: str) -> None:
     unknown = [n for n in names if n not in STAGES]
     if unknown:
@@ -178,9 +225,10 @@ def run(
     from tasks.preflight import preflight
 
     preflight(cfg)  # paths and sources, before the Prefect server starts
-    from flows.pipeline import pipeline
+    with interruptible(cfg.root):
+        from flows.pipeline import pipeline
 
-    result = pipeline(config=cfg, force=force)
+        result = pipeline(config=cfg, force=force)
     print_run_summary(cfg.root, result["run_id"])
 
 
@@ -212,9 +260,10 @@ def refresh(
 ) -> None:
     """Run the nightly refresh now: the pipeline on the current sources, plus the per-source document diff."""
     cfg = load_config(config, root, reuse_recorded=True)
-    from flows.refresh import nightly_refresh
+    with interruptible(cfg.root):
+        from flows.refresh import nightly_refresh
 
-    result = nightly_refresh(config=cfg, train_steps=train_steps)
+        result = nightly_refresh(config=cfg, train_steps=train_steps)
     print_run_summary(cfg.root, result["run_id"])
     table = Table(title=f"documents vs run {result['previous_run_id']}")
     for col in ("source", "added", "removed", "changed", "unchanged"):
@@ -551,6 +600,15 @@ def lineage_openlineage(
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
     console.print(f"sent {n} OpenLineage events to {to}")
+
+
+@lineage_app.command("migrate")
+def lineage_migrate(root: str = LRoot) -> None:
+    """Bring the lineage DB's schema up to this tokenmill's version (questions open it read-only and never do)."""
+    from storage.lineage import SCHEMA_VERSION
+
+    store = _lineage(root, writable=True)
+    console.print(f"lineage DB {store.path} is at schema version {SCHEMA_VERSION}")
 
 
 @lineage_app.command("check")

@@ -23,6 +23,7 @@ from prefect.artifacts import (
 )
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
+from prefect.exceptions import ExternalSignal
 from prefect.runtime import flow_run
 from prefect.states import State
 
@@ -224,7 +225,11 @@ def _run_stage_task(
     task_fn = stage_task.with_options(
         name=name, task_run_name=name, result_storage=store.results_dir, refresh_cache=force or None
     )
-    state: State = task_fn(name, cfg, inputs, key, run_id, force, return_state=True)
+    try:
+        state: State = task_fn(name, cfg, inputs, key, run_id, force, return_state=True)
+    except (KeyboardInterrupt, ExternalSignal) as err:  # Ctrl-C, or SIGTERM (Prefect's TerminationSignal)
+        record.stage_failed(name, started, err)  # recorded as cancelled; the checkpoints stay for a rerun
+        raise
     if state.is_failed() or state.is_crashed():
         record.stage_failed(name, started, _exception_of(state))
         state.result()  # re-raises the stage's exception and fails the flow

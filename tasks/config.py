@@ -24,6 +24,13 @@ _SECRET_KEY = re.compile(r"key|secret|token|passw|credential|auth|session|signat
 _URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+(?=@)")
 
 
+def _without_placeholders(value: Any) -> Any:
+    """``value`` without the entries ``redact`` replaced (at any depth)."""
+    if isinstance(value, dict):
+        return {k: _without_placeholders(v) for k, v in value.items() if v != REDACTED}
+    return value
+
+
 def redact(value: Any, key: str = "") -> Any:
     """``value`` with credentials replaced by ``<redacted>``: values under secret-looking keys (access keys,
     tokens, passwords) at any depth, and the ``user:password@`` part of URIs. Used wherever a configuration is
@@ -104,7 +111,7 @@ class SourceConfig(Section):
     def _drop_redacted(cls, options: object) -> object:
         """A configuration read back from lineage holds ``<redacted>``: leave those out (credentials then come
         from the environment) rather than pass the placeholder to the filesystem as a key."""
-        return {k: v for k, v in options.items() if v != REDACTED} if isinstance(options, dict) else options
+        return _without_placeholders(options)
 
     @field_serializer("storage_options")
     def _serialize_options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -656,9 +663,10 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
+        kind = {list: "list", str: "string", bool: "true/false", int: "number", float: "number"}.get(type(data))
         raise UserError(
             f"{path}: expected a mapping of settings at the top level (name:, sources:, ...), got a "
-            f"{type(data).__name__}"
+            f"{kind or type(data).__name__}"
         )
     return data
 

@@ -281,7 +281,7 @@ def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print, run_id: str
             manifests[name], reused = run_stage(
                 name, cfg, {u: manifests[u] for u in UPSTREAM[name]}, run_id=run_id, log=log
             )
-        except Exception as err:
+        except BaseException as err:  # an interrupt too: the run is recorded as cancelled
             record.stage_failed(name, started, err)
             raise
         record.stage_done(name, started, manifests[name], reused)
