@@ -25,6 +25,7 @@ from typing import Any
 import duckdb
 
 from storage.artifacts import Manifest, ledger_folder, pid_alive
+from storage.redaction import redact
 
 # Each migration moves the schema from version i to i + 1; never edit one that has shipped, append a new one.
 MIGRATIONS: list[str] = [
@@ -347,7 +348,7 @@ class LineageStore:
                     run_id,
                     pipeline,
                     flow_run_id,
-                    json.dumps(config),
+                    json.dumps(redact(config)),  # credentials never reach the file
                     code_version(),
                     package_version(),
                     seed,

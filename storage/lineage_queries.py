@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, ledger_folder, local_folder
 from storage.ledger import LedgerIndex
 from storage.lineage import LineageStore
+from storage.redaction import redact
 from storage.stage_graph import DOWNSTREAM, LEDGER_STAGES
 
 
@@ -502,7 +503,7 @@ class LineageQueries:
     def show(self, run_id: str) -> dict:
         """Everything needed to reproduce a run: config, code version, input hashes, outcomes per stage."""
         run = self.store.run(run_id)
-        run["config"] = json.loads(run["config"])
+        run["config"] = redact(json.loads(run["config"]))  # runs recorded before redaction existed, too
         stages = self.store.stage_runs(run_id)
         for s in stages:
             s["counts"] = json.loads(s["counts"]) if s["counts"] else None

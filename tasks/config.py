@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
+from storage.redaction import redact, without_placeholders
 from tasks.errors import UserError
 
 STDLIB = "stdlib"
@@ -18,32 +19,6 @@ STDLIB = "stdlib"
 MAX_SEED = 2**63 - 1
 
 # --- secrets ---------------------------------------------------------------------------------------------
-
-REDACTED = "<redacted>"
-_SECRET_KEY = re.compile(r"key|secret|token|passw|credential|auth|session|signature", re.IGNORECASE)
-_URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+(?=@)")
-
-
-def _without_placeholders(value: Any) -> Any:
-    """``value`` without the entries ``redact`` replaced (at any depth)."""
-    if isinstance(value, dict):
-        return {k: _without_placeholders(v) for k, v in value.items() if v != REDACTED}
-    return value
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """``value`` with credentials replaced by ``<redacted>``: values under secret-looking keys (access keys,
-    tokens, passwords) at any depth, and the ``user:password@`` part of URIs. Used wherever a configuration is
-    persisted or printed (lineage, manifests, Prefect parameters, events, error messages)."""
-    if _SECRET_KEY.search(key) and value is not None:
-        return REDACTED
-    if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        return _URI_USERINFO.sub(REDACTED, value)
-    return value
 
 
 class Section(BaseModel):
@@ -111,7 +86,7 @@ class SourceConfig(Section):
     def _drop_redacted(cls, options: object) -> object:
         """A configuration read back from lineage holds ``<redacted>``: leave those out (credentials then come
         from the environment) rather than pass the placeholder to the filesystem as a key."""
-        return _without_placeholders(options)
+        return without_placeholders(options)
 
     @field_serializer("storage_options")
     def _serialize_options(self, options: dict[str, Any]) -> dict[str, Any]:
