@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.config import REDACTED, PipelineConfig, validated
+from storage.redaction import REDACTED
+from tasks.config import PipelineConfig, validated
 from tasks.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
