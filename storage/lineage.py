@@ -273,8 +273,8 @@ class LineageStore:
         if current < SCHEMA_VERSION:
             raise LineageDBError(
                 f"lineage DB {self.path} has schema version {current}, this tokenmill needs {SCHEMA_VERSION}: "
-                f"migrate it once with `tokenmill lineage migrate --root <root>` (needs write access; a copy "
-                "works too), then ask again"
+                f"migrate it once with `tokenmill lineage migrate --root {self.path.parent}` (needs write access; "
+                "a copy works too), then ask again"
             )
 
     @staticmethod
