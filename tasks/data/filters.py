@@ -176,7 +176,9 @@ def gopher_quality(batch: TextBatch, cfg: GopherQualityConfig) -> FilterResult:
         "bullet_lines": _safe_div(batch.count(lambda t: len(_BULLET_LINE.findall(t))), batch.n_lines),
         "ellipsis_lines": _safe_div(batch.count(lambda t: len(_ELLIPSIS_LINE.findall(t))), batch.n_lines),
         "alpha_words": _safe_div(np.asarray(letters, dtype=np.float64), n_words),
-        "stop_words": np.fromiter((len(STOP_WORDS.intersection(w)) for w in batch.words), np.float64, batch.n),
+        "stop_words": np.fromiter(
+            (len(STOP_WORDS.intersection(map(str.lower, w))) for w in batch.words), np.float64, batch.n
+        ),  # case-insensitive: "The" and "THE" are stop words too
     }
     rules = [
         Rule("gopher_word_count", "words", cfg.min_words, cfg.max_words),
