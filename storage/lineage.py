@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 
 from storage.artifacts import Manifest, ledger_folder, located_under, pid_alive
-from storage.redaction import redact
+from storage.redaction import redact_config
 
 # Each migration moves the schema from version i to i + 1; never edit one that has shipped, append a new one.
 MIGRATIONS: list[str] = [
@@ -401,7 +401,7 @@ class LineageStore:
                     run_id,
                     pipeline,
                     flow_run_id,
-                    json.dumps(redact(config)),  # credentials never reach the file
+                    json.dumps(redact_config(config)),  # credentials never reach the file
                     code_version(),
                     package_version(),
                     seed,

@@ -21,7 +21,7 @@ from storage.artifacts import ArtifactStore, CorruptArtifactError, ledger_folder
 from storage.leaderboard import leaderboard_rows
 from storage.ledger import LedgerIndex
 from storage.lineage import LineageStore
-from storage.redaction import redact
+from storage.redaction import redact_config
 from storage.stage_graph import DOWNSTREAM, LEDGER_STAGES
 
 
@@ -512,7 +512,7 @@ class LineageQueries:
     def show(self, run_id: str) -> dict:
         """Everything needed to reproduce a run: config, code version, input hashes, outcomes per stage."""
         run = self.store.run(run_id)
-        run["config"] = redact(json.loads(run["config"]))  # runs recorded before redaction existed, too
+        run["config"] = redact_config(json.loads(run["config"]))  # runs recorded before redaction existed, too
         stages = self.store.stage_runs(run_id)
         for s in stages:
             s["counts"] = json.loads(s["counts"]) if s["counts"] else None

@@ -34,3 +34,15 @@ def redact(value: Any, key: str = "") -> Any:
     if isinstance(value, str):
         return _URI_USERINFO.sub(REDACTED, value)
     return value
+
+
+def redact_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline configuration snapshot with its sources' credentials redacted (``storage_options`` by key,
+    URIs' ``user:password@``); the rest is left alone (``tokenizer`` is a section, not a token)."""
+    sources = [
+        source | {"path": redact(source.get("path")), "storage_options": redact(source.get("storage_options") or {})}
+        if isinstance(source, dict)
+        else source
+        for source in config.get("sources") or []
+    ]
+    return config | {"sources": sources} if "sources" in config else config
