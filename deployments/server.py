@@ -33,6 +33,16 @@ def server_command(host: str = "127.0.0.1", port: int = 4200) -> list[str]:
     return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
 
 
+def api_healthy(url: str) -> bool:
+    """Whether the Prefect API at ``url`` (``http://host:port/api``) answers its health check."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -51,8 +61,6 @@ def temporary_server(timeout_s: float = 180) -> Iterator[str]:
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"]
         return
-    import httpx
-
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     with tempfile.TemporaryFile(mode="w+") as log:
@@ -71,11 +79,8 @@ def temporary_server(timeout_s: float = 180) -> Iterator[str]:
                 if proc.poll() is not None:
                     log.seek(0)
                     raise RuntimeError(f"the temporary Prefect server exited ({proc.returncode}): {log.read()[-2000:]}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
+                if api_healthy(url):
+                    break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the temporary Prefect server did not answer within {timeout_s:.0f} s")
                 time.sleep(0.2)

@@ -25,7 +25,7 @@ EXIT_WITHIN_S = 20  # "a few seconds", with room for a loaded 2-core machine
 
 
 def _start(config: Path, mark: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENMILL_TEST_MARK": mark}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENMILL_TEST_MARK": mark, "PREFECT_LOGGING_LEVEL": "INFO"}
     env.pop("PREFECT_API_URL", None)  # the command starts its own temporary server
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
