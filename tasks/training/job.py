@@ -39,6 +39,7 @@ class TrainJob:
     model: dict
     train: dict
     seed: int
+    mixture: dict | None = None  # source weights for the loader (tasks.training.loader.Mixture fields)
 
     @classmethod
     def build(
@@ -49,6 +50,7 @@ class TrainJob:
         model_cfg: ModelConfig,
         cfg: TrainConfig,
         seed: int,
+        mixture: dict | None = None,
     ) -> TrainJob:
         return cls(
             [str(p) for p in train_shards],
@@ -57,6 +59,7 @@ class TrainJob:
             model_cfg.sizes(),
             cfg.model_dump(),
             seed,
+            mixture,
         )
 
     @property
