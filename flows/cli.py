@@ -518,6 +518,29 @@ def _bound(r: dict) -> str:
     return f"; rule{preset}: keep if " + " and ".join(b for b in bounds if b) if any(bounds) else ""
 
 
+@lineage_app.command("step")
+def lineage_step(
+    model: str = typer.Argument(..., help="Train fingerprint (or a unique prefix)."),
+    step: int = typer.Argument(..., help="Optimizer step, 1-based as in train_log.jsonl."),
+    root: str = LRoot,
+    as_json: bool = LJson,
+) -> None:
+    """The documents and token spans optimizer step N of a model trained on (recomputed from the loader)."""
+    from storage.artifacts import ArtifactStore
+    from tasks.training.provenance import step_provenance
+
+    def render(r: dict) -> None:
+        loss = f", loss {r['loss']:.4f}" if r.get("loss") is not None else ""
+        console.print(f"model {r['model'][:12]} step {r['step']}{loss}: {len(r['windows'])} windows, "
+                      f"{len(r['documents'])} documents")  # fmt: skip
+        for w in r["windows"]:
+            docs = ", ".join(f"{d['doc_id']} [{d['tokens'][0]}, {d['tokens'][1]})" for d in w["docs"])
+            console.print(f"  micro {w['micro_batch']} rank {w['rank']} {w['shard']} tokens "
+                          f"[{w['tokens'][0]}, {w['tokens'][1]}): {docs}", soft_wrap=True)  # fmt: skip
+
+    _answer(lambda: step_provenance(ArtifactStore(root), model, step), as_json, render)
+
+
 @lineage_app.command("contamination")
 def lineage_contamination(
     set_name: str | None = typer.Option(None, "--set", help="Only this evaluation set (val, test or a named set)."),
@@ -683,6 +706,21 @@ def lineage_migrate(root: str = LRoot) -> None:
 def lineage_sweep(sweep_id: str, root: str = LRoot, as_json: bool = LJson) -> None:
     """A sweep's leaderboard (by sweep id or name), its winner and the reads of its test split."""
     _answer(lambda: _queries(root).sweep(sweep_id), as_json, _print_sweep)
+
+
+@lineage_app.command("sweeps")
+def lineage_sweeps(root: str = LRoot, limit: int = 20, as_json: bool = LJson) -> None:
+    """Sweeps, newest first."""
+
+    def render(rows: list[dict]) -> None:
+        table = Table()
+        for col in ("sweep_id", "name", "objective", "sampler", "trials_planned", "status", "winner", "started_at"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(*(str(v)[:19] if k == "started_at" else str(v) for k, v in r.items()))
+        console.print(table)
+
+    _answer(lambda: _lineage(root).sweeps(limit), as_json, render)
 
 
 @lineage_app.command("check")
