@@ -144,6 +144,7 @@ SPECS: dict[str, StageSpec] = {
             c.train,
             c.seed,
             ctx,
+            eot_id=i["tokenize"].counts["eot_id"],
         ),
     ),
     "evaluate": StageSpec(

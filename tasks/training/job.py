@@ -35,6 +35,7 @@ class TrainJob:
     model: dict
     train: dict
     seed: int
+    eot_id: int | None = None  # the end-of-text token: where documents start, for train.align "bos"
 
     @classmethod
     def build(
@@ -45,6 +46,7 @@ class TrainJob:
         model_cfg: ModelConfig,
         cfg: TrainConfig,
         seed: int,
+        eot_id: int | None = None,
     ) -> TrainJob:
         return cls(
             [str(p) for p in train_shards],
@@ -53,11 +55,21 @@ class TrainJob:
             model_cfg.sizes(),
             cfg.model_dump(),
             seed,
+            eot_id,
         )
 
     @property
     def cfg(self) -> TrainConfig:
         return TrainConfig.model_validate(self.train)
+
+    @property
+    def align_eot(self) -> int | None:
+        """The end-of-text id training windows align to (``train.align: bos``), or None for the fixed grid."""
+        if self.cfg.align == "none":
+            return None
+        if self.eot_id is None:
+            raise TrainingSetupError("train.align 'bos' needs the end-of-text token id; the tokenize stage gives it")
+        return self.eot_id
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

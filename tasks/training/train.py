@@ -28,9 +28,13 @@ def train(
     cfg: TrainConfig,
     seed: int,
     ctx: StageContext,
+    eot_id: int | None = None,
 ) -> dict:
-    """The train stage: in this process, or under ``torchrun`` when ``cfg.nproc > 1`` or ``cfg.nnodes > 1``."""
-    job = TrainJob.build(train_shards, val_shards, vocab_size, model_cfg, cfg, seed)
+    """The train stage: in this process, or under ``torchrun`` when ``cfg.nproc > 1`` or ``cfg.nnodes > 1``.
+
+    ``eot_id`` (the end-of-text token) is needed only for document-aligned windows (``train.align: bos``).
+    """
+    job = TrainJob.build(train_shards, val_shards, vocab_size, model_cfg, cfg, seed, eot_id)
     if cfg.nproc > 1 or cfg.nnodes > 1:
         from tasks.training.launch import launch_distributed
 
