@@ -217,10 +217,11 @@ def test_loader_gathers_the_same_windows_as_indexing_one_by_one(shards):
 def test_document_aligned_windows_start_at_document_starts(tmp_path):
     tokens = np.array([5, 6, 0, 7, 8, 9, 10, 11, 12, 13, 14, 0, 1, 2, 3, 4, 5, 6, 0], dtype=np.uint16)
     write_token_shard(tmp_path / "t.arrow", tokens)
-    assert document_aligned_starts(tokens, 4, eot=0).tolist() == [0, 3, 7, 12]  # 16 would run past the end
+    # documents start at 0, 3 and 12; the 9-token one also gets windows at 7 and 11; 16 would run past the end
+    assert document_aligned_starts(tokens, 4, eot=0).tolist() == [0, 3, 7, 11, 12]
     windows = TokenWindows([tmp_path / "t.arrow"], 4, eot=0)
-    assert len(windows) == 4
-    assert windows.gather(np.array([1, 3])).tolist() == [[7, 8, 9, 10, 11], [1, 2, 3, 4, 5]]
+    assert len(windows) == 5
+    assert windows.gather(np.array([1, 4])).tolist() == [[7, 8, 9, 10, 11], [1, 2, 3, 4, 5]]
     assert windows.gather(np.array([2])).tolist() == [[11, 12, 13, 14, 0]]  # a long document's next block
 
 
