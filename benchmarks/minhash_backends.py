@@ -33,7 +33,7 @@ def main() -> None:
     print(f"{len(texts)} texts, {words / len(texts):.0f} words each on average, {args.permutations} permutations")
 
     def numpy_backend() -> None:
-        hasher = MinHasher(MinHashParams(permutations=args.permutations, bands=1, rows=1))
+        hasher = MinHasher(MinHashParams(ngram=5, permutations=args.permutations, bands=1, rows=1))
         for i in range(0, len(texts), args.batch):
             hasher.signatures(*hasher.shingles(texts[i : i + args.batch]))
 

@@ -8,21 +8,21 @@ on a shared machine hit both; ``--concurrent`` runs each pair at the same time i
 outside load. Throughput is measured in steady state, after ``--skip`` steps, excluding evaluation: nanoGPT
 from its per-iteration times, tokenmill from its per-eval-interval telemetry.
 
-nanoGPT is never vendored: pass ``--nanogpt`` a checkout or a bare git directory (e.g. the one the
-``fetch`` tool leaves under /work/.mirror); its ``train.py``, ``model.py``, ``configurator.py`` and config
+nanoGPT is never vendored: pass ``--nanogpt`` a checkout or a bare git directory of
+https://github.com/karpathy/nanoGPT; its ``train.py``, ``model.py``, ``configurator.py`` and config
 are copied into the work folder at run time. The data preparation is ours (nanoGPT's downloads).
 
 It also measures the loader alone (windows/s) against what training consumes.
 
 ``--to-loss`` compares recipes rather than kernels: nanoGPT trains ``--iters`` steps with its own recipe
 (GPT-2 layout, AdamW, cosine, dropout 0.2) and reports its final val loss; at the same time tokenmill trains
-the same model size on the same batches with the modern recipe (rotary, RMSNorm, QK-norm, ReLU², untied
+the same model size on the same data with the modern recipe (rotary, RMSNorm, QK-norm, ReLU², untied
 head, Muon, WSD, no dropout), evaluating every ``--skip`` steps, and the result is the training time
 tokenmill needed to reach nanoGPT's final val loss, as a fraction of nanoGPT's training time. Both
 estimate val loss over 240 windows (nanoGPT: 20 random batches of 12; tokenmill: its fixed first 240).
 
-    python benchmarks/train_speed.py --nanogpt <nanoGPT checkout or bare git dir>
-    python benchmarks/train_speed.py --nanogpt <…> --to-loss --iters 600 --skip 50 --concurrent --threads 1
+    python benchmarks/train_speed.py --nanogpt PATH/TO/nanoGPT
+    python benchmarks/train_speed.py --nanogpt PATH/TO/nanoGPT --to-loss --iters 600 --skip 50 --concurrent --threads 1
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 No retraining: the train, tokenize and tokenizer artifacts are found on disk (the tokenizer through the
 manifests' inputs when not given), the evaluate stage runs through the same cached, content-addressed
-``stage_task`` as in the pipeline, and the run gets its own report and lineage records. Another
-engineer's deployments register this flow next to ``pipeline``.
+``stage_task`` as in the pipeline, and the run gets its own report and lineage records. It is a flow of its
+own so it can be scheduled or deployed like ``pipeline``; ``tokenmill evaluate`` runs it from the CLI.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from storage.artifacts import ArtifactStore, Manifest
 from storage.lineage import LineageStore
 from tasks.config import EvaluateConfig, PipelineConfig, TokenizerConfig
+from tasks.run_recorder import RunRecorder
 
 
 def resolve_inputs(model: str | Path, tokens: str | Path, tokenizer: str | Path | None) -> dict[str, Manifest]:
@@ -57,7 +58,7 @@ def evaluate_flow(
     force: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the train artifact MODEL on the tokenize artifact TOKENS (val and test splits, probes, samples)."""
-    from flows.pipeline import _run_id, publish_report, run_stages
+    from flows.pipeline import lineage_run_id, publish_report, run_stages
 
     inputs = resolve_inputs(model, tokens, tokenizer)
     store = ArtifactStore(root) if root else ArtifactStore.of_artifact(model)[0]
@@ -66,14 +67,15 @@ def evaluate_flow(
         name=name, root=store.location, seed=seed, evaluate=evaluate, tokenizer=TokenizerConfig(special_tokens=special)
     )
     lineage = LineageStore(store.lineage_path)
-    run_id = _run_id(lineage)
-    lineage.start_run(run_id, name, cfg.model_dump(), seed, str(flow_run.get_id()))
+    run_id = lineage_run_id(lineage)
+    record = RunRecorder(lineage, run_id)
+    record.start(cfg, str(flow_run.get_id()))
     stages = ("evaluate", "export") if export else ("evaluate",)
     upstream = ArtifactStore.of_artifact(tokens)[0].ancestors(inputs["tokenize"])  # data summary of the report
     manifests = {k: m.model_dump() for k, m in (upstream | inputs).items()}
-    manifests = run_stages(cfg, stages, run_id, ["evaluate"] if force else [], lineage, manifests)
+    manifests = run_stages(cfg, stages, run_id, ["evaluate"] if force else [], record, manifests)
     report = publish_report(store, lineage, run_id, name, manifests)
-    lineage.finish_run(run_id, "completed")
+    record.finish()
     return {
         "run_id": run_id,
         "root": store.location,

@@ -8,7 +8,6 @@ The flow process alone writes the lineage DuckDB file.
 from __future__ import annotations
 
 import json
-import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import UTC, datetime
@@ -28,12 +27,13 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from flows.runners import parts_executor
-from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest
+from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, StageKey
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
 from tasks.errors import is_retryable
 from tasks.reporting.report import publish_run_report
-from tasks.stages import STAGES, UPSTREAM, StageName, cache_key, data_version, run_stage
+from tasks.run_recorder import RunRecorder
+from tasks.stages import STAGES, UPSTREAM, StageName, cache_key, data_version, run_stage, stage_key
 
 
 def _manifests(inputs: dict[str, dict]) -> dict[str, Manifest]:
@@ -41,9 +41,10 @@ def _manifests(inputs: dict[str, dict]) -> dict[str, Manifest]:
 
 
 def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The stage's fingerprint (computed once, in the flow process, and passed in), scoped to its data root."""
     cfg = parameters["cfg"]
-    cfg = cfg if isinstance(cfg, PipelineConfig) else PipelineConfig.model_validate(cfg)
-    return cache_key(parameters["name"], cfg, _manifests(parameters["inputs"]))
+    root = cfg.root if isinstance(cfg, PipelineConfig) else cfg["root"]
+    return cache_key(StageKey.model_validate(parameters["key"]), root)
 
 
 def stage_summary_markdown(manifest: Manifest, reused: bool) -> str:
@@ -61,7 +62,7 @@ def stage_summary_markdown(manifest: Manifest, reused: bool) -> str:
 GPU_CONCURRENCY_LIMIT = "gpu"
 
 
-def _retry_unless_unrecoverable(task, task_run, state: State) -> bool:
+def retry_unless_unrecoverable(task, task_run, state: State) -> bool:
     """Retry a failed stage unless its error says a retry cannot help (``retryable = False``, e.g. first-step OOM)."""
     try:
         state.result()
@@ -83,16 +84,21 @@ def _gpu_slot(name: str, cfg: PipelineConfig):
     """One GPU job at a time: hold a slot of the ``gpu`` global concurrency limit (created with limit 1 if absent)."""
     if not uses_gpu(name, cfg):
         return nullcontext()
+    return concurrency_slot(GPU_CONCURRENCY_LIMIT, 1)
+
+
+def concurrency_slot(limit_name: str, limit: int):
+    """Hold one slot of a global concurrency limit, creating it with ``limit`` slots if absent."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(GPU_CONCURRENCY_LIMIT)
+            client.read_global_concurrency_limit_by_name(limit_name)
         except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_CONCURRENCY_LIMIT, limit=1))
-    return concurrency(GPU_CONCURRENCY_LIMIT, occupy=1, strict=True)
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit_name, limit=limit))
+    return concurrency(limit_name, occupy=1, strict=True)
 
 
 def progress_reporter(name: str) -> Callable[[float, str], None]:
@@ -116,17 +122,28 @@ def progress_reporter(name: str) -> Callable[[float, str], None]:
 @task(
     retries=1,
     retry_delay_seconds=1,
-    retry_condition_fn=_retry_unless_unrecoverable,
+    retry_condition_fn=retry_unless_unrecoverable,
     cache_key_fn=_stage_cache_key,
     persist_result=True,
     result_serializer="json",
 )
-def stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict], run_id: str, force: bool = False) -> dict:
-    """Run one stage through the artifact store and publish a markdown summary to Prefect."""
+def stage_task(
+    name: str, cfg: PipelineConfig, inputs: dict[str, dict], key: dict, run_id: str, force: bool = False
+) -> dict:
+    """Run one stage through the artifact store and publish a markdown summary to Prefect.
+
+    ``key`` is the stage's ``StageKey`` (parameters and inputs), computed once by the flow for the cache key."""
     logger = get_run_logger()
     with _gpu_slot(name, cfg):
         manifest, reused = run_stage(
-            name, cfg, _manifests(inputs), run_id=run_id, force=force, log=logger.info, progress=progress_reporter(name)
+            name,
+            cfg,
+            _manifests(inputs),
+            key=StageKey.model_validate(key),
+            run_id=run_id,
+            force=force,
+            log=logger.info,
+            progress=progress_reporter(name),
         )
     logger.info(f"{name}: {'reused' if reused else 'built'} {manifest.location}")
     create_markdown_artifact(
@@ -143,7 +160,7 @@ def counts_table(counts: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_id(lineage: LineageStore) -> str:
+def lineage_run_id(lineage: LineageStore) -> str:
     """The lineage run id; a retried flow run (same Prefect id) continues the lineage run it started."""
     flow_run_id = flow_run.get_id()
     if flow_run_id and (existing := lineage.run_for_flow_run(str(flow_run_id))):
@@ -171,7 +188,7 @@ def run_stages(
     stages: tuple[str, ...],
     run_id: str,
     force: list[str],
-    lineage: LineageStore,
+    record: RunRecorder,
     manifests: dict[str, dict] | None = None,
 ) -> dict[str, dict]:
     """Run ``stages`` in order as Prefect tasks, recording each outcome in lineage."""
@@ -180,7 +197,8 @@ def run_stages(
     for name in stages:
         started = datetime.now(UTC)
         inputs = {u: manifests[u] for u in UPSTREAM[name]}
-        state = _run_stage_task(name, cfg, inputs, run_id, name in force, store, lineage, started)
+        key = stage_key(name, cfg, _manifests(inputs)).model_dump()
+        state = _run_stage_task(name, cfg, inputs, key, run_id, name in force, store, record, started)
         manifest = Manifest.model_validate(state.result())
         cached = state.name == "Cached" or manifest.run_id != run_id
         if cached:
@@ -188,9 +206,9 @@ def run_stages(
                 store.verify(manifest, deep=cfg.verify_cached)
             except CorruptArtifactError as err:
                 get_run_logger().warning(f"{err}: rebuilding {name} by rerunning it")
-                state = _run_stage_task(name, cfg, inputs, run_id, True, store, lineage, started)
+                state = _run_stage_task(name, cfg, inputs, key, run_id, True, store, record, started)
                 manifest, cached = Manifest.model_validate(state.result()), False
-        lineage.record_stage(run_id, name, "cached" if cached else "completed", started, manifest=manifest)
+        record.stage_done(name, started, manifest, cached)
         manifests[name] = manifest.model_dump()
     return manifests
 
@@ -199,21 +217,20 @@ def _run_stage_task(
     name: str,
     cfg: PipelineConfig,
     inputs: dict[str, dict],
+    key: dict,
     run_id: str,
     force: bool,
     store: ArtifactStore,
-    lineage: LineageStore,
+    record: RunRecorder,
     started: datetime,
 ) -> State:
     """Run one stage task; on failure record it in lineage and fail the flow with the stage's exception."""
     task_fn = stage_task.with_options(
         name=name, task_run_name=name, result_storage=store.results_dir, refresh_cache=force or None
     )
-    state: State = task_fn(name, cfg, inputs, run_id, force, return_state=True)
+    state: State = task_fn(name, cfg, inputs, key, run_id, force, return_state=True)
     if state.is_failed() or state.is_crashed():
-        error = "".join(traceback.format_exception_only(_exception_of(state))).strip()
-        lineage.record_stage(run_id, name, "failed", started, error=error)
-        lineage.finish_run(run_id, "failed", f"{name}: {error}")
+        record.stage_failed(name, started, _exception_of(state))
         state.result()  # re-raises the stage's exception and fails the flow
     return state
 
@@ -265,13 +282,14 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[StageName] |
         raise ValueError(f"force names unknown stages {unknown}; stages are {list(STAGES)}")
     store = ArtifactStore(config.root)
     lineage = LineageStore(store.lineage_path)
-    run_id = _run_id(lineage)
+    run_id = lineage_run_id(lineage)
     get_run_logger().info(f"lineage run {run_id} in {store.lineage_path}")
-    lineage.start_run(run_id, config.name, config.model_dump(), config.seed, str(flow_run.get_id()))
+    record = RunRecorder(lineage, run_id, backup=store.backup_lineage)
+    record.start(config, str(flow_run.get_id()))
     with parts_executor(config):  # one task runner / Dask / Ray client (or private cluster) for the whole run
-        manifests = run_stages(config, STAGES, run_id, force, lineage)
+        manifests = run_stages(config, STAGES, run_id, force, record)
     report = publish_report(store, lineage, run_id, config.name, manifests)
-    lineage.finish_run(run_id, "completed")
+    record.finish()
     create_table_artifact(key="stage-counts", table=stage_counts_table(lineage, run_id), description="per stage")
     return {
         "run_id": run_id,

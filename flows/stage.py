@@ -14,6 +14,7 @@ from flows.runners import parts_executor
 from storage.artifacts import ArtifactStore, Manifest
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
+from tasks.run_recorder import RunRecorder
 from tasks.stages import UPSTREAM, StageName
 
 
@@ -67,5 +68,7 @@ def stage(
     cfg, inputs = recorded_inputs(lineage, run_id, name, root)
     get_run_logger().info(f"rerunning {name} of run {run_id} from {', '.join(inputs) or 'its sources'}")
     with parts_executor(cfg):
-        manifests = run_stages(cfg, (name,), run_id, [name] if force else [], lineage, manifests=inputs)
+        manifests = run_stages(
+            cfg, (name,), run_id, [name] if force else [], RunRecorder(lineage, run_id), manifests=inputs
+        )
     return {"run_id": run_id, "stage": name, "artifact": manifests[name]["path"]}

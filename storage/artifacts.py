@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from pydantic import BaseModel
 
 from storage.faults import maybe_fail
 from storage.hashing import canonical_json, file_sha256, fingerprint
+from storage.lineage_snapshot import restore_lineage, snapshot_lineage
 from storage.remote import ATTEMPT_PREFIX, ATTEMPT_TIME, RemoteRoot, is_remote, local_mirror, local_path
 
 MANIFEST = "manifest.json"
@@ -43,6 +45,20 @@ class InputRef(BaseModel):
     stage: str
     fingerprint: str
     content_hash: str
+
+
+class StageKey(BaseModel):
+    """What identifies a stage's output: stage, code version, parameters and inputs. Its ``fingerprint`` is the
+    artifact's folder name and the Prefect cache key; computed once per stage run and passed along."""
+
+    stage: str
+    version: str
+    params: dict[str, Any]
+    inputs: list[InputRef]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.stage, self.version, self.params, [i.content_hash for i in self.inputs])
 
 
 class Manifest(BaseModel):
@@ -75,6 +91,12 @@ class Manifest(BaseModel):
         """Paths of this artifact's files whose relative path starts with ``prefix`` (sorted)."""
         return [Path(self.path) / f.path for f in self.files if f.path.startswith(prefix) and f.path.endswith(suffix)]
 
+    def sources_under(self, prefix: str) -> list[str]:
+        """Where workers read these files: their object URIs on a remote root, else their local paths."""
+        if self.uri and self.attempt:
+            return [f"{self.uri}/{self.attempt}/{f.path}" for f in self.files if f.path.startswith(prefix)]
+        return [str(p) for p in self.files_under(prefix)]
+
     def ref(self) -> InputRef:
         return InputRef(stage=self.stage, fingerprint=self.fingerprint, content_hash=self.content_hash)
 
@@ -99,6 +121,22 @@ def local_folder(uri: str) -> Path:
     return Path(manifest.path)
 
 
+def artifact_folder(root: Path, stage: str, fp: str) -> Path:
+    """The folder of an artifact in a local root (or a remote root's local mirror)."""
+    return root / stage / fp
+
+
+def located_under(root: Path, stage: str, fp: str, recorded: str | None) -> str | None:
+    """Where an artifact lineage recorded at ``recorded`` is when the lineage of ``root`` is read.
+
+    A remote URI stays as it is; a local artifact is ``<root>/<stage>/<fingerprint>`` of the root being read,
+    wherever it was built, so lineage on a copied or moved root resolves (and verifies) that root's own files.
+    """
+    if recorded is None or is_remote(recorded):
+        return recorded
+    return str(artifact_folder(root, stage, fp))
+
+
 class CorruptArtifactError(RuntimeError):
     """An artifact's files no longer match its manifest."""
 
@@ -111,6 +149,12 @@ class StageContext:
     work_dir: Path
     log: Callable[[str], None] = print
     progress: Callable[[float, str], None] = field(default=lambda fraction, message: None)
+    # Asked after each periodic validation of a training run: True stops it (a sweep pruning a weak trial).
+    should_stop: Callable[[int, float], bool] = field(default=lambda step, val_loss: False)
+    # Remote roots: the attempt folder this build publishes into. Parts may upload files there themselves (so
+    # workers need no shared file system) and list them in ``uploaded``; the manifest names both kinds.
+    attempt_uri: str | None = None
+    uploaded: list[FileEntry] = field(default_factory=list)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -178,6 +222,7 @@ class ArtifactStore:
         self.remote = RemoteRoot(str(root)) if is_remote(root) else None
         local = local_mirror(self.remote.uri) if self.remote else local_path(root)
         self.root = local.expanduser().resolve()  # on a remote root: its local mirror (storage.remote)
+        self._lineage_checked = False
         self.root.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -186,7 +231,7 @@ class ArtifactStore:
         return self.remote.uri if self.remote else str(self.root)
 
     def artifact_dir(self, stage: str, fp: str) -> Path:
-        return self.root / stage / fp
+        return artifact_folder(self.root, stage, fp)
 
     def work_dir(self, stage: str, fp: str) -> Path:
         return self.root / stage / f".{fp}.work"
@@ -197,7 +242,20 @@ class ArtifactStore:
 
     @property
     def lineage_path(self) -> Path:
-        return self.root / "lineage.duckdb"
+        """The lineage DuckDB file. On a remote root without one (a fresh machine), the latest snapshot in the
+        bucket is restored first (``storage.lineage_snapshot``)."""
+        path = self.root / "lineage.duckdb"
+        if self.remote is not None and not self._lineage_checked:
+            self._lineage_checked = True
+            if restore_lineage(self.remote, path):
+                print(f"lineage: restored the latest snapshot from {self.remote.uri}/lineage/", file=sys.stderr)
+        return path
+
+    def backup_lineage(self, run_id: str | None = None) -> str | None:
+        """After a run on a remote root: put a consistent snapshot of the lineage file next to the artifacts."""
+        if self.remote is None:
+            return None
+        return snapshot_lineage(self.remote, self.root / "lineage.duckdb", run_id)
 
     def report_dir(self, run_id: str) -> Path:
         """Where a pipeline run's human-readable report goes (run-level, not content-addressed)."""
@@ -217,7 +275,8 @@ class ArtifactStore:
         path = self.artifact_dir(stage, fp) / MANIFEST
         if not path.exists():
             return None
-        return Manifest.model_validate_json(path.read_text())
+        # the folder it is in now: a copied or moved root reads its own files, not the ones it was built in
+        return Manifest.model_validate_json(path.read_text()).model_copy(update={"path": str(path.parent)})
 
     def published(self, stage: str) -> list[Manifest]:
         """Every committed artifact of ``stage`` in this root (remote ones not downloaded)."""
@@ -380,10 +439,7 @@ class ArtifactStore:
 
     def build(
         self,
-        stage: str,
-        version: str,
-        params: dict[str, Any],
-        inputs: list[Manifest],
+        key: StageKey,
         produce: Callable[[StageContext], dict[str, Any]],
         *,
         run_id: str | None = None,
@@ -391,14 +447,14 @@ class ArtifactStore:
         log: Callable[[str], None] = print,
         progress: Callable[[float, str], None] | None = None,
     ) -> tuple[Manifest, bool]:
-        """Return the artifact for these inputs and parameters, producing it unless it already exists.
+        """Return the artifact ``key`` names, producing it unless it already exists.
 
         Returns ``(manifest, reused)``. An existing artifact that fails verification is quarantined and
         rebuilt. ``produce`` writes its files into ``ctx.out_dir`` and returns the counts for the manifest.
         """
-        fp = fingerprint(stage, version, params, [m.content_hash for m in inputs])
-        with self._build_lock(stage, fp, log):
-            return self._build_locked(stage, version, fp, params, inputs, produce, run_id, force, log, progress)
+        fp = key.fingerprint
+        with self._build_lock(key.stage, fp, log):
+            return self._build_locked(key, fp, produce, run_id, force, log, progress)
 
     @contextmanager
     def _build_lock(self, stage: str, fp: str, log: Callable[[str], None]) -> Iterator[None]:
@@ -421,17 +477,15 @@ class ArtifactStore:
 
     def _build_locked(
         self,
-        stage: str,
-        version: str,
+        key: StageKey,
         fp: str,
-        params: dict[str, Any],
-        inputs: list[Manifest],
         produce: Callable[[StageContext], dict[str, Any]],
         run_id: str | None,
         force: bool,
         log: Callable[[str], None],
         progress: Callable[[float, str], None] | None,
     ) -> tuple[Manifest, bool]:
+        stage = key.stage
         final = self.artifact_dir(stage, fp)
         existing = self.load(stage, fp)
         if existing is not None and not force:
@@ -450,22 +504,25 @@ class ArtifactStore:
         work = self.work_dir(stage, fp)
         work.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
+        target = self._publish_target(stage, fp)
         try:
-            ctx = StageContext(out_dir=tmp, work_dir=work, log=log)
+            attempt_uri = f"{target['uri']}/{target['attempt']}" if target else None
+            ctx = StageContext(out_dir=tmp, work_dir=work, log=log, attempt_uri=attempt_uri)
             if progress is not None:
                 ctx.progress = progress
             counts = produce(ctx)
-            files = [
+            staged = [
                 FileEntry(path=str(p.relative_to(tmp)), bytes=p.stat().st_size, sha256=file_sha256(p))
                 for p in sorted(tmp.rglob("*"))
                 if p.is_file()
             ]
+            files = sorted(staged + ctx.uploaded, key=lambda f: f.path)
             manifest = Manifest(
                 stage=stage,
-                version=version,
+                version=key.version,
                 fingerprint=fp,
-                params=params,
-                inputs=[m.ref() for m in inputs],
+                params=key.params,
+                inputs=key.inputs,
                 files=files,
                 content_hash=content_hash_of(files),
                 counts=counts,
@@ -473,12 +530,12 @@ class ArtifactStore:
                 created_at=datetime.now(UTC).isoformat(),
                 elapsed_s=round(time.perf_counter() - started, 3),
                 run_id=run_id,
-                **self._publish_target(stage, fp),
+                **target,
             )
             (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             _fsync_tree(tmp)
             if self.remote is not None:
-                winner = self._publish_remote(tmp, manifest)
+                winner = self._publish_remote(tmp, manifest, staged, complete_copy=not ctx.uploaded)
                 if winner is not None:
                     return winner, True
                 shutil.rmtree(work, ignore_errors=True)
@@ -495,6 +552,8 @@ class ArtifactStore:
             _fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if target:
+                self._discard_unless_committed(stage, fp, target["attempt"])
             raise
         shutil.rmtree(work, ignore_errors=True)
         return manifest, False
@@ -526,17 +585,20 @@ class ArtifactStore:
         attempt = f"{ATTEMPT_PREFIX}{datetime.now(UTC):{ATTEMPT_TIME}}-{uuid.uuid4().hex[:8]}"
         return {"uri": self.remote.artifact_uri(stage, fp), "attempt": attempt}
 
-    def _discard_unless_committed(self, manifest: Manifest) -> None:
-        """Best effort after a failed publish: delete the attempt's uploads, unless the manifest naming them was
-        committed after all (a commit whose reply was lost) or that cannot be checked. A killed process leaves its
-        uploads behind; no reader looks at them (``remove_orphaned_attempts``)."""
+    def _discard_unless_committed(self, stage: str, fp: str, attempt: str) -> None:
+        """Best effort after a failed build or publish: delete the attempt's uploads (the build's own or its parts'),
+        unless the manifest naming them was committed after all (a commit whose reply was lost) or that cannot be
+        checked. A killed process leaves its uploads behind; no reader looks at them (``remove_orphaned_attempts``)."""
         with suppress(Exception):  # cleanup must not hide the error that got us here
-            text = self.remote.read_manifest(manifest.stage, manifest.fingerprint, MANIFEST)
-            if text is None or Manifest.model_validate_json(text).attempt != manifest.attempt:
-                self.remote.discard(manifest.stage, manifest.fingerprint, manifest.attempt or "")
+            text = self.remote.read_manifest(stage, fp, MANIFEST)
+            if text is None or Manifest.model_validate_json(text).attempt != attempt:
+                self.remote.discard(stage, fp, attempt)
 
-    def _publish_remote(self, tmp: Path, manifest: Manifest) -> Manifest | None:
-        """Upload a staged artifact, commit its manifest last, and keep the staging folder as the local copy.
+    def _publish_remote(
+        self, tmp: Path, manifest: Manifest, staged: list[FileEntry], complete_copy: bool = True
+    ) -> Manifest | None:
+        """Upload the staged files (parts may have uploaded others already), commit the manifest last, and keep
+        the staging folder as the local copy when it holds every file (else a reader downloads it on first use).
 
         Returns None when this call published it, or the winner's manifest when another publisher committed
         the same fingerprint first (this attempt's uploads are then deleted).
@@ -544,11 +606,11 @@ class ArtifactStore:
         stage, fp, attempt = manifest.stage, manifest.fingerprint, manifest.attempt or ""
         published = manifest.model_copy(update={"path": manifest.uri})
         try:
-            self.remote.upload(tmp, stage, fp, attempt, [f.path for f in manifest.files])
+            self.remote.upload(tmp, stage, fp, attempt, [f.path for f in staged])
             maybe_fail(stage, "publish")  # tests: files uploaded, manifest not committed
             committed = self.remote.commit(stage, fp, MANIFEST, published.model_dump_json(indent=2))
         except BaseException:
-            self._discard_unless_committed(manifest)
+            self._discard_unless_committed(stage, fp, attempt)
             raise
         if not committed:
             self.remote.discard(stage, fp, attempt)
@@ -560,6 +622,9 @@ class ArtifactStore:
         final = Path(manifest.path)
         if final.exists():  # a stale local copy (the remote manifest was deleted or quarantined)
             _remove_tree(final)
+        if not complete_copy:
+            _remove_tree(tmp)
+            return None
         _make_read_only(tmp)
         os.rename(tmp, final)
         return None

@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-from storage.artifacts import Manifest, ledger_folder, pid_alive
+from storage.artifacts import Manifest, ledger_folder, located_under, pid_alive
 
 # Each migration moves the schema from version i to i + 1; never edit one that has shipped, append a new one.
 MIGRATIONS: list[str] = [
@@ -79,6 +79,24 @@ MIGRATIONS: list[str] = [
         unchanged BIGINT, computed_at TIMESTAMPTZ, PRIMARY KEY (run_id, source)
     );
     """,
+    """
+    CREATE TABLE sweeps (
+        sweep_id VARCHAR PRIMARY KEY, name VARCHAR, spec JSON, base_config JSON, objective VARCHAR,
+        sampler VARCHAR, trials_planned INTEGER, eval_set VARCHAR, status VARCHAR, winner INTEGER,
+        flow_run_id VARCHAR, started_at TIMESTAMPTZ, ended_at TIMESTAMPTZ, error VARCHAR
+    );
+    CREATE TABLE trials (
+        sweep_id VARCHAR, trial INTEGER, run_id VARCHAR, params JSON, fingerprints JSON, status VARCHAR,
+        objective DOUBLE, val_loss DOUBLE, val_bpb DOUBLE, eval_docs INTEGER, eval_bytes BIGINT,
+        eval_docs_in_train INTEGER, pruned BOOLEAN, stopped_at_step BIGINT, selected BOOLEAN, attempts INTEGER,
+        curve JSON, elapsed_s DOUBLE, error VARCHAR, recorded_at TIMESTAMPTZ, PRIMARY KEY (sweep_id, trial)
+    );
+    CREATE TABLE test_reads (
+        sweep_id VARCHAR, sweep_name VARCHAR, trial INTEGER, run_id VARCHAR, train_fingerprint VARCHAR,
+        test_set VARCHAR, evaluate_fingerprint VARCHAR, test_loss DOUBLE, test_bpb DOUBLE, override BOOLEAN,
+        read_at TIMESTAMPTZ
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 TRAIN_METRIC_COLUMNS = (
@@ -92,6 +110,38 @@ TRAIN_METRIC_COLUMNS = (
     "mfu",
     "peak_mem_mb",
     "train_seconds",
+)
+
+TRIAL_COLUMNS = (
+    "trial",
+    "run_id",
+    "params",
+    "fingerprints",
+    "status",
+    "objective",
+    "val_loss",
+    "val_bpb",
+    "eval_docs",
+    "eval_bytes",
+    "eval_docs_in_train",
+    "pruned",
+    "stopped_at_step",
+    "attempts",
+    "curve",
+    "elapsed_s",
+    "error",
+)
+TEST_READ_COLUMNS = (
+    "sweep_id",
+    "sweep_name",
+    "trial",
+    "run_id",
+    "train_fingerprint",
+    "test_set",
+    "evaluate_fingerprint",
+    "test_loss",
+    "test_bpb",
+    "override",
 )
 
 RELATIONS = {"train": "trained_on", "evaluate": "evaluated_on", "export": "exported_from"}
@@ -157,7 +207,7 @@ class _Attachments:
                 alias = f"lineage_{self._serial}"
                 mode = " (READ_ONLY)" if path.exists() else ""
                 quoted = str(path).replace("'", "''")
-                _retry_while_locked(lambda: self._db.execute(f"ATTACH '{quoted}' AS {alias}{mode}"))
+                retry_while_locked(lambda: self._db.execute(f"ATTACH '{quoted}' AS {alias}{mode}"))
             self._attached[path] = (alias, users + 1)
             cursor = self._db.cursor()
         cursor.execute(f"USE {alias}")
@@ -177,7 +227,7 @@ class _Attachments:
 _ATTACHMENTS = _Attachments()
 
 
-def _retry_while_locked(open_fn: Any, timeout_s: float = 60) -> Any:
+def retry_while_locked(open_fn: Any, timeout_s: float = 60) -> Any:
     """Call ``open_fn`` until it succeeds, retrying while another process holds DuckDB's write lock."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -251,7 +301,7 @@ class LineageStore:
         """A short-lived read-write connection for one write transaction (this process's readers close first)."""
         for reader in list(_READERS.get(self.path, ())):
             reader.close()
-        con = _retry_while_locked(lambda: duckdb.connect(str(self.path)))
+        con = retry_while_locked(lambda: duckdb.connect(str(self.path)))
         try:
             yield con
         finally:
@@ -409,7 +459,78 @@ class LineageStore:
                 con.execute("INSERT INTO reports VALUES (?, ?, ?, ?)", [run_id, fmt, str(path), _now()])
             con.execute("COMMIT")
 
+    def start_sweep(self, sweep: dict[str, Any]) -> None:
+        """Record a sweep as running (a rerun of the same sweep id keeps its trials and test reads)."""
+        columns = ("sweep_id", "name", "spec", "base_config", "objective", "sampler", "trials_planned", "eval_set")
+        with self._connect() as con:
+            con.execute("DELETE FROM sweeps WHERE sweep_id = ?", [sweep["sweep_id"]])
+            con.execute(
+                f"INSERT INTO sweeps ({', '.join(columns)}, status, flow_run_id, started_at) "
+                f"VALUES ({', '.join('?' * len(columns))}, 'running', ?, ?)",
+                [*(sweep.get(c) for c in columns), sweep.get("flow_run_id"), _now()],
+            )
+
+    def finish_sweep(self, sweep_id: str, status: str, winner: int | None, error: str | None = None) -> None:
+        with self._connect() as con:
+            con.execute(
+                "UPDATE sweeps SET status = ?, winner = ?, ended_at = ?, error = ? WHERE sweep_id = ?",
+                [status, winner, _now(), error, sweep_id],
+            )
+            con.execute("UPDATE trials SET selected = (trial = ?) WHERE sweep_id = ?", [winner, sweep_id])
+
+    def record_trial(self, sweep_id: str, row: dict[str, Any]) -> None:
+        """Insert or replace one trial's outcome (params, fingerprints, objective, status, curve)."""
+        values = {c: row.get(c) for c in TRIAL_COLUMNS}
+        for key in ("params", "fingerprints", "curve"):
+            values[key] = json.dumps(values[key]) if values[key] is not None else None
+        with self._connect() as con:
+            con.execute("DELETE FROM trials WHERE sweep_id = ? AND trial = ?", [sweep_id, row["trial"]])
+            con.execute(
+                f"INSERT INTO trials (sweep_id, {', '.join(TRIAL_COLUMNS)}, selected, recorded_at) "
+                f"VALUES (?, {', '.join('?' * len(TRIAL_COLUMNS))}, false, ?)",
+                [sweep_id, *values.values(), _now()],
+            )
+
+    def record_test_read(self, row: dict[str, Any]) -> None:
+        """Record that a sweep evaluated a trial on its test split (``test_reads`` is append-only)."""
+        with self._connect() as con:
+            con.execute(
+                f"INSERT INTO test_reads ({', '.join(TEST_READ_COLUMNS)}, read_at) "
+                f"VALUES ({', '.join('?' * len(TEST_READ_COLUMNS))}, ?)",
+                [*(row.get(c) for c in TEST_READ_COLUMNS), _now()],
+            )
+
     # --- reads ------------------------------------------------------------------------------------------
+
+    def sweep(self, sweep_id: str) -> dict:
+        """A sweep by id, or the newest sweep of that name."""
+        rows = self.query(
+            "SELECT * FROM sweeps WHERE sweep_id = ? OR name = ? ORDER BY sweep_id = ? DESC, started_at DESC LIMIT 1",
+            [sweep_id, sweep_id, sweep_id],
+        )
+        if not rows:
+            raise LookupError(f"no sweep {sweep_id!r} in {self.path}; `tokenmill lineage sweeps` lists them")
+        return rows[0]
+
+    def sweeps(self, limit: int = 20) -> list[dict]:
+        return self.query(
+            "SELECT sweep_id, name, objective, sampler, trials_planned, status, winner, started_at FROM sweeps "
+            "ORDER BY started_at DESC LIMIT ?",
+            [limit],
+        )
+
+    def trials(self, sweep_id: str) -> list[dict]:
+        rows = self.query("SELECT * FROM trials WHERE sweep_id = ? ORDER BY trial", [sweep_id])
+        for row in rows:
+            for key in ("params", "fingerprints", "curve"):
+                row[key] = json.loads(row[key]) if row[key] else None
+        return rows
+
+    def test_reads(self, sweep_id: str | None = None, name: str | None = None) -> list[dict]:
+        """Test evaluations recorded for a sweep id, or for every sweep of a name."""
+        return self.query(
+            "SELECT * FROM test_reads WHERE sweep_id = ? OR sweep_name = ? ORDER BY read_at", [sweep_id, name]
+        )
 
     def record_refresh_diff(self, run_id: str, previous_run_id: str | None, rows: list[dict]) -> None:
         """Store a refresh's per-source document diff (``LineageQueries.diff``) against ``previous_run_id``."""
@@ -421,6 +542,13 @@ class LineageStore:
                     "INSERT INTO refresh_diffs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [run_id, previous_run_id, *values, _now()],
                 )
+
+    def located(self, rows: list[dict], stage: str = "stage", fingerprint: str = "fingerprint") -> list[dict]:
+        """``rows`` with each artifact ``uri`` resolved under the root this file lies in (``located_under``)."""
+        root = self.path.parent
+        for row in rows:
+            row["uri"] = located_under(root, row[stage], row[fingerprint], row["uri"])
+        return rows
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict]:
         with self.reading():
@@ -463,15 +591,17 @@ class LineageStore:
         )
 
     def run_artifacts(self, run_id: str) -> list[dict]:
-        """The artifacts a run produced or reused (its latest successful attempt per stage)."""
-        return self.query(
-            """
+        """The artifacts a run produced or reused (its latest successful attempt per stage), under this root."""
+        return self.located(
+            self.query(
+                """
             SELECT a.* FROM artifacts a JOIN (
                 SELECT stage, arg_max(fingerprint, started_at) AS fingerprint FROM stage_runs
                 WHERE run_id = ? AND status IN ('completed', 'cached') GROUP BY stage
             ) s USING (stage, fingerprint)
             """,
-            [run_id],
+                [run_id],
+            )
         )
 
     def ledger_files(self, run_id: str, stages: tuple[str, ...] | None = None) -> list[str]:

@@ -110,10 +110,6 @@ def iter_batches(
         yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
 
-def count_rows(paths: Iterable[Path]) -> int:
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
-
-
 class LedgerWriter(ParquetShardWriter):
     """The per-document fate ledger of one stage: rows with defaults for the columns a stage does not fill.
 

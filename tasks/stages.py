@@ -13,25 +13,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from storage.artifacts import ArtifactStore, Manifest, StageContext
+from storage.artifacts import ArtifactStore, Manifest, StageContext, StageKey
 from storage.faults import maybe_fail
 from storage.hashing import canonical_json, fingerprint
 from storage.ledger import compact_ledger_folder
 from storage.stage_graph import DOWNSTREAM, STAGES, UPSTREAM, StageName, downstream  # noqa: F401 (re-exported)
 from tasks.config import PipelineConfig
-from tasks.data import clean, dedup, ingest, tokenize, tokenizer
+from tasks.data import clean, decontaminate, dedup, ingest, tokenize, tokenizer
+from tasks.errors import UserError
 from tasks.evaluation import evaluate
 from tasks.modeling import export
 from tasks.parts import executor_for
+from tasks.stage_contract import StageResult, StageRun
 from tasks.training import train
 
 
 @dataclass(frozen=True)
 class StageSpec:
+    """A stage bound to the configuration: its code version, its parameters and its producing function."""
+
     name: str
     version: str
     params: Callable[[PipelineConfig], dict[str, Any]]
-    produce: Callable[[PipelineConfig, dict[str, Manifest], StageContext], dict[str, Any]]
+    produce: Callable[[StageRun], StageResult]
     ledger_links: tuple[str, ...] = ()  # ledger columns indexed for reverse lookup (lineage takedown)
 
 
@@ -78,10 +82,19 @@ def _tombstones(cfg: PipelineConfig) -> list[str]:
 
 
 def _clean_params(cfg: PipelineConfig) -> dict[str, Any]:
-    params = cfg.clean.model_dump()
+    params = cfg.clean.model_dump(exclude=set(cfg.clean.REPORTING))
     blocked = _tombstones(cfg)
     if blocked:  # only present when there are takedowns, so fingerprints of ordinary runs stay unchanged
         params["tombstones"] = hashlib.sha256("\n".join(blocked).encode()).hexdigest()
+    return params
+
+
+def _tokenize_params(cfg: PipelineConfig) -> dict[str, Any]:
+    params = cfg.tokenize.model_dump() | {"eot": cfg.tokenizer.special_tokens[0]}
+    decon = cfg.decontaminate
+    if decon.enabled:  # each named set by its content, so an edited benchmark file reruns tokenize
+        sets = [s.model_dump() | {"content": decontaminate.set_fingerprint(s)} for s in decon.sets]
+        params["decontaminate"] = decon.model_dump() | {"sets": sets}
     return params
 
 
@@ -89,44 +102,91 @@ def _splits(m: Manifest, split: str) -> list:
     return m.files_under(f"tokens/{split}-", ".arrow")
 
 
+def _produce_ingest(run: StageRun) -> StageResult:
+    cfg = run.cfg
+    return ingest.ingest(cfg.sources, run.ctx, ArtifactStore(cfg.root).cache_dir("ingest"), cfg.workers)
+
+
+def _produce_clean(run: StageRun) -> StageResult:
+    docs = run.inputs["ingest"].files_under("docs/")
+    return clean.clean(docs, run.cfg.clean, run.ctx, workers=run.cfg.workers, blocked=set(_tombstones(run.cfg)))
+
+
+def _produce_dedup(run: StageRun) -> StageResult:
+    previous = dedup.resolve_previous(run.cfg.dedup.against, run.cfg.root)
+    clean = run.inputs["clean"]
+    return dedup.dedup(
+        clean.files_under("docs/"), run.cfg.dedup, run.ctx, previous=previous, sources=clean.sources_under("docs/")
+    )
+
+
+def _produce_tokenizer(run: StageRun) -> StageResult:
+    docs = run.inputs["dedup"].files_under("docs/")
+    return StageResult(extra=tokenizer.train_tokenizer(docs, run.cfg.tokenizer, run.ctx))
+
+
+def _produce_tokenize(run: StageRun) -> StageResult:
+    """On a remote root the parts read the dedup shards and the tokenizer from the store (``sources_under``)."""
+    docs, tok, cfg = run.inputs["dedup"].sources_under("docs/"), run.inputs["tokenizer"], run.cfg
+    return tokenize.tokenize(
+        docs,
+        tok.file(""),
+        cfg.tokenizer,
+        cfg.tokenize,
+        run.ctx,
+        cfg.workers,
+        tokenizer_uri=next(iter(tok.sources_under(tokenizer.TOKENIZER_FILE)), None),
+        decontaminate=cfg.decontaminate,
+        cache_dir=ArtifactStore(cfg.root).cache_dir("decontaminate"),
+    )
+
+
+def _produce_train(run: StageRun) -> StageResult:
+    tokens, cfg = run.inputs["tokenize"], run.cfg
+    counts = train.train(
+        _splits(tokens, "train"),
+        _splits(tokens, "val"),
+        tokens.counts["vocab_size"],
+        cfg.model,
+        cfg.train,
+        cfg.seed,
+        run.ctx,
+        eot_id=tokens.counts["eot_id"],
+    )
+    return StageResult(extra=counts)
+
+
+def _produce_evaluate(run: StageRun) -> StageResult:
+    tokens, cfg = run.inputs["tokenize"], run.cfg
+    counts = evaluate.evaluate(
+        run.inputs["train"].file(""),
+        run.inputs["tokenizer"].file(""),
+        {s: _splits(tokens, s) for s in ("train", "val", "test")},
+        tokens.counts["eot_id"],
+        cfg.evaluate,
+        cfg.seed,
+        run.ctx,
+        ledger_files=tokens.files_under("ledger/"),
+    )
+    return StageResult(extra=counts)
+
+
+def _produce_export(run: StageRun) -> StageResult:
+    model, tok = run.inputs["train"].file(""), run.inputs["tokenizer"].file("")
+    return StageResult(extra=export.export_stage(model, tok, run.cfg.tokenizer.special_tokens, run.ctx))
+
+
 SPECS: dict[str, StageSpec] = {
-    "ingest": StageSpec(
-        "ingest",
-        ingest.VERSION,
-        _ingest_params,
-        lambda c, i, ctx: ingest.ingest(c.sources, ctx, ArtifactStore(c.root).cache_dir("ingest"), c.workers),
-    ),
-    "clean": StageSpec(
-        "clean",
-        clean.VERSION,
-        _clean_params,
-        lambda c, i, ctx: clean.clean(
-            i["ingest"].files_under("docs/"), c.clean, ctx, workers=c.workers, blocked=set(_tombstones(c))
-        ),
-        ledger_links=("content_hash",),  # the stage that first hashes content
-    ),
-    "dedup": StageSpec(
-        "dedup",
-        dedup.VERSION,
-        dedup.stage_params,
-        lambda c, i, ctx: dedup.dedup(
-            i["clean"].files_under("docs/"), c.dedup, ctx, previous=dedup.resolve_previous(c.dedup.against, c.root)
-        ),
-        ledger_links=("duplicate_of",),
-    ),
-    "tokenizer": StageSpec(
-        "tokenizer",
-        tokenizer.VERSION,
-        lambda c: c.tokenizer.model_dump(),
-        lambda c, i, ctx: tokenizer.train_tokenizer(i["dedup"].files_under("docs/"), c.tokenizer, ctx),
-    ),
+    "ingest": StageSpec("ingest", ingest.VERSION, _ingest_params, _produce_ingest),
+    # the stage that first hashes content
+    "clean": StageSpec("clean", clean.VERSION, _clean_params, _produce_clean, ledger_links=("content_hash",)),
+    "dedup": StageSpec("dedup", dedup.VERSION, dedup.stage_params, _produce_dedup, ledger_links=("duplicate_of",)),
+    "tokenizer": StageSpec("tokenizer", tokenizer.VERSION, lambda c: c.tokenizer.model_dump(), _produce_tokenizer),
     "tokenize": StageSpec(
         "tokenize",
         tokenize.VERSION,
-        lambda c: c.tokenize.model_dump() | {"eot": c.tokenizer.special_tokens[0]},
-        lambda c, i, ctx: tokenize.tokenize(
-            i["dedup"].files_under("docs/"), i["tokenizer"].file(""), c.tokenizer, c.tokenize, ctx
-        ),
+        _tokenize_params,
+        _produce_tokenize,
     ),
     "train": StageSpec(
         "train",
@@ -136,54 +196,37 @@ SPECS: dict[str, StageSpec] = {
             "train": c.train.model_dump(exclude=set(c.train.PLACEMENT)),
             "seed": c.seed,
         },
-        lambda c, i, ctx: train.train(
-            _splits(i["tokenize"], "train"),
-            _splits(i["tokenize"], "val"),
-            i["tokenize"].counts["vocab_size"],
-            c.model,
-            c.train,
-            c.seed,
-            ctx,
-            eot_id=i["tokenize"].counts["eot_id"],
-        ),
+        _produce_train,
     ),
     "evaluate": StageSpec(
-        "evaluate",
-        evaluate.VERSION,
-        lambda c: c.evaluate.model_dump() | {"seed": c.seed},
-        lambda c, i, ctx: evaluate.evaluate(
-            i["train"].file(""),
-            i["tokenizer"].file(""),
-            {s: _splits(i["tokenize"], s) for s in ("train", "val", "test")},
-            i["tokenize"].counts["eot_id"],
-            c.evaluate,
-            c.seed,
-            ctx,
-            ledger_files=i["tokenize"].files_under("ledger/"),
-        ),
+        "evaluate", evaluate.VERSION, lambda c: c.evaluate.model_dump() | {"seed": c.seed}, _produce_evaluate
     ),
     # Its own stage (not part of evaluate): it depends only on weights and tokenizer, so changing evaluation
     # settings does not re-export, and a model can be exported without being evaluated.
     "export": StageSpec(
-        "export",
-        export.VERSION,
-        lambda c: {"special_tokens": c.tokenizer.special_tokens},
-        lambda c, i, ctx: export.export_stage(
-            i["train"].file(""), i["tokenizer"].file(""), c.tokenizer.special_tokens, ctx
-        ),
+        "export", export.VERSION, lambda c: {"special_tokens": c.tokenizer.special_tokens}, _produce_export
     ),
 }
+assert set(SPECS) == set(STAGES)
 
 
-def stage_fingerprint(name: str, cfg: PipelineConfig, inputs: dict[str, Manifest]) -> str:
+def stage_key(name: str, cfg: PipelineConfig, inputs: dict[str, Manifest]) -> StageKey:
+    """The stage's parameters and inputs — computed once per run, then used for cache key, build and lineage."""
+    if name not in SPECS:
+        raise UserError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    missing = [u for u in UPSTREAM[name] if u not in inputs]
+    if missing:
+        raise ValueError(f"stage {name!r} needs the artifacts of {missing}")
     spec = SPECS[name]
-    return fingerprint(name, spec.version, spec.params(cfg), [inputs[u].content_hash for u in UPSTREAM[name]])
+    return StageKey(
+        stage=name, version=spec.version, params=spec.params(cfg), inputs=[inputs[u].ref() for u in UPSTREAM[name]]
+    )
 
 
-def cache_key(name: str, cfg: PipelineConfig, inputs: dict[str, Manifest]) -> str:
+def cache_key(key: StageKey, root: str) -> str:
     """The Prefect cache key: the stage fingerprint, scoped to the data root (other roots don't share it)."""
-    root = hashlib.sha256(canonical_json(str(ArtifactStore(cfg.root).root)).encode()).hexdigest()[:8]
-    return f"tokenmill-{name}-{stage_fingerprint(name, cfg, inputs)}-{root}"
+    scope = hashlib.sha256(canonical_json(str(ArtifactStore(root).root)).encode()).hexdigest()[:8]
+    return f"tokenmill-{key.stage}-{key.fingerprint}-{scope}"
 
 
 def run_stage(
@@ -191,44 +234,38 @@ def run_stage(
     cfg: PipelineConfig,
     inputs: dict[str, Manifest],
     *,
+    key: StageKey | None = None,
     run_id: str | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
     progress: Callable[[float, str], None] | None = None,
+    should_stop: Callable[[int, float], bool] | None = None,
 ) -> tuple[Manifest, bool]:
-    """Produce (or reuse) one stage's artifact. Returns ``(manifest, reused)``."""
-    if name not in SPECS:
-        raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
-    missing = [u for u in UPSTREAM[name] if u not in inputs]
-    if missing:
-        raise ValueError(f"stage {name!r} needs the artifacts of {missing}")
+    """Produce (or reuse) one stage's artifact. Returns ``(manifest, reused)``.
+
+    ``key`` is the stage's ``stage_key`` when the caller already computed it (the flow does, for its cache key).
+    ``should_stop(step, val_loss)`` is asked after each periodic validation of training (``StageContext``).
+    """
+    key = key or stage_key(name, cfg, inputs)
     spec = SPECS[name]
     store = ArtifactStore(cfg.root)
     for upstream in UPSTREAM[name]:
         store.verify(inputs[upstream], deep=False)
 
     def produce(ctx: StageContext) -> dict[str, Any]:
+        if should_stop is not None:
+            ctx.should_stop = should_stop
         maybe_fail(name, "start")
         for upstream in UPSTREAM[name]:  # remote roots: a verified local copy of each input, downloaded once
             store.materialize(inputs[upstream])
         with executor_for(cfg):
-            counts = spec.produce(cfg, inputs, ctx)
+            result = spec.produce(StageRun(cfg, inputs, ctx))
         compact_ledger_folder(ctx.out_dir / "ledger", spec.ledger_links)
         maybe_fail(name, "end")
-        return counts
+        return result.as_counts()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    return store.build(
-        name,
-        spec.version,
-        spec.params(cfg),
-        [inputs[u] for u in UPSTREAM[name]],
-        produce,
-        run_id=run_id,
-        force=force,
-        log=log,
-        progress=progress,
-    )
+    return store.build(key, produce, run_id=run_id, force=force, log=log, progress=progress)
 
 
 def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print, run_id: str | None = None) -> dict[str, Manifest]:
@@ -239,10 +276,12 @@ def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print, run_id: str
     from datetime import UTC, datetime
 
     from storage.lineage import LineageStore
+    from tasks.run_recorder import RunRecorder
 
     run_id = run_id or f"local-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
-    lineage = LineageStore(ArtifactStore(cfg.root).lineage_path)
-    lineage.start_run(run_id, cfg.name, cfg.model_dump(), cfg.seed, None)
+    store = ArtifactStore(cfg.root)
+    record = RunRecorder(LineageStore(store.lineage_path), run_id, backup=store.backup_lineage)
+    record.start(cfg)
     manifests: dict[str, Manifest] = {}
     for name in STAGES:
         started = datetime.now(UTC)
@@ -251,9 +290,8 @@ def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print, run_id: str
                 name, cfg, {u: manifests[u] for u in UPSTREAM[name]}, run_id=run_id, log=log
             )
         except Exception as err:
-            lineage.record_stage(run_id, name, "failed", started, error=f"{type(err).__name__}: {err}")
-            lineage.finish_run(run_id, "failed", f"{name}: {err}")
+            record.stage_failed(name, started, err)
             raise
-        lineage.record_stage(run_id, name, "cached" if reused else "completed", started, manifest=manifests[name])
-    lineage.finish_run(run_id, "completed")
+        record.stage_done(name, started, manifests[name], reused)
+    record.finish()
     return manifests

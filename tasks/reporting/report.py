@@ -3,8 +3,8 @@
 The evaluate artifact stays deterministic (its content hash depends only on its inputs); this run-level
 report adds what depends on the run's history (the previous run of the same pipeline, from the lineage DB)
 and is written by the flow process to ``<root>/reports/<run_id>/`` as Markdown (the Prefect artifact) and
-as one self-contained HTML file (inline CSS; the train stage's ``loss_curve.png`` embedded as base64, or an
-inline SVG drawn from ``train_log.jsonl`` for train artifacts without it: no network access).
+as one self-contained HTML file (inline CSS, Markdown rendered by markdown-it-py, the train stage's
+``loss_curve.png`` embedded as base64: no network access).
 Every number in it is also written to the lineage DB's ``metrics`` table (``metric_rows``).
 """
 
@@ -14,9 +14,10 @@ import base64
 import html
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
+
+from markdown_it import MarkdownIt
 
 from storage.artifacts import ArtifactStore, Manifest
 from storage.lineage import LineageStore
@@ -183,6 +184,11 @@ def metric_rows(report: dict, data: dict, curve: list[dict]) -> list[dict]:
         add(stage, None, None, None, "kept", counts.get("kept"))
         for reason, n in (counts.get("dropped") or {}).items():
             add(stage, None, None, None, f"dropped.{reason}", n)
+        for reason, n in (counts.get("dropped_bytes") or {}).items():
+            add(stage, None, None, None, f"dropped_bytes.{reason}", n)
+    for name, c in ((data.get("contamination") or {}).get("sets") or {}).items():
+        add("tokenize", None, name, None, "contamination.items_matched", c["items_matched"])
+        add("tokenize", None, name, None, "contamination.docs_matched", c["docs_matched"])
     for split, s in data.get("splits", {}).items():
         for metric in ("docs", "tokens", "bytes"):
             add("tokenize", split, ALL, None, metric, s.get(metric))
@@ -202,10 +208,42 @@ def previous_values(rows: list[dict]) -> dict[MetricKey, float]:
 # --- the run report ------------------------------------------------------------------------------------------
 
 
+SAMPLES_PER_REASON = 2
+SAMPLE_CHARS = 240
+
+
+def dropped_samples(manifests: dict[str, Manifest], per_reason: int = SAMPLES_PER_REASON) -> dict[str, list[dict]]:
+    """A few documents clean dropped, per reason (the first doc ids in order), with the opening of their raw text."""
+    if "clean" not in manifests or "ingest" not in manifests:
+        return {}
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    ledger = ds.dataset([str(p) for p in manifests["clean"].files_under("ledger/", ".parquet")], format="parquet")
+    dropped = ledger.to_table(columns=["doc_id", "reason", "score"], filter=pc.field("fate") == "dropped")
+    picked: dict[str, list[dict]] = {}
+    for row in dropped.sort_by("doc_id").to_pylist():
+        if len(picked.setdefault(row["reason"], [])) < per_reason:
+            picked[row["reason"]].append(row)
+    ids = [r["doc_id"] for rows in picked.values() for r in rows]
+    if not ids:
+        return {}
+    raw = ds.dataset([str(p) for p in manifests["ingest"].files_under("docs/", ".parquet")], format="parquet")
+    texts = raw.to_table(columns=["doc_id", "locator", "text"], filter=pc.field("doc_id").isin(ids)).to_pylist()
+    by_id = {t["doc_id"]: t for t in texts}
+    return {
+        reason: [r | {"locator": by_id.get(r["doc_id"], {}).get("locator"),
+                      "opening": (by_id.get(r["doc_id"], {}).get("text") or "")[:SAMPLE_CHARS]} for r in rows]
+        for reason, rows in sorted(picked.items())
+    }  # fmt: skip
+
+
 def data_summary(manifests: dict[str, Manifest]) -> dict:
-    """Documents in / kept / dropped per reason per data stage, and tokens per split and source."""
+    """Documents (and bytes) in / kept / dropped per reason per data stage, tokens per split and source, samples
+    of dropped documents, warnings, and the decontamination outcome."""
+    keys = ("docs_in", "kept", "dropped", "bytes_in", "bytes_kept", "dropped_bytes", "warnings")
     stages = {
-        s: {k: manifests[s].counts.get(k) for k in ("docs_in", "kept", "dropped")}
+        s: {k: manifests[s].counts.get(k) for k in keys if k in manifests[s].counts}
         for s in DATA_STAGES
         if s in manifests
     }
@@ -217,6 +255,8 @@ def data_summary(manifests: dict[str, Manifest]) -> dict:
             k: {m: v.get(m) for m in ("docs", "tokens", "bytes")} for k, v in tokenize.get("splits", {}).items()
         },
         "tokens_per_source": tokenize.get("tokens_per_source", {}),
+        "dropped_samples": dropped_samples(manifests),
+        "contamination": tokenize.get("contamination"),
     }
 
 
@@ -227,48 +267,48 @@ def training_curve(train_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def curve_svg(curve: list[dict], width: int = 640, height: int = 260) -> str:
-    """Train loss (line) and periodic val loss (dots) against step, as inline SVG."""
-    points = [(p["step"], p["loss"]) for p in curve if p.get("loss") is not None]
-    vals = [(p["step"], p["val_loss"]) for p in curve if p.get("val_loss") is not None]
-    if not points:
-        return "<p>(no training log)</p>"
-    left, right, top, bottom = 56, 16, 16, 36
-    xs = [s for s, _ in points + vals]
-    ys = [v for _, v in points + vals]
-    x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(max(ys), min(ys) + 1e-6)
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (width - left - right)
-
-    def sy(y: float) -> float:
-        return top + (y1 - y) / (y1 - y0) * (height - top - bottom)
-
-    line = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in points)
-    dots = "".join(f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="3.5" fill="#d62728"/>' for s, v in vals)
-    ticks = ""
-    for i in range(5):
-        y = y0 + (y1 - y0) * i / 4
-        ticks += f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>'
-        ticks += f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>'
-        x = x0 + (x1 - x0) * i / 4
-        ticks += f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:.0f}</text>'
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
-        f'font-family="sans-serif" role="img" aria-label="training curve">{ticks}'
-        f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>{dots}'
-        f'<text x="{(width + left) / 2}" y="{height - 4}" text-anchor="middle">step</text>'
-        f'<text x="{left + 8}" y="{top + 10}" fill="#1f77b4">train loss</text>'
-        f'<text x="{left + 80}" y="{top + 10}" fill="#d62728">● val loss</text></svg>'
-    )
+def _mb(n: int | None) -> str:
+    return f"{(n or 0) / 1e6:,.2f} MB"
 
 
 def data_markdown(data: dict) -> str:
-    lines = ["## Data", "", "| stage | docs in | kept | dropped (reason = documents) |", "|---|---:|---:|---|"]
+    lines = ["## Data", "", "| stage | docs in | kept | bytes kept | dropped (reason = documents, bytes) |"]
+    lines.append("|---|---:|---:|---:|---|")
     for stage, c in data["stages"].items():
-        dropped = ", ".join(f"{k} = {v:,}" for k, v in sorted((c.get("dropped") or {}).items())) or "–"
-        lines.append(f"| {stage} | {c.get('docs_in') or 0:,} | {c.get('kept') or 0:,} | {dropped} |")
+        sizes = c.get("dropped_bytes") or {}
+        reasons = sorted((c.get("dropped") or {}).items())
+        dropped = ", ".join(f"{k} = {v:,}" + (f" ({_mb(sizes[k])})" if k in sizes else "") for k, v in reasons) or "–"
+        kept_bytes = f"{_mb(c['bytes_kept'])} of {_mb(c['bytes_in'])}" if c.get("bytes_in") else "–"
+        lines.append(f"| {stage} | {c.get('docs_in') or 0:,} | {c.get('kept') or 0:,} | {kept_bytes} | {dropped} |")
+    warnings = [f"- **{stage}**: {w}" for stage, c in data["stages"].items() for w in c.get("warnings") or []]
+    if warnings:
+        lines += ["", "Warnings:", "", *warnings]
     lines += ["", f"Duplicates removed: {data['duplicates']:,}.", ""]
+    samples = data.get("dropped_samples") or {}
+    if samples:
+        lines += [
+            "Dropped by clean, a few per reason:",
+            "",
+            "| reason | document | score | opening |",
+            "|---|---|---:|---|",
+        ]
+        for reason, rows in samples.items():
+            for r in rows:
+                opening = html.escape(" ".join((r["opening"] or "").split()))[:160].replace("|", "\\|")
+                score = f"{r['score']:.4g}" if r.get("score") is not None else "–"
+                lines.append(f"| {reason} | `{r['locator'] or r['doc_id']}` | {score} | {opening} |")
+        lines.append("")
+    contamination = data.get("contamination")
+    if contamination:
+        action = contamination["action"]
+        lines += [f"Decontamination ({contamination['ngram']}-grams, items overlapping ≥ "
+                  f"{contamination['min_overlap']:.0%}, action {action}):", "",
+                  "| set | items | items found in training documents | documents | in the model's training data |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for name, c in contamination["sets"].items():
+            trained = c["items_matched"] if action == "flag" else 0
+            lines.append(f"| {name} | {c['items']:,} | {c['items_matched']:,} | {c['docs_matched']:,} | {trained:,} |")
+        lines.append("")
     lines += ["| split | documents | tokens | bytes |", "|---|---:|---:|---:|"]
     for split, s in data["splits"].items():
         lines.append(f"| {split} | {s.get('docs') or 0:,} | {s.get('tokens') or 0:,} | {s.get('bytes') or 0:,} |")
@@ -314,46 +354,7 @@ def render_run_markdown(run: dict) -> str:
     )
 
 
-def _inline(text: str) -> str:
-    """Escaped text with this report's inline Markdown: **bold** and `code`."""
-    escaped = html.escape(text)
-    escaped = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", escaped)
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
-
-
-def _markdown_table_to_html(block: str) -> str:
-    rows = [line.strip("|").split("|") for line in block.strip().splitlines() if not line.startswith("|--")]
-    rows = [r for r in rows if not set("".join(r)) <= set("-:| ")]
-    head = "".join(f"<th>{_inline(c.strip())}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{_inline(c.strip())}</td>" for c in r) + "</tr>" for r in rows[1:])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _markdown_to_html(text: str) -> str:
-    """Just enough Markdown for this report's own output: headings, tables, code blocks, paragraphs."""
-    out, table, code = [], [], None
-    for line in text.splitlines() + [""]:
-        if code is not None:
-            if line.startswith("```"):
-                out.append(f"<pre>{html.escape(chr(10).join(code))}</pre>")
-                code = None
-            else:
-                code.append(line)
-            continue
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        if table:
-            out.append(_markdown_table_to_html("\n".join(table)))
-            table = []
-        if line.startswith("```"):
-            code = []
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{_inline(line.lstrip('# '))}</h{level}>")
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-    return "\n".join(out)
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
 STYLE = (
@@ -364,16 +365,16 @@ STYLE = (
 
 
 def curve_html(run: dict) -> str:
-    """The train stage's own ``loss_curve.png`` embedded as base64, or an inline SVG drawn from its log."""
+    """The train stage's own ``loss_curve.png`` embedded as base64 (every train artifact has one)."""
     png = run.get("curve_png")
     if png:
         return f'<img alt="training curve" src="data:image/png;base64,{png}">'
-    return curve_svg(run["curve"])
+    return "<p>(no loss curve in the train artifact)</p>"
 
 
 def render_run_html(run: dict) -> str:
     """One self-contained HTML page: the Markdown report with the training curve embedded."""
-    body = _markdown_to_html(render_run_markdown(run))
+    body = _MARKDOWN.render(render_run_markdown(run))
     body = body.replace("<h2>Training</h2>", f"<h2>Training</h2>\n{curve_html(run)}", 1)
     title = html.escape(f"tokenmill run {run['run_id']}")
     return f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head>' + (

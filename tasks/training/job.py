@@ -19,6 +19,10 @@ class UnrecoverableTrainingError(NotRetryable, RuntimeError):
     retryable = False  # read by the torchrun workers' error files
 
 
+class TrainingStopped(NotRetryable, RuntimeError):
+    """The caller's ``should_stop`` ended the run early (e.g. a pruned sweep trial): nothing is published."""
+
+
 class TrainingSetupError(UserError):
     """The configuration, data or checkpoint do not fit together; retrying will not help."""
 

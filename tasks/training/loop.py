@@ -28,6 +28,7 @@ from tasks.training.distributed import DistEnv
 from tasks.training.job import (
     StepPlan,
     TrainingSetupError,
+    TrainingStopped,
     TrainJob,
     UnrecoverableTrainingError,
     configure_backends,
@@ -174,6 +175,8 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
                     f"peak mem {metrics['peak_mem_mb']:,.0f} MiB"
                 )
                 ctx.progress(run.step / plan.total_steps, f"step {run.step}: val loss {row['val_loss']:.4f}")
+            if ctx.should_stop(run.step, row["val_loss"]):
+                raise TrainingStopped(f"train: stopped at step {run.step} (val loss {row['val_loss']:.4f})")
         if at_ckpt:
             write_checkpoint(ckpt_dir, model, optimizer, run, unused_from[0], plan, env, device, cfg.keep_checkpoints)
         segment_start, segment_tokens = time.perf_counter(), 0

@@ -217,15 +217,15 @@ def test_reader_options_are_validated():
 
 
 def test_stage_reruns_on_source_change_and_reuses_unchanged_files(tmp_path: Path):
-    from tasks.stages import run_stage, stage_fingerprint
+    from tasks.stages import run_stage, stage_key
     from tests.support.corpus import tiny_config, write_corpus
 
     write_corpus(tmp_path / "corpus")
     cfg = tiny_config(tmp_path / "corpus", tmp_path / "root")
     first, _ = run_stage("ingest", cfg, {}, log=lambda m: None)
-    assert stage_fingerprint("ingest", cfg, {}) == first.fingerprint  # unchanged tree: the Prefect cache hits
+    assert stage_key("ingest", cfg, {}).fingerprint == first.fingerprint  # unchanged tree: the Prefect cache hits
     (tmp_path / "corpus" / "docs" / "added.txt").write_text(prose(77))
-    assert stage_fingerprint("ingest", cfg, {}) != first.fingerprint  # (path, size, mtime) snapshot changed
+    assert stage_key("ingest", cfg, {}).fingerprint != first.fingerprint  # (path, size, mtime) snapshot changed
     second, reused = run_stage("ingest", cfg, {}, log=lambda m: None)
     assert not reused and second.counts["files"]["read"] == 1
     assert second.counts["files"]["reused"] == first.counts["files"]["read"]

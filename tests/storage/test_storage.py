@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.artifacts import ArtifactStore, CorruptArtifactError, StageContext
+from storage.artifacts import ArtifactStore, CorruptArtifactError, StageContext, StageKey
 from storage.hashing import fingerprint
 
 
@@ -32,18 +32,20 @@ def test_fingerprint_changes_with_any_part():
 
 def test_build_publishes_manifest_and_reuses(tmp_path: Path):
     store = ArtifactStore(tmp_path)
-    manifest, reused = store.build("s", "1", {"p": 1}, [], _writer(b"abc"))
+    manifest, reused = store.build(StageKey(stage="s", version="1", params={"p": 1}, inputs=[]), _writer(b"abc"))
     assert not reused
     assert Path(manifest.path, "manifest.json").is_file()
     assert {f.path for f in manifest.files} == {"data.bin", "sub/more.txt"}
-    again, reused = store.build("s", "1", {"p": 1}, [], _writer(b"SHOULD NOT RUN"))
+    again, reused = store.build(
+        StageKey(stage="s", version="1", params={"p": 1}, inputs=[]), _writer(b"SHOULD NOT RUN")
+    )
     assert reused and again.content_hash == manifest.content_hash
     assert not [p for p in (tmp_path / "s").iterdir() if p.name.startswith(".")]
 
 
 def test_same_inputs_give_same_content_hash(tmp_path: Path):
-    a, _ = ArtifactStore(tmp_path / "a").build("s", "1", {}, [], _writer(b"abc"))
-    b, _ = ArtifactStore(tmp_path / "b").build("s", "1", {}, [], _writer(b"abc"))
+    a, _ = ArtifactStore(tmp_path / "a").build(StageKey(stage="s", version="1", params={}, inputs=[]), _writer(b"abc"))
+    b, _ = ArtifactStore(tmp_path / "b").build(StageKey(stage="s", version="1", params={}, inputs=[]), _writer(b"abc"))
     assert a.content_hash == b.content_hash and a.fingerprint == b.fingerprint
 
 
@@ -55,7 +57,7 @@ def test_failed_stage_leaves_nothing_visible(tmp_path: Path):
         raise RuntimeError("stage died")
 
     with pytest.raises(RuntimeError, match="stage died"):
-        store.build("s", "1", {}, [], boom)
+        store.build(StageKey(stage="s", version="1", params={}, inputs=[]), boom)
     assert [p.name for p in (tmp_path / "s").iterdir() if not p.name.endswith(".work")] == []
 
 
@@ -65,14 +67,14 @@ def test_stale_temporary_of_dead_process_is_removed(tmp_path: Path):
     stale = tmp_path / "s" / f".{fp}.tmp-999999999-deadbeef"
     stale.mkdir(parents=True)
     (stale / "half.bin").write_bytes(b"x")
-    store.build("s", "1", {}, [], _writer(b"abc"))
+    store.build(StageKey(stage="s", version="1", params={}, inputs=[]), _writer(b"abc"))
     assert not stale.exists()
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_corrupt_artifact_is_detected_and_rebuilt(tmp_path: Path, damage: str):
     store = ArtifactStore(tmp_path)
-    manifest, _ = store.build("s", "1", {}, [], _writer(b"abcdef"))
+    manifest, _ = store.build(StageKey(stage="s", version="1", params={}, inputs=[]), _writer(b"abcdef"))
     target = Path(manifest.path) / "data.bin"
     if damage == "flip":
         target.write_bytes(b"abcdeF")
@@ -82,6 +84,8 @@ def test_corrupt_artifact_is_detected_and_rebuilt(tmp_path: Path, damage: str):
         os.remove(target)
     with pytest.raises(CorruptArtifactError):
         store.verify(manifest)
-    rebuilt, reused = store.build("s", "1", {}, [], _writer(b"abcdef"), log=lambda m: None)
+    rebuilt, reused = store.build(
+        StageKey(stage="s", version="1", params={}, inputs=[]), _writer(b"abcdef"), log=lambda m: None
+    )
     assert not reused and rebuilt.content_hash == manifest.content_hash
     assert any(p.name.startswith(f".{manifest.fingerprint}.corrupt-") for p in (tmp_path / "s").iterdir())
