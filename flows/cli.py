@@ -376,6 +376,29 @@ def _bound(r: dict) -> str:
     return f"; rule{preset}: keep if " + " and ".join(b for b in bounds if b) if any(bounds) else ""
 
 
+@lineage_app.command("step")
+def lineage_step(
+    model: str = typer.Argument(..., help="Train fingerprint (or a unique prefix)."),
+    step: int = typer.Argument(..., help="Optimizer step, 1-based as in train_log.jsonl."),
+    root: str = LRoot,
+    as_json: bool = LJson,
+) -> None:
+    """The documents and token spans optimizer step N of a model trained on (recomputed from the loader)."""
+    from storage.artifacts import ArtifactStore
+    from tasks.training.provenance import step_provenance
+
+    def render(r: dict) -> None:
+        loss = f", loss {r['loss']:.4f}" if r.get("loss") is not None else ""
+        console.print(f"model {r['model'][:12]} step {r['step']}{loss}: {len(r['windows'])} windows, "
+                      f"{len(r['documents'])} documents")  # fmt: skip
+        for w in r["windows"]:
+            docs = ", ".join(f"{d['doc_id']} [{d['tokens'][0]}, {d['tokens'][1]})" for d in w["docs"])
+            console.print(f"  micro {w['micro_batch']} rank {w['rank']} {w['shard']} tokens "
+                          f"[{w['tokens'][0]}, {w['tokens'][1]}): {docs}", soft_wrap=True)  # fmt: skip
+
+    _answer(lambda: step_provenance(ArtifactStore(root), model, step), as_json, render)
+
+
 @lineage_app.command("contamination")
 def lineage_contamination(
     set_name: str | None = typer.Option(None, "--set", help="Only this evaluation set (val, test or a named set)."),
@@ -418,6 +441,14 @@ def lineage_source(source: str, root: str = LRoot, run_id: str | None = LRun, as
         for sh in r["shards"]:
             console.print(f"  shard {sh['shard']:<14} {sh['docs']:>7,} docs {sh['tokens']:>12,} tokens")
         _print_models(r["models"])
+        for m in r["models"]:
+            realized = m.get("tokens_per_source") or {}
+            if r["source"] in realized:
+                total = sum(realized.values()) or 1
+                console.print(
+                    f"  model {m['fingerprint'][:12]} trained on {realized[r['source']]:,} tokens of it "
+                    f"({realized[r['source']] / total:.1%} of its training tokens, source weights)"
+                )
 
     _answer(lambda: _queries(root).source(source, run_id), as_json, render)
 

@@ -97,6 +97,9 @@ MIGRATIONS: list[str] = [
         read_at TIMESTAMPTZ
     );
     """,
+    """
+    ALTER TABLE artifact_edges ADD COLUMN tokens_per_source JSON;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 TRAIN_METRIC_COLUMNS = (
@@ -401,7 +404,7 @@ class LineageStore:
             for ref in manifest.inputs:
                 coverage = self._coverage(con, manifest.stage, ref.stage, ref.fingerprint)
                 con.execute(
-                    "INSERT OR IGNORE INTO artifact_edges VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO artifact_edges VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [
                         ref.stage,
                         ref.fingerprint,
@@ -409,8 +412,16 @@ class LineageStore:
                         manifest.fingerprint,
                         RELATIONS.get(manifest.stage, "derived_from"),
                         json.dumps(coverage) if coverage is not None else None,
+                        json.dumps(realized) if (realized := self._realized(manifest, ref.stage)) else None,
                     ],
                 )
+
+    @staticmethod
+    def _realized(manifest: Manifest, src_stage: str) -> dict | None:
+        """Training tokens per source that a weighted model read (its trained_on edge carries them)."""
+        if manifest.stage != "train" or src_stage != "tokenize":
+            return None
+        return manifest.counts.get("tokens_per_source")
 
     @staticmethod
     def _coverage(con: duckdb.DuckDBPyConnection, dst_stage: str, src_stage: str, src_fp: str) -> dict | None:

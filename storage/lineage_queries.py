@@ -103,7 +103,8 @@ class LineageQueries:
     def _models_for_shards(self, tokenize_fp: str, shards: set[str]) -> list[dict]:
         """Train/evaluate artifacts whose edge from this tokenize artifact covers any of ``shards``."""
         edges = self.store.query(
-            "SELECT e.dst_stage, e.dst_fingerprint, e.relation, e.coverage, a.uri, a.run_id FROM artifact_edges e "
+            "SELECT e.dst_stage, e.dst_fingerprint, e.relation, e.coverage, e.tokens_per_source, a.uri, a.run_id "
+            "FROM artifact_edges e "
             "LEFT JOIN artifacts a ON a.stage = e.dst_stage AND a.fingerprint = e.dst_fingerprint "
             "WHERE e.src_stage = 'tokenize' AND e.src_fingerprint = ?",
             [tokenize_fp],
@@ -113,7 +114,8 @@ class LineageQueries:
             covered = set(json.loads(e["coverage"] or "{}"))
             hit = sorted(covered & shards)
             if hit:
-                out.append(_model_entry(e, hit))
+                realized = json.loads(e["tokens_per_source"]) if e.get("tokens_per_source") else None
+                out.append(_model_entry(e, hit) | ({"tokens_per_source": realized} if realized else {}))
         return out + self._derived_from_models(out)
 
     def _derived_from_models(self, models: list[dict]) -> list[dict]:

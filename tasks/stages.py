@@ -61,7 +61,9 @@ def _redacted(options: Any) -> Any:
 
 
 def _ingest_params(cfg: PipelineConfig) -> dict[str, Any]:
-    sources = [s.model_dump() | {"storage_options": _redacted(s.storage_options)} for s in cfg.sources]
+    sources = [
+        s.model_dump(exclude=set(s.MIXTURE)) | {"storage_options": _redacted(s.storage_options)} for s in cfg.sources
+    ]
     return {"sources": sources, "snapshot": _source_snapshot(cfg)}
 
 
@@ -151,9 +153,25 @@ def _produce_train(run: StageRun) -> StageResult:
         cfg.train,
         cfg.seed,
         run.ctx,
+        mixture=_mixture(cfg, tokens),
         eot_id=tokens.counts["eot_id"],
     )
     return StageResult(extra=counts)
+
+
+def _mixture(cfg: PipelineConfig, tokens: Manifest) -> dict[str, Any] | None:
+    mixture = cfg.mixture()
+    return mixture | {"ledger_files": [str(p) for p in tokens.files_under("ledger/")]} if mixture else None
+
+
+def _train_params(cfg: PipelineConfig) -> dict[str, Any]:
+    params = {
+        "model": cfg.model.sizes(),
+        "train": cfg.train.model_dump(exclude=set(cfg.train.PLACEMENT)),
+        "seed": cfg.seed,
+    }
+    mixture = cfg.mixture()
+    return params | {"mixture": mixture} if mixture else params  # unweighted runs keep their fingerprints
 
 
 def _produce_evaluate(run: StageRun) -> StageResult:
@@ -191,11 +209,7 @@ SPECS: dict[str, StageSpec] = {
     "train": StageSpec(
         "train",
         train.VERSION,
-        lambda c: {
-            "model": c.model.sizes(),
-            "train": c.train.model_dump(exclude=set(c.train.PLACEMENT)),
-            "seed": c.seed,
-        },
+        _train_params,
         _produce_train,
     ),
     "evaluate": StageSpec(

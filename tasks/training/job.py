@@ -39,6 +39,7 @@ class TrainJob:
     model: dict
     train: dict
     seed: int
+    mixture: dict | None = None  # source weights for the loader (tasks.training.loader.Mixture fields)
     eot_id: int | None = None  # the end-of-text token: where documents start, for train.align "bos"
 
     @classmethod
@@ -50,6 +51,7 @@ class TrainJob:
         model_cfg: ModelConfig,
         cfg: TrainConfig,
         seed: int,
+        mixture: dict | None = None,
         eot_id: int | None = None,
     ) -> TrainJob:
         return cls(
@@ -59,6 +61,7 @@ class TrainJob:
             model_cfg.sizes(),
             cfg.model_dump(),
             seed,
+            mixture,
             eot_id,
         )
 

@@ -34,7 +34,7 @@ from tasks.training.job import (
     configure_backends,
     pick_device,
 )
-from tasks.training.loader import LoaderState, TokenWindows, WindowSampler
+from tasks.training.loader import LoaderState, TokenWindows, make_sampler
 from tasks.training.optim import build_optimizer
 from tasks.training.schedule import lr_at
 from tasks.training.telemetry import append_jsonl, device_name, mfu, peak_memory_mb, plot_loss_curve
@@ -71,7 +71,8 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
     if ckpt is not None and env.is_main:
         ctx.log(f"train: resumed from checkpoint at step {run.step} (epoch {run.loader.epoch})")
     del ckpt
-    sampler = WindowSampler(len(train_windows), job.seed, env.rank, env.world_size, state=run.loader)
+    train_paths = [Path(p) for p in job.train_shards]
+    sampler = make_sampler(train_windows, train_paths, job.mixture, job.seed, env.rank, env.world_size, run.loader)
 
     step_model: torch.nn.Module = torch.compile(model) if cfg.compile else model
     if env.distributed:

@@ -117,7 +117,7 @@ def test_checkpoints_keep_the_last_k_with_clean_keys_and_load_weights_only(shard
     ckpts = sorted((tmp_path / "work" / "checkpoints").glob("ckpt-*.pt"))
     assert [p.name for p in ckpts] == ["ckpt-00000006.pt", "ckpt-00000008.pt"]
     state = load_latest_checkpoint(tmp_path / "work" / "checkpoints")  # weights_only=True inside
-    assert state["step"] == 8 and state["loader"] == {"epoch": 0, "offset": 8 * 2 * 4}
+    assert state["step"] == 8 and state["loader"] == {"epoch": 0, "offset": 8 * 2 * 4, "consumed": None}
     assert not [k for k in state["model"] if k.startswith(("_orig_mod.", "module."))]
     assert {"cpu"} <= set(state["rng"][0]) and state["optimizer"]["state"]
     model = load_model(tmp_path / "out")
@@ -247,7 +247,7 @@ def _job_dir(tmp: Path, shards, cfg: TrainConfig, model: ModelConfig) -> Path:
     job_dir = tmp / "job"
     job_dir.mkdir(parents=True)
     (tmp / "out").mkdir()
-    job = TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7, EOT)
+    job = TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7, eot_id=EOT)
     (job_dir / "job.json").write_text(job.to_json())
     (job_dir / "paths.json").write_text(json.dumps({"out_dir": str(tmp / "out"), "work_dir": str(tmp / "work")}))
     return job_dir
@@ -263,7 +263,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(shards, t
     model, cfg = _recipe(recipe, max_steps=4, batch_size=2, grad_accum=1, batch_tokens=2 * 2 * 16 * 2, eval_interval=2)
     model = model.model_copy(update={"dropout": 0.0})
     single = run_training(
-        TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7, EOT),
+        TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7, eot_id=EOT),
         _ctx(tmp_path, "single", "single-work"),
         DistEnv(),
     )
@@ -280,7 +280,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(shards, t
     for (name, p), q in zip(ref.named_parameters(), got.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     # the 2-process checkpoint (step 2) resumes on 1 process: same windows, same global batch, same losses
-    job = TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7, EOT)
+    job = TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7, eot_id=EOT)
     (tmp_path / "resumed").mkdir()
     resumed = run_training(job, StageContext(tmp_path / "resumed", tmp_path / "ddp" / "work"), DistEnv())
     assert resumed["resumed_from_step"] == 2
