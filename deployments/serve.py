@@ -2,7 +2,8 @@
 
 - ``pipeline/tokenmill``: the whole pipeline (Run → Custom run in the UI edits the config form);
 - ``nightly-refresh/nightly``: the refresh on a cron schedule (02:00 in a configurable time zone);
-- ``stage/<name>`` for each stage of ``storage.stage_graph.STAGES``: rerun one stage of a recorded run.
+- ``stage/<name>`` for each stage of ``storage.stage_graph.STAGES``: rerun one stage of a recorded run;
+- ``sweep/tokenmill``: a sweep (the form takes a spec path or an inline space with a base config, trials, objective).
 
 ``tokenmill serve`` serves them all from one process (a process "work pool" with no worker to run);
 ``tokenmill deploy --pool P`` registers the same deployments with a work pool (process, Docker, Kubernetes),
@@ -26,6 +27,8 @@ from tasks.stages import STAGES
 NIGHTLY_CRON = "0 2 * * *"
 PIPELINE_DEPLOYMENT = "pipeline/tokenmill"
 NIGHTLY_DEPLOYMENT = "nightly-refresh/nightly"
+SWEEP_DEPLOYMENT = "sweep/tokenmill"
+SWEEP_SPEC = "configs/sweep-quickstart.yaml"
 TAGS = ["tokenmill"]
 
 
@@ -40,6 +43,7 @@ def build_deployments(
     from flows.pipeline import pipeline
     from flows.refresh import nightly_refresh
     from flows.stage import stage
+    from flows.sweep import sweep
 
     timezone = timezone or os.environ.get("TOKENMILL_TIMEZONE", "UTC")
     params = {"config": config.model_dump(mode="json")}
@@ -56,6 +60,14 @@ def build_deployments(
             **common,
         ),
     ]
+    deployments.append(
+        sweep.to_deployment(
+            name="tokenmill",
+            parameters={"spec_path": SWEEP_SPEC},
+            description="Tune on validation over model and data parameters; evaluate the winner on test once.",
+            **common,
+        )
+    )
     for name in STAGES:
         deployments.append(
             stage.to_deployment(

@@ -196,6 +196,50 @@ def deploy(
     console.print(f"{len(ids)} deployments registered with work pool {work_pool!r}")
 
 
+@app.command("sweep")
+def sweep_command(
+    spec: Path = typer.Option(..., "--spec", "-s", help="Sweep spec YAML (base, space, sampler, trials, objective)."),
+    trials: int | None = typer.Option(None, min=1, help="Override the spec's number of trials."),
+    objective: str | None = typer.Option(None, help="Override the spec's objective: val_bpb or val_loss."),
+    test: bool = typer.Option(True, "--test/--no-test", help="Evaluate the winner on test (once) at the end."),
+    allow_second_test: bool = typer.Option(
+        False, "--allow-second-test", help="Read test although this sweep (or its name) already did (see docs)."
+    ),
+) -> None:
+    """Tune model and data parameters on the fixed validation set; evaluate only the winner on test."""
+    from flows.sweep import sweep
+    from tasks.errors import UserError
+    from tasks.sweep.spec import load_spec
+
+    try:
+        load_spec(spec, trials=trials, objective=objective)  # a bad spec fails here, before a flow run starts
+        result = sweep(
+            spec_path=str(spec), trials=trials, objective=objective, test=test, allow_second_test=allow_second_test
+        )
+    except UserError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    _print_sweep(_queries(result["root"]).sweep(result["sweep_id"]))
+    console.print(f"report: {result['report']}")
+
+
+def _print_sweep(r: dict) -> None:
+    table = Table(title=f"sweep {r['sweep_id']} ({r['sampler']}, {r['status']})")
+    rows = r["leaderboard"]
+    for col in rows[0] if rows else ():
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+    for read in r["test_reads"]:
+        console.print(
+            f"test read: trial {read['trial']} ({read['run_id']}) at {read['read_at']}: loss {read['test_loss']:.4f}, "
+            f"bits/byte {read['test_bpb']:.4f}{' (override)' if read['override'] else ''}"
+        )
+    if not r["test_reads"]:
+        console.print("test split not read")
+
+
 @app.command()
 def server(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
@@ -329,6 +373,29 @@ def _bound(r: dict) -> str:
     return f"; rule{preset}: keep if " + " and ".join(b for b in bounds if b) if any(bounds) else ""
 
 
+@lineage_app.command("step")
+def lineage_step(
+    model: str = typer.Argument(..., help="Train fingerprint (or a unique prefix)."),
+    step: int = typer.Argument(..., help="Optimizer step, 1-based as in train_log.jsonl."),
+    root: str = LRoot,
+    as_json: bool = LJson,
+) -> None:
+    """The documents and token spans optimizer step N of a model trained on (recomputed from the loader)."""
+    from storage.artifacts import ArtifactStore
+    from tasks.training.provenance import step_provenance
+
+    def render(r: dict) -> None:
+        loss = f", loss {r['loss']:.4f}" if r.get("loss") is not None else ""
+        console.print(f"model {r['model'][:12]} step {r['step']}{loss}: {len(r['windows'])} windows, "
+                      f"{len(r['documents'])} documents")  # fmt: skip
+        for w in r["windows"]:
+            docs = ", ".join(f"{d['doc_id']} [{d['tokens'][0]}, {d['tokens'][1]})" for d in w["docs"])
+            console.print(f"  micro {w['micro_batch']} rank {w['rank']} {w['shard']} tokens "
+                          f"[{w['tokens'][0]}, {w['tokens'][1]}): {docs}", soft_wrap=True)  # fmt: skip
+
+    _answer(lambda: step_provenance(ArtifactStore(root), model, step), as_json, render)
+
+
 @lineage_app.command("contamination")
 def lineage_contamination(
     set_name: str | None = typer.Option(None, "--set", help="Only this evaluation set (val, test or a named set)."),
@@ -371,6 +438,14 @@ def lineage_source(source: str, root: str = LRoot, run_id: str | None = LRun, as
         for sh in r["shards"]:
             console.print(f"  shard {sh['shard']:<14} {sh['docs']:>7,} docs {sh['tokens']:>12,} tokens")
         _print_models(r["models"])
+        for m in r["models"]:
+            realized = m.get("tokens_per_source") or {}
+            if r["source"] in realized:
+                total = sum(realized.values()) or 1
+                console.print(
+                    f"  model {m['fingerprint'][:12]} trained on {realized[r['source']]:,} tokens of it "
+                    f"({realized[r['source']] / total:.1%} of its training tokens, source weights)"
+                )
 
     _answer(lambda: _queries(root).source(source, run_id), as_json, render)
 
@@ -468,6 +543,27 @@ def lineage_openlineage(
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
     console.print(f"sent {n} OpenLineage events to {to}")
+
+
+@lineage_app.command("sweep")
+def lineage_sweep(sweep_id: str, root: str = LRoot, as_json: bool = LJson) -> None:
+    """A sweep's leaderboard (by sweep id or name), its winner and the reads of its test split."""
+    _answer(lambda: _queries(root).sweep(sweep_id), as_json, _print_sweep)
+
+
+@lineage_app.command("sweeps")
+def lineage_sweeps(root: str = LRoot, limit: int = 20, as_json: bool = LJson) -> None:
+    """Sweeps, newest first."""
+
+    def render(rows: list[dict]) -> None:
+        table = Table()
+        for col in ("sweep_id", "name", "objective", "sampler", "trials_planned", "status", "winner", "started_at"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(*(str(v)[:19] if k == "started_at" else str(v) for k, v in r.items()))
+        console.print(table)
+
+    _answer(lambda: _lineage(root).sweeps(limit), as_json, render)
 
 
 @lineage_app.command("check")
@@ -619,14 +715,20 @@ def evaluate(
 
 @app.command("export")
 def export_command(
-    model: Path = typer.Option(..., "--model", "-m", help="A train artifact folder."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="A train artifact folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (transformers layout)."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="tokenizer.json (default: lineage)."),
     special_tokens: list[str] = typer.Option(["<|endoftext|>", "<|pad|>"], "--special-token"),
+    sweep: str | None = typer.Option(None, "--sweep", help="Export a sweep's winner (sweep id or name) instead."),
+    root: str = typer.Option("./data", "--root", "-r", help="Data root of --sweep."),
 ) -> None:
-    """Write MODEL as safetensors + config + tokenizer that transformers' AutoModelForCausalLM loads."""
+    """Write MODEL (or a sweep's winner) as safetensors + config + tokenizer for transformers' AutoModelForCausalLM."""
     from tasks.modeling.export import export_model, find_tokenizer
 
+    if (model is None) == (sweep is None):
+        raise typer.BadParameter("give --model or --sweep (one of them)")
+    if sweep is not None:
+        model = _sweep_winner_model(root, sweep)
     try:
         path = find_tokenizer(model) if tokenizer is None else tokenizer
         counts = export_model(model, path / "tokenizer.json" if path.is_dir() else path, special_tokens, out)
@@ -634,6 +736,24 @@ def export_command(
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
     console.print(f"exported {counts['params']:,} parameters to {out} ({counts['format']})")
+
+
+def _sweep_winner_model(root: str, sweep_id: str) -> Path:
+    """The train artifact of a sweep's selected trial, found through lineage."""
+    from storage.artifacts import local_folder
+
+    try:
+        winner = _queries(root).sweep(sweep_id)["winner"]
+    except LookupError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    if winner is None:
+        console.print(f"[red]sweep {sweep_id} has no winner yet[/red]: run `tokenmill sweep` to the end first")
+        raise typer.Exit(1)
+    artifact = _lineage(root).query(
+        "SELECT uri FROM artifacts WHERE stage = 'train' AND fingerprint = ?", [winner["fingerprints"]["train"]]
+    )
+    return local_folder(artifact[0]["uri"])
 
 
 if __name__ == "__main__":

@@ -84,16 +84,21 @@ def _gpu_slot(name: str, cfg: PipelineConfig):
     """One GPU job at a time: hold a slot of the ``gpu`` global concurrency limit (created with limit 1 if absent)."""
     if not uses_gpu(name, cfg):
         return nullcontext()
+    return concurrency_slot(GPU_CONCURRENCY_LIMIT, 1)
+
+
+def concurrency_slot(limit_name: str, limit: int):
+    """Hold one slot of a global concurrency limit, creating it with ``limit`` slots if absent."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(GPU_CONCURRENCY_LIMIT)
+            client.read_global_concurrency_limit_by_name(limit_name)
         except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_CONCURRENCY_LIMIT, limit=1))
-    return concurrency(GPU_CONCURRENCY_LIMIT, occupy=1, strict=True)
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit_name, limit=limit))
+    return concurrency(limit_name, occupy=1, strict=True)
 
 
 def progress_reporter(name: str) -> Callable[[float, str], None]:

@@ -149,6 +149,8 @@ class StageContext:
     work_dir: Path
     log: Callable[[str], None] = print
     progress: Callable[[float, str], None] = field(default=lambda fraction, message: None)
+    # Asked after each periodic validation of a training run: True stops it (a sweep pruning a weak trial).
+    should_stop: Callable[[int, float], bool] = field(default=lambda step, val_loss: False)
     # Remote roots: the attempt folder this build publishes into. Parts may upload files there themselves (so
     # workers need no shared file system) and list them in ``uploaded``; the manifest names both kinds.
     attempt_uri: str | None = None

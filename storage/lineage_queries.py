@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from storage.artifacts import ArtifactStore, CorruptArtifactError, ledger_folder, local_folder
+from storage.leaderboard import leaderboard_rows
 from storage.ledger import LedgerIndex
 from storage.lineage import LineageStore
 from storage.stage_graph import DOWNSTREAM, LEDGER_STAGES
@@ -102,7 +103,8 @@ class LineageQueries:
     def _models_for_shards(self, tokenize_fp: str, shards: set[str]) -> list[dict]:
         """Train/evaluate artifacts whose edge from this tokenize artifact covers any of ``shards``."""
         edges = self.store.query(
-            "SELECT e.dst_stage, e.dst_fingerprint, e.relation, e.coverage, a.uri, a.run_id FROM artifact_edges e "
+            "SELECT e.dst_stage, e.dst_fingerprint, e.relation, e.coverage, e.tokens_per_source, a.uri, a.run_id "
+            "FROM artifact_edges e "
             "LEFT JOIN artifacts a ON a.stage = e.dst_stage AND a.fingerprint = e.dst_fingerprint "
             "WHERE e.src_stage = 'tokenize' AND e.src_fingerprint = ?",
             [tokenize_fp],
@@ -112,7 +114,8 @@ class LineageQueries:
             covered = set(json.loads(e["coverage"] or "{}"))
             hit = sorted(covered & shards)
             if hit:
-                out.append(_model_entry(e, hit))
+                realized = json.loads(e["tokens_per_source"]) if e.get("tokens_per_source") else None
+                out.append(_model_entry(e, hit) | ({"tokens_per_source": realized} if realized else {}))
         return out + self._derived_from_models(out)
 
     def _derived_from_models(self, models: list[dict]) -> list[dict]:
@@ -577,3 +580,25 @@ class LineageQueries:
             else:
                 checked.append("dedup: every duplicate's cluster_id is a kept or indexed document")
         return {"run_id": run_id, "ok": not problems, "problems": problems, "checked": checked}
+
+    @_one_connection
+    def sweep(self, sweep_id: str) -> dict:
+        """A sweep's leaderboard, its winner and every read of its test split (by id, or the newest of a name)."""
+        row = self.store.sweep(sweep_id)
+        trials = self.store.trials(row["sweep_id"])
+        spec = json.loads(row["spec"]) if row["spec"] else {}
+        winner = next((t for t in trials if t["selected"]), None)
+        return {
+            "sweep_id": row["sweep_id"],
+            "name": row["name"],
+            "status": row["status"],
+            "objective": row["objective"],
+            "sampler": row["sampler"],
+            "space": spec.get("space"),
+            "eval_set": row["eval_set"],
+            "started_at": row["started_at"],
+            "ended_at": row["ended_at"],
+            "leaderboard": leaderboard_rows(trials, row["objective"]),
+            "winner": winner and {k: winner[k] for k in ("trial", "run_id", "params", "objective", "fingerprints")},
+            "test_reads": self.store.test_reads(row["sweep_id"], row["name"]),
+        }

@@ -50,6 +50,15 @@ class SourceConfig(Section):
         16 * 2**20, ge=1, description="JSONL lines longer than this are skipped in bounded memory and recorded."
     )
     storage_options: dict[str, Any] = Field(default={}, description="fsspec options (e.g. S3 endpoint, keys).")
+    weight: float | None = Field(
+        None, gt=0, description="Target share of training tokens (relative to the other sources' weights)."
+    )
+    max_repeats: float | None = Field(
+        None, gt=0, description="With weights: read this source's training windows at most this many times."
+    )
+
+    # What the train loader does with the source, not what ingest reads: not part of ingest's fingerprint.
+    MIXTURE: ClassVar[frozenset[str]] = frozenset({"weight", "max_repeats"})
 
     @model_validator(mode="after")
     def _split_pattern(self) -> SourceConfig:
@@ -549,7 +558,23 @@ class PipelineConfig(Section):
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique, got {names}")
+        weighted = [s.name for s in sources if s.weight is not None]
+        if weighted and len(weighted) != len(sources):
+            unweighted = [n for n in names if n not in weighted]
+            raise ValueError(f"sources[].weight: give every source a weight or none; missing for {unweighted}")
+        if any(s.max_repeats is not None for s in sources) and not weighted:
+            raise ValueError("sources[].max_repeats applies to weighted sources: set sources[].weight too")
         return sources
+
+    def mixture(self) -> dict[str, Any] | None:
+        """Source weights and repeat caps for the train loader, or None when the sources are not weighted."""
+        if self.sources[0].weight is None:
+            return None
+        return {
+            "sources": [s.name for s in self.sources],
+            "weights": [s.weight for s in self.sources],
+            "max_repeats": [s.max_repeats for s in self.sources],
+        }
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: object) -> PipelineConfig:

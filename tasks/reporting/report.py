@@ -174,6 +174,8 @@ def metric_rows(report: dict, data: dict, curve: list[dict]) -> list[dict]:
     for name, c in ((data.get("contamination") or {}).get("sets") or {}).items():
         add("tokenize", None, name, None, "contamination.items_matched", c["items_matched"])
         add("tokenize", None, name, None, "contamination.docs_matched", c["docs_matched"])
+    for source, tokens in ((data.get("mixture") or {}).get("tokens_per_source") or {}).items():
+        add("train", "train", source, None, "tokens", tokens)
     for split, s in data.get("splits", {}).items():
         for metric in ("docs", "tokens", "bytes"):
             add("tokenize", split, ALL, None, metric, s.get(metric))
@@ -242,7 +244,28 @@ def data_summary(manifests: dict[str, Manifest]) -> dict:
         "tokens_per_source": tokenize.get("tokens_per_source", {}),
         "dropped_samples": dropped_samples(manifests),
         "contamination": tokenize.get("contamination"),
+        "mixture": _mixture(manifests["train"].counts) if "train" in manifests else None,
     }
+
+
+def _mixture(counts: dict) -> dict | None:
+    """Realized against target shares of training tokens per source (runs with source weights)."""
+    if "tokens_per_source" not in counts:
+        return None
+    return {k: counts[k] for k in ("tokens_per_source", "share_per_source", "target_share_per_source")}
+
+
+def loss_spikes(manifests: dict[str, Manifest], n: int = 3) -> list[dict]:
+    """The steps with the highest training loss after warm-up and the documents they held (recomputed)."""
+    if "train" not in manifests or "tokenize" not in manifests:
+        return []
+    from tasks.training.provenance import highest_loss_steps
+
+    store, model = ArtifactStore.of_artifact(manifests["train"].path)
+    try:
+        return highest_loss_steps(store, model, n)
+    except LookupError:  # e.g. the tokenize artifact was removed from this root
+        return []
 
 
 def training_curve(train_dir: Path) -> list[dict]:
@@ -283,6 +306,18 @@ def data_markdown(data: dict) -> str:
                 score = f"{r['score']:.4g}" if r.get("score") is not None else "–"
                 lines.append(f"| {reason} | `{r['locator'] or r['doc_id']}` | {score} | {opening} |")
         lines.append("")
+    mixture = data.get("mixture")
+    if mixture:
+        lines += [
+            "Source mixture (training tokens):",
+            "",
+            "| source | tokens | share | target |",
+            "|---|---:|---:|---:|",
+        ]
+        for source, tokens in mixture["tokens_per_source"].items():
+            share, target = mixture["share_per_source"][source], mixture["target_share_per_source"][source]
+            lines.append(f"| {source} | {tokens:,} | {share:.1%} | {target:.1%} |")
+        lines.append("")
     contamination = data.get("contamination")
     if contamination:
         action = contamination["action"]
@@ -304,10 +339,17 @@ def data_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def curve_markdown(curve: list[dict]) -> str:
+def curve_markdown(curve: list[dict], spikes: list[dict] | None = None) -> str:
     evals = [p for p in curve if p.get("val_loss") is not None]
     lines = ["## Training", "", "| step | train loss | val loss (fixed subset) |", "|---:|---:|---:|"]
     lines += [f"| {p['step']} | {p['loss']:.4f} | {p['val_loss']:.4f} |" for p in evals]
+    if spikes:
+        lines += ["", "Highest-loss steps after warm-up and what they held (`tokenmill lineage step MODEL STEP`):", ""]
+        lines += ["| step | train loss | documents |", "|---:|---:|---|"]
+        for s in spikes:
+            shown = ", ".join(f"`{d}`" for d in s["documents"][:5])
+            more = f" and {len(s['documents']) - 5} more" if len(s["documents"]) > 5 else ""
+            lines.append(f"| {s['step']} | {s['loss']:.4f} | {shown}{more} |")
     return "\n".join(lines) + "\n"
 
 
@@ -320,7 +362,7 @@ def render_run_markdown(run: dict) -> str:
             f"Model: {run['report']['model']['params']:,} parameters, {prev}.",
             "",
             data_markdown(run["data"]),
-            curve_markdown(run["curve"]),
+            curve_markdown(run["curve"], run.get("loss_spikes")),
             metrics_markdown(run["report"], run["previous"]),
             samples_markdown(run["report"]["samples"]),
         ]
@@ -372,6 +414,7 @@ def build_run_report(
         "curve_png": base64.b64encode(png.read_bytes()).decode() if png is not None and png.is_file() else None,
         "previous_run": previous_run,
         "previous": previous_values(previous_rows),
+        "loss_spikes": loss_spikes(manifests),
         "rows": metric_rows(report, data, curve),
     }
 

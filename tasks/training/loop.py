@@ -27,12 +27,13 @@ from tasks.training.distributed import DistEnv
 from tasks.training.job import (
     StepPlan,
     TrainingSetupError,
+    TrainingStopped,
     TrainJob,
     UnrecoverableTrainingError,
     configure_backends,
     pick_device,
 )
-from tasks.training.loader import LoaderState, TokenWindows, WindowSampler
+from tasks.training.loader import LoaderState, TokenWindows, make_sampler
 from tasks.training.schedule import lr_at
 from tasks.training.telemetry import append_jsonl, device_name, mfu, peak_memory_mb, plot_loss_curve
 from tasks.training.validation import estimate_loss
@@ -68,7 +69,8 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
     if ckpt is not None and env.is_main:
         ctx.log(f"train: resumed from checkpoint at step {run.step} (epoch {run.loader.epoch})")
     del ckpt
-    sampler = WindowSampler(len(train_windows), job.seed, env.rank, env.world_size, state=run.loader)
+    train_paths = [Path(p) for p in job.train_shards]
+    sampler = make_sampler(train_windows, train_paths, job.mixture, job.seed, env.rank, env.world_size, run.loader)
 
     step_model: torch.nn.Module = torch.compile(model) if cfg.compile else model
     if env.distributed:
@@ -172,6 +174,8 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
                     f"peak mem {metrics['peak_mem_mb']:,.0f} MiB"
                 )
                 ctx.progress(run.step / plan.total_steps, f"step {run.step}: val loss {row['val_loss']:.4f}")
+            if ctx.should_stop(run.step, row["val_loss"]):
+                raise TrainingStopped(f"train: stopped at step {run.step} (val loss {row['val_loss']:.4f})")
         if at_ckpt:
             write_checkpoint(ckpt_dir, model, optimizer, run, unused_from[0], plan, env, device, cfg.keep_checkpoints)
         segment_start, segment_tokens = time.perf_counter(), 0
