@@ -554,6 +554,21 @@ def lineage_sweep(sweep_id: str, root: str = LRoot, as_json: bool = LJson) -> No
     _answer(lambda: _queries(root).sweep(sweep_id), as_json, _print_sweep)
 
 
+@lineage_app.command("sweeps")
+def lineage_sweeps(root: str = LRoot, limit: int = 20, as_json: bool = LJson) -> None:
+    """Sweeps, newest first."""
+
+    def render(rows: list[dict]) -> None:
+        table = Table()
+        for col in ("sweep_id", "name", "objective", "sampler", "trials_planned", "status", "winner", "started_at"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(*(str(v)[:19] if k == "started_at" else str(v) for k, v in r.items()))
+        console.print(table)
+
+    _answer(lambda: _lineage(root).sweeps(limit), as_json, render)
+
+
 @lineage_app.command("check")
 def lineage_check(run_id: str | None = typer.Argument(None), root: str = LRoot, as_json: bool = LJson) -> None:
     """Verify conservation per stage, manifest hashes against files, and ledger references."""
