@@ -183,6 +183,8 @@ def _size(counts: dict, reason: str) -> str:
 
 
 def print_run_summary(root: str, run_id: str) -> None:
+    from tasks.reporting.verdicts import verdict_text
+
     lineage = _lineage(root)
     _known_run(lineage, run_id)
     table = Table(title=f"run {run_id}")
@@ -215,6 +217,7 @@ def print_run_summary(root: str, run_id: str) -> None:
                     f"{m['bits_per_byte']:.4f} (bigram {m.get('bigram_bits_per_byte', float('nan')):.4f}, "
                     f"unigram {m['unigram_bits_per_byte']:.4f})"
                 )
+                console.print(verdict_text(split, m))
         probes = metrics.get("probes") or {}
         if probes:
             console.print("probes: " + ", ".join(f"{k.replace('_', ' ')} {100 * v:.1f}%" for k, v in probes.items()))
