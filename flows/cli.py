@@ -55,6 +55,8 @@ def _size(counts: dict, reason: str) -> str:
 
 
 def print_run_summary(root: str, run_id: str) -> None:
+    from tasks.reporting.verdicts import verdict_text
+
     lineage = _lineage(root)
     table = Table(title=f"run {run_id}")
     for col in ("stage", "status", "time (s)", "docs in", "kept", "dropped", "tokens"):
@@ -86,6 +88,7 @@ def print_run_summary(root: str, run_id: str) -> None:
                     f"{m['bits_per_byte']:.4f} (bigram {m.get('bigram_bits_per_byte', float('nan')):.4f}, "
                     f"unigram {m['unigram_bits_per_byte']:.4f})"
                 )
+                console.print(verdict_text(split, m))
         probes = metrics.get("probes") or {}
         if probes:
             console.print("probes: " + ", ".join(f"{k.replace('_', ' ')} {100 * v:.1f}%" for k, v in probes.items()))

@@ -414,6 +414,12 @@ class ModelConfig(Section):
     n_embd: int = Field(128, ge=8, le=16384, description="Embedding width.")
     block_size: int = Field(128, ge=8, le=32768, description="Context length in tokens.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability during training.")
+    arch: Literal["gpt2", "modern"] = Field(
+        "gpt2",
+        description="gpt2: learned positions, LayerNorm, GELU, tied head. modern: rotary positions, RMSNorm, "
+        "QK-norm, untied head, zero-initialised residual projections (docs/training.md).",
+    )
+    mlp: Literal["relu2", "swiglu"] = Field("relu2", description="MLP of the modern arch: ReLU² or SwiGLU.")
 
     @model_validator(mode="before")
     @classmethod
@@ -450,9 +456,20 @@ class TrainConfig(Section):
         description="Tokens per optimizer step over all processes; sets grad_accum = batch_tokens / "
         "(batch_size * block_size * nproc), which must divide exactly.",
     )
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw for everything, or muon for the blocks' matrices and AdamW for the rest."
+    )
     learning_rate: float = Field(3e-3, gt=0, le=1, description="Peak AdamW learning rate.")
+    muon_learning_rate: float = Field(0.02, gt=0, le=1, description="Peak Muon learning rate (optimizer muon).")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="After warm-up: cosine decay, or wsd (constant, then linear decay at the end)."
+    )
+    decay_fraction: float = Field(0.4, gt=0, le=1, description="Share of the steps the wsd schedule decays over.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
     warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps.")
+    align: Literal["none", "bos"] = Field(
+        "none", description="Training windows: a fixed grid (none) or one restarted at every document start (bos)."
+    )
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0 = off).")
     eval_interval: int = Field(100, ge=1, description="Steps between validation evaluations.")

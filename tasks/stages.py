@@ -154,6 +154,7 @@ def _produce_train(run: StageRun) -> StageResult:
         cfg.seed,
         run.ctx,
         mixture=_mixture(cfg, tokens),
+        eot_id=tokens.counts["eot_id"],
     )
     return StageResult(extra=counts)
 
