@@ -217,6 +217,7 @@ def _run_trials(sweep: dict, spec: SweepSpec, study, lineage: LineageStore) -> N
 
     logger = get_run_logger()
     finished, to_ask = plan(study, spec)
+    attempts = {t["trial"]: t["attempts"] for t in lineage.trials(sweep["sweep_id"])}
     pending: list[tuple[Any, dict, PrefectFuture, bool]] = []
     for t in (t for t in finished if t.state == TrialState.COMPLETE):  # pruned trials keep their recorded row
         pending.append((t.number, t.params, trial_task.submit(sweep, t.number, t.params, replay=True), True))
@@ -252,7 +253,9 @@ def _run_trials(sweep: dict, spec: SweepSpec, study, lineage: LineageStore) -> N
             pending.remove(entry)
             number, params, future, replay = entry
             row = future.result() if future.state.is_completed() else _failed_row(number, params, future, sweep)
-            if not replay:
+            if replay:  # a replay reads its stages from cache; the attempts that built them stay recorded
+                row["attempts"] = attempts.get(number) or row.get("attempts")
+            else:
                 if row["status"] == "completed":
                     study.tell(number, row["objective"])
                 elif row["status"] == "pruned":
