@@ -24,3 +24,34 @@ def server_env(host: str = "127.0.0.1", port: int = 4200, ui: bool = True, base:
 
 def server_command(host: str = "127.0.0.1", port: int = 4200) -> list[str]:
     return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+
+
+LOCAL_SERVER = "http://127.0.0.1:4200"
+
+
+def running_server_api(url: str | None = None, timeout_s: float = 0.5) -> str | None:
+    """The API URL of a Prefect server answering at ``url`` (default ``TOKENMILL_SERVER``, else the address
+    ``tokenmill server`` listens on), or None."""
+    import httpx
+
+    url = (url or os.environ.get("TOKENMILL_SERVER") or LOCAL_SERVER).rstrip("/")
+    try:
+        healthy = httpx.get(f"{url}/api/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return None
+    return f"{url}/api" if healthy else None
+
+
+def use_running_server() -> str | None:
+    """Point this process at a running local server unless an API URL is configured already, so a command-line
+    run skips starting Prefect's temporary server (15–60 s); ``TOKENMILL_REUSE_SERVER=0`` turns this off."""
+    if os.environ.get("TOKENMILL_REUSE_SERVER", "1") == "0":
+        return None
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    api = running_server_api()
+    if api:
+        os.environ["PREFECT_API_URL"] = api
+    return api

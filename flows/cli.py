@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 import flows  # noqa: F401 - sets Prefect environment defaults before Prefect is imported
+from flows.console_progress import stage_progress
 from tasks.config import PipelineConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tokenmill: raw text to a trained, evaluated GPT.")
@@ -21,6 +23,12 @@ console = Console()
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML (default: configs/quickstart.yaml settings).")
 RootOpt = typer.Option(None, "--root", "-r", help="Data root (overrides the config's root).")
+AlertsOpt = typer.Option(
+    None,
+    "--alerts",
+    envvar="TOKENMILL_ALERTS",
+    help="Notification block <type>/<name> (e.g. slack-webhook/ops) told when a run fails or crashes.",
+)
 
 
 def load_config(config: Path | None, root: str | None) -> PipelineConfig:
@@ -33,6 +41,16 @@ def load_config(config: Path | None, root: str | None) -> PipelineConfig:
     except ValidationError as err:
         console.print(f"[red]invalid configuration[/red] {config or ''}:\n{err}")
         raise typer.Exit(2) from None
+
+
+@contextmanager
+def prefect_api():
+    """Use a running local Prefect server (``tokenmill server``) when one answers; else Prefect starts its own."""
+    from deployments.server import use_running_server
+
+    if api := use_running_server():
+        console.print(f"using the Prefect server at {api}", highlight=False)
+    yield
 
 
 def _lineage(root: str):
@@ -91,9 +109,10 @@ def run(
 ) -> None:
     """Run the whole pipeline as a Prefect flow and print a summary."""
     cfg = load_config(config, root)
-    from flows.pipeline import pipeline
+    with prefect_api(), stage_progress(console):
+        from flows.pipeline import pipeline
 
-    result = pipeline(config=cfg, force=force)
+        result = pipeline(config=cfg, force=force)
     print_run_summary(cfg.root, result["run_id"])
 
 
@@ -128,9 +147,10 @@ def refresh(
 ) -> None:
     """Run the nightly refresh now: the pipeline on the current sources, plus the per-source document diff."""
     cfg = load_config(config, root)
-    from flows.refresh import nightly_refresh
+    with prefect_api(), stage_progress(console):
+        from flows.refresh import nightly_refresh
 
-    result = nightly_refresh(config=cfg, train_steps=train_steps)
+        result = nightly_refresh(config=cfg, train_steps=train_steps)
     print_run_summary(cfg.root, result["run_id"])
     table = Table(title=f"documents vs run {result['previous_run_id']}")
     for col in ("source", "added", "removed", "changed", "unchanged"):
@@ -160,11 +180,14 @@ def serve(
     ),
     limit: int = typer.Option(4, min=1, help="Flow runs executed at once."),
     wait_for_api: float = typer.Option(0, help="Seconds to wait for the server to come up (0: expect it running)."),
+    alerts: str | None = AlertsOpt,
 ) -> None:
     """Serve every deployment (pipeline, nightly refresh, one per stage) from this process; needs PREFECT_API_URL."""
-    from deployments.serve import serve_all
+    from deployments.serve import default_parameters, serve_all
 
-    serve_all(load_config(config, root), cron=cron, timezone=timezone, limit=limit, wait_s=wait_for_api)
+    cfg = load_config(config, root)
+    params = default_parameters(cfg, config, root)
+    serve_all(cfg, parameters=params, cron=cron, timezone=timezone, limit=limit, wait_s=wait_for_api, alerts=alerts)
 
 
 @app.command()
@@ -177,11 +200,14 @@ def deploy(
     timezone: str = typer.Option(
         "UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", callback=_check_timezone, help="IANA time zone of --cron."
     ),
+    alerts: str | None = AlertsOpt,
 ) -> None:
     """Register the same deployments with a work pool; its workers run them (`prefect worker start --pool P`)."""
-    from deployments.serve import deploy_all
+    from deployments.serve import default_parameters, deploy_all
 
-    ids = deploy_all(load_config(config, root), work_pool, image=image, cron=cron, timezone=timezone)
+    cfg = load_config(config, root)
+    params = default_parameters(cfg, config, root)
+    ids = deploy_all(cfg, work_pool, parameters=params, image=image, cron=cron, timezone=timezone, alerts=alerts)
     console.print(f"{len(ids)} deployments registered with work pool {work_pool!r}")
 
 

@@ -309,6 +309,8 @@ def clean(
     frozen = frozenset(blocked or ())
     parts = [CleanPart(i, units, cfg, str(ctx.out_dir), batch_rows, frozen) for i, units in enumerate(plan)]
     ctx.log(f"clean: {len(parts)} parts")
-    results = map_parts(clean_part, parts, workers)
+    results = map_parts(
+        clean_part, parts, workers, lambda done, total: ctx.progress(done / total, f"{done}/{total} parts")
+    )
     (ctx.out_dir / "docs").mkdir(parents=True, exist_ok=True)
     return StageResult(DocCounts.total(results))

@@ -374,7 +374,12 @@ def ingest(
         f"ingest: {len(plan.jobs)} files ({dict(plan.status)}), reading {len(todo)} "
         f"({total / 2**20:.1f} MiB) in {len(parts)} parts on {min(n_workers, max(len(parts), 1))} workers"
     )
-    map_parts(ingest_part, parts, n_workers if total >= parallel_min_bytes else 1)
+    map_parts(
+        ingest_part,
+        parts,
+        n_workers if total >= parallel_min_bytes else 1,
+        lambda done, n: ctx.progress(done / n, f"{done}/{n} parts"),
+    )
     merged = merge_fragments(plan.jobs, plan.problems, ctx.out_dir, sources)
     for state, seen in plan.states.values():
         state.save(seen)
