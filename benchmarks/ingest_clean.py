@@ -45,7 +45,7 @@ _WEIGHTS = 1.0 / (np.arange(len(_VOCAB)) + 8.0)
 _WEIGHTS /= _WEIGHTS.sum()
 
 
-def _doc(rng: np.random.Generator, kind: int) -> str:
+def synthetic_doc(rng: np.random.Generator, kind: int) -> str:
     """Mostly natural-looking prose; some documents repetitive, short or list-like, so filters have work to do."""
     vocab = _VOCAB
     n = int(rng.integers(80, 1200))
@@ -72,7 +72,7 @@ def generate_corpus(folder: Path, total_mb: float, files: int, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     target = total_mb * 1e6 / files
     pool = [
-        json.dumps({"text": _doc(rng, int(k)), "id": i})
+        json.dumps({"text": synthetic_doc(rng, int(k)), "id": i})
         for i, k in enumerate(rng.choice(4, 2000, p=[0.85, 0.05, 0.05, 0.05]))
     ]
     docs = total = 0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.ingest_clean import _doc
+from benchmarks.ingest_clean import synthetic_doc
 from tasks.config import PipelineConfig
 from tasks.stages import UPSTREAM, run_stage
 
@@ -36,7 +36,7 @@ def write_unique_corpus(folder: Path, total_mb: float, files: int, seed: int = 0
         with open(folder / f"part-{f:04d}.jsonl", "w") as fh:
             while written < total_mb * 1e6 / files:
                 kind = int(rng.choice(4, p=[0.85, 0.05, 0.05, 0.05]))
-                line = json.dumps({"text": _doc(rng, kind), "id": docs}) + "\n"
+                line = json.dumps({"text": synthetic_doc(rng, kind), "id": docs}) + "\n"
                 fh.write(line)
                 written += len(line)
                 docs += 1

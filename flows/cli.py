@@ -321,9 +321,53 @@ def lineage_why(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_js
                 f"({r['duplicate_of_locator']}), similarity {r['similarity']}"
             )
         else:
-            console.print(f"{doc_id}: {r['verdict']} at {r['stage']}: {r['reason']} (score {r['score']})")
+            console.print(f"{doc_id}: {r['verdict']} at {r['stage']}: {r['reason']} (score {r['score']}{_bound(r)})")
+        for flag in r.get("flags") or []:
+            console.print(f"  flagged at {flag['stage']}: {flag['reason']} (score {flag['score']})")
 
     _answer(lambda: _queries(root).why(doc_id, run_id), as_json, render)
+
+
+def _bound(r: dict) -> str:
+    """``, threshold: stat >= low`` for a drop whose rule is known."""
+    t = r.get("threshold")
+    if not t:
+        return ""
+    bounds = [f"{t['stat']} ≥ {t['low']}" if t.get("low") is not None else "",
+              f"{t['stat']} ≤ {t['high']}" if t.get("high") is not None else ""]  # fmt: skip
+    preset = f" in preset {t['preset']}" if t.get("preset") else ""
+    return f"; rule{preset}: keep if " + " and ".join(b for b in bounds if b) if any(bounds) else ""
+
+
+@lineage_app.command("contamination")
+def lineage_contamination(
+    set_name: str | None = typer.Option(None, "--set", help="Only this evaluation set (val, test or a named set)."),
+    model: str | None = typer.Option(None, "--model", help="Only this model (train fingerprint or its prefix)."),
+    root: str = LRoot,
+    as_json: bool = LJson,
+) -> None:
+    """Per model: the evaluation items overlapping documents it trained on (and their duplicates)."""
+
+    def render(r: dict) -> None:
+        if not r["models"]:
+            console.print("no trained models recorded")
+        for m in r["models"]:
+            console.print(f"model {m['model']} (run {m['run_id']})")
+            if not m["checked"]:
+                console.print("  not checked: its tokenize stage ran without decontamination")
+            for name, s in m["sets"].items():
+                console.print(
+                    f"  {name}: {len(s['trained_on'])} of {s['items']} items in its training data, "
+                    f"{len(s['removed'])} removed before training"
+                )
+                for item in s["trained_on"]:
+                    for d in item["docs"]:
+                        copies = f", copies {', '.join(d['copies'])}" if d["copies"] else ""
+                        console.print(
+                            f"    {item['item_id']}: {d['doc_id']} overlap {d['overlap']:.2f} ({d['shard']}{copies})"
+                        )
+
+    _answer(lambda: _queries(root).contamination(set_name, model), as_json, render)
 
 
 @lineage_app.command("source")

@@ -58,7 +58,7 @@ def evaluate_flow(
     force: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the train artifact MODEL on the tokenize artifact TOKENS (val and test splits, probes, samples)."""
-    from flows.pipeline import _run_id, publish_report, run_stages
+    from flows.pipeline import lineage_run_id, publish_report, run_stages
 
     inputs = resolve_inputs(model, tokens, tokenizer)
     store = ArtifactStore(root) if root else ArtifactStore.of_artifact(model)[0]
@@ -67,7 +67,7 @@ def evaluate_flow(
         name=name, root=store.location, seed=seed, evaluate=evaluate, tokenizer=TokenizerConfig(special_tokens=special)
     )
     lineage = LineageStore(store.lineage_path)
-    run_id = _run_id(lineage)
+    run_id = lineage_run_id(lineage)
     record = RunRecorder(lineage, run_id)
     record.start(cfg, str(flow_run.get_id()))
     stages = ("evaluate", "export") if export else ("evaluate",)

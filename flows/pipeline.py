@@ -104,7 +104,7 @@ TRAIN_CONCURRENCY_LIMITS = {"cuda": "gpu", "cpu": "cpu-train"}
 ARTIFACT_UPDATE_EVERY_S = 2.0
 
 
-def _retry_unless_unrecoverable(task, task_run, state: State) -> bool:
+def retry_unless_unrecoverable(task, task_run, state: State) -> bool:
     """Retry a failed stage unless its error says a retry cannot help (``retryable = False``, e.g. first-step OOM)."""
     try:
         state.result()
@@ -173,7 +173,7 @@ def progress_reporter(name: str) -> Callable[[float, str], None]:
 @task(
     retries=1,
     retry_delay_seconds=1,
-    retry_condition_fn=_retry_unless_unrecoverable,
+    retry_condition_fn=retry_unless_unrecoverable,
     cache_key_fn=_stage_cache_key,
     persist_result=True,
     result_serializer="json",
@@ -216,7 +216,7 @@ def counts_table(counts: dict[str, Any], prefix: str = "") -> list[dict[str, Any
     return rows
 
 
-def _run_id(lineage: LineageStore) -> str:
+def lineage_run_id(lineage: LineageStore) -> str:
     """The lineage run id; a retried flow run (same Prefect id) continues the lineage run it started."""
     flow_run_id = flow_run.get_id()
     if flow_run_id and (existing := lineage.run_for_flow_run(str(flow_run_id))):
@@ -392,7 +392,7 @@ def run_pipeline(config: PipelineConfig, force: list[str] | None = None) -> dict
         raise ValueError(f"force names unknown stages {unknown}; stages are {list(STAGES)}")
     store = ArtifactStore(config.root)
     lineage = LineageStore(store.lineage_path)
-    run_id = _run_id(lineage)
+    run_id = lineage_run_id(lineage)
     get_run_logger().info(f"lineage run {run_id} in {store.lineage_path}")
     record = RunRecorder(lineage, run_id)
     record.start(config, str(flow_run.get_id()))

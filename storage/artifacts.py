@@ -113,6 +113,22 @@ def local_folder(uri: str) -> Path:
     return Path(manifest.path)
 
 
+def artifact_folder(root: Path, stage: str, fp: str) -> Path:
+    """The folder of an artifact in a local root (or a remote root's local mirror)."""
+    return root / stage / fp
+
+
+def located_under(root: Path, stage: str, fp: str, recorded: str | None) -> str | None:
+    """Where an artifact lineage recorded at ``recorded`` is when the lineage of ``root`` is read.
+
+    A remote URI stays as it is; a local artifact is ``<root>/<stage>/<fingerprint>`` of the root being read,
+    wherever it was built, so lineage on a copied or moved root resolves (and verifies) that root's own files.
+    """
+    if recorded is None or is_remote(recorded):
+        return recorded
+    return str(artifact_folder(root, stage, fp))
+
+
 class CorruptArtifactError(RuntimeError):
     """An artifact's files no longer match its manifest."""
 
@@ -200,7 +216,7 @@ class ArtifactStore:
         return self.remote.uri if self.remote else str(self.root)
 
     def artifact_dir(self, stage: str, fp: str) -> Path:
-        return self.root / stage / fp
+        return artifact_folder(self.root, stage, fp)
 
     def work_dir(self, stage: str, fp: str) -> Path:
         return self.root / stage / f".{fp}.work"
@@ -231,7 +247,8 @@ class ArtifactStore:
         path = self.artifact_dir(stage, fp) / MANIFEST
         if not path.exists():
             return None
-        return Manifest.model_validate_json(path.read_text())
+        # the folder it is in now: a copied or moved root reads its own files, not the ones it was built in
+        return Manifest.model_validate_json(path.read_text()).model_copy(update={"path": str(path.parent)})
 
     def published(self, stage: str) -> list[Manifest]:
         """Every committed artifact of ``stage`` in this root (remote ones not downloaded)."""

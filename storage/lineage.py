@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-from storage.artifacts import Manifest, ledger_folder, pid_alive
+from storage.artifacts import Manifest, ledger_folder, located_under, pid_alive
 
 # Each migration moves the schema from version i to i + 1; never edit one that has shipped, append a new one.
 MIGRATIONS: list[str] = [
@@ -157,7 +157,7 @@ class _Attachments:
                 alias = f"lineage_{self._serial}"
                 mode = " (READ_ONLY)" if path.exists() else ""
                 quoted = str(path).replace("'", "''")
-                _retry_while_locked(lambda: self._db.execute(f"ATTACH '{quoted}' AS {alias}{mode}"))
+                retry_while_locked(lambda: self._db.execute(f"ATTACH '{quoted}' AS {alias}{mode}"))
             self._attached[path] = (alias, users + 1)
             cursor = self._db.cursor()
         cursor.execute(f"USE {alias}")
@@ -177,7 +177,7 @@ class _Attachments:
 _ATTACHMENTS = _Attachments()
 
 
-def _retry_while_locked(open_fn: Any, timeout_s: float = 60) -> Any:
+def retry_while_locked(open_fn: Any, timeout_s: float = 60) -> Any:
     """Call ``open_fn`` until it succeeds, retrying while another process holds DuckDB's write lock."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -251,7 +251,7 @@ class LineageStore:
         """A short-lived read-write connection for one write transaction (this process's readers close first)."""
         for reader in list(_READERS.get(self.path, ())):
             reader.close()
-        con = _retry_while_locked(lambda: duckdb.connect(str(self.path)))
+        con = retry_while_locked(lambda: duckdb.connect(str(self.path)))
         try:
             yield con
         finally:
@@ -422,6 +422,13 @@ class LineageStore:
                     [run_id, previous_run_id, *values, _now()],
                 )
 
+    def located(self, rows: list[dict], stage: str = "stage", fingerprint: str = "fingerprint") -> list[dict]:
+        """``rows`` with each artifact ``uri`` resolved under the root this file lies in (``located_under``)."""
+        root = self.path.parent
+        for row in rows:
+            row["uri"] = located_under(root, row[stage], row[fingerprint], row["uri"])
+        return rows
+
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict]:
         with self.reading():
             cursor = self._read_connection().execute(sql, params or [])
@@ -463,15 +470,17 @@ class LineageStore:
         )
 
     def run_artifacts(self, run_id: str) -> list[dict]:
-        """The artifacts a run produced or reused (its latest successful attempt per stage)."""
-        return self.query(
-            """
+        """The artifacts a run produced or reused (its latest successful attempt per stage), under this root."""
+        return self.located(
+            self.query(
+                """
             SELECT a.* FROM artifacts a JOIN (
                 SELECT stage, arg_max(fingerprint, started_at) AS fingerprint FROM stage_runs
                 WHERE run_id = ? AND status IN ('completed', 'cached') GROUP BY stage
             ) s USING (stage, fingerprint)
             """,
-            [run_id],
+                [run_id],
+            )
         )
 
     def ledger_files(self, run_id: str, stages: tuple[str, ...] | None = None) -> list[str]:

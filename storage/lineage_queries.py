@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, ledger_folder, local_folder
+from storage.artifacts import ArtifactStore, CorruptArtifactError, ledger_folder, local_folder
 from storage.ledger import LedgerIndex
 from storage.lineage import LineageStore
 from storage.stage_graph import DOWNSTREAM, LEDGER_STAGES
@@ -25,6 +25,18 @@ from storage.stage_graph import DOWNSTREAM, LEDGER_STAGES
 
 def _stage_rank(stage: str) -> int:
     return LEDGER_STAGES.index(stage) if stage in LEDGER_STAGES else len(LEDGER_STAGES)
+
+
+def _model_entry(edge: dict, shards: list[str]) -> dict:
+    """A model (or what was made from one) as lineage answers name it: stage, fingerprint, relation, where."""
+    return {
+        "stage": edge["dst_stage"],
+        "fingerprint": edge["dst_fingerprint"],
+        "relation": edge["relation"],
+        "uri": edge["uri"],
+        "first_run": edge["run_id"],
+        "shards": shards,
+    }
 
 
 def _one_connection(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -96,20 +108,11 @@ class LineageQueries:
             [tokenize_fp],
         )
         out = []
-        for e in edges:
+        for e in self.store.located(edges, "dst_stage", "dst_fingerprint"):
             covered = set(json.loads(e["coverage"] or "{}"))
             hit = sorted(covered & shards)
             if hit:
-                out.append(
-                    {
-                        "stage": e["dst_stage"],
-                        "fingerprint": e["dst_fingerprint"],
-                        "relation": e["relation"],
-                        "uri": e["uri"],
-                        "first_run": e["run_id"],
-                        "shards": hit,
-                    }
-                )
+                out.append(_model_entry(e, hit))
         return out + self._derived_from_models(out)
 
     def _derived_from_models(self, models: list[dict]) -> list[dict]:
@@ -125,19 +128,9 @@ class LineageQueries:
                 "WHERE e.src_stage = 'train' AND e.src_fingerprint = ? ORDER BY e.dst_stage, e.dst_fingerprint",
                 [model["fingerprint"]],
             )
-            for e in rows:
+            for e in self.store.located(rows, "dst_stage", "dst_fingerprint"):
                 if e["dst_stage"] in DOWNSTREAM["train"] and e["relation"] != "evaluated_on":
-                    out.append(
-                        {
-                            "stage": e["dst_stage"],
-                            "fingerprint": e["dst_fingerprint"],
-                            "relation": e["relation"],
-                            "uri": e["uri"],
-                            "first_run": e["run_id"],
-                            "shards": model["shards"],
-                            "via": f"train:{model['fingerprint']}",
-                        }
-                    )
+                    out.append(_model_entry(e, model["shards"]) | {"via": f"train:{model['fingerprint']}"})
         return out
 
     def _artifact_fp(self, run_id: str, stage: str) -> str | None:
@@ -175,13 +168,36 @@ class LineageQueries:
             "models": models,
         }
 
+    def _threshold(self, run_id: str, row: dict) -> dict | None:
+        """The bound a dropped document's score was compared with: from the rules the stage recorded in its counts."""
+        reason, scores = row.get("reason"), dict(row.get("scores") or {})
+        if not reason:
+            return None
+        if reason.startswith("language:"):
+            return {"stat": "language.allowed_score", "low": scores.get("language.min_score"), "high": None}
+        artifact = next((a for a in self._run_artifacts(run_id) if a["stage"] == row["stage"]), None)
+        counts = json.loads(artifact["counts"]) if artifact and artifact.get("counts") else {}
+        preset = next((k.removeprefix("preset.") for k in scores if k.startswith("preset.")), None)
+        rules = (counts.get("rules") or {}).get(preset) or []
+        rule = next((r for r in rules if r["reason"] == reason), None)
+        return {k: rule[k] for k in ("stat", "low", "high")} | {"preset": preset} if rule else None
+
     @_one_connection
     def why(self, doc_id: str, run_id: str | None = None) -> dict:
-        """Why a document is not in the shards: the stage, reason and score, or the document it duplicates."""
+        """Why a document is not in the shards: the stage, reason and score beside the rule's threshold, or the
+        document it duplicates. A kept document lists the flags it carries (e.g. ``contaminated:<set>``)."""
         info = self.doc(doc_id, run_id)
         decisive = next((r for r in info["stages"] if r["fate"] != "kept"), None)
+        flags = [{"stage": r["stage"], "reason": r["reason"], "score": r.get("score")} for r in info["stages"]
+                 if r["fate"] == "kept" and r.get("reason")]  # fmt: skip
         if decisive is None:
-            return {"doc_id": doc_id, "run_id": info["run_id"], "verdict": "kept", "split": info["split"]}
+            return {
+                "doc_id": doc_id,
+                "run_id": info["run_id"],
+                "verdict": "kept",
+                "split": info["split"],
+                "flags": flags,
+            }
         out = {
             "doc_id": doc_id,
             "run_id": info["run_id"],
@@ -189,6 +205,7 @@ class LineageQueries:
             "stage": decisive["stage"],
             "reason": decisive.get("reason"),
             "score": decisive.get("score"),
+            "threshold": self._threshold(info["run_id"], decisive),
         }
         if decisive.get("duplicate_of"):
             rep = self._rows(info["run_id"], [decisive["duplicate_of"]], ("ingest",), ["doc_id", "locator"])
@@ -198,6 +215,84 @@ class LineageQueries:
                 "similarity": decisive.get("similarity"),
             }
         return out
+
+    @_one_connection
+    def contamination(self, set_name: str | None = None, model: str | None = None) -> dict:
+        """Per model: the evaluation items that overlap documents it trained on, with those documents' copies.
+
+        Matches come from each model's tokenize artifact (``contamination/matches.parquet``); a flagged document
+        in a trained shard counts against the model, a dropped one is listed as removed. Copies are the documents
+        dedup removed as duplicates of a matched one: the same text, so the same contamination.
+        """
+        import pyarrow.parquet as pq
+
+        edges = self.store.query(
+            "SELECT e.dst_fingerprint AS model, e.src_fingerprint AS tokenize, e.coverage, m.run_id, t.uri, "
+            "t.counts FROM artifact_edges e "
+            "JOIN artifacts m ON m.stage = 'train' AND m.fingerprint = e.dst_fingerprint "
+            "JOIN artifacts t ON t.stage = 'tokenize' AND t.fingerprint = e.src_fingerprint "
+            "WHERE e.src_stage = 'tokenize' AND e.relation = 'trained_on' ORDER BY m.created_at, e.dst_fingerprint"
+        )
+        if model:
+            edges = [e for e in edges if e["model"].startswith(model)]
+            if not edges:
+                raise LookupError(f"no trained model with fingerprint {model}…")
+        out = []
+        for e in edges:
+            counts = json.loads(e["counts"] or "{}").get("contamination")
+            matches_path = local_folder(e["uri"]) / "contamination" / "matches.parquet"
+            if counts is None or not matches_path.exists():
+                out.append({"model": e["model"], "run_id": e["run_id"], "checked": False, "sets": {}})
+                continue
+            rows = pq.read_table(matches_path).to_pylist()
+            covered = set(json.loads(e["coverage"] or "{}"))
+            sets = {}
+            for name, summary in counts["sets"].items():
+                if set_name and name != set_name:
+                    continue
+                mine = [r for r in rows if r["set"] == name]
+                copies = self._copies(e["tokenize"], {r["doc_id"] for r in mine})
+                trained, removed = self._items(mine, covered, copies, e["uri"])
+                sets[name] = {"items": summary["items"], "trained_on": trained, "removed": removed}
+            out.append({"model": e["model"], "run_id": e["run_id"], "checked": True, "sets": sets})
+        return {"models": out}
+
+    def _items(self, matches: list[dict], covered: set[str], copies: dict[str, list[str]], uri: str):
+        """Group matches by item: those in a shard the model read, and those the stage dropped."""
+        placed = {}
+        if matches:
+            rows = self._ledger_index(uri).rows({m["doc_id"] for m in matches}, ["doc_id", "fate", "shard"])
+            placed = {r["doc_id"]: r for r in rows}
+        trained: dict[str, list[dict]] = {}
+        removed: dict[str, list[dict]] = {}
+        for m in matches:
+            row = placed.get(m["doc_id"], {})
+            doc = {"doc_id": m["doc_id"], "source": m["source"], "overlap": m["overlap"],
+                   "copies": copies.get(m["doc_id"], [])}  # fmt: skip
+            if row.get("fate") == "kept" and row.get("shard") in covered:
+                trained.setdefault(m["item_id"], []).append(doc | {"shard": row["shard"]})
+            else:
+                removed.setdefault(m["item_id"], []).append(doc)
+        as_list = lambda d: [{"item_id": k, "docs": v} for k, v in sorted(d.items())]  # noqa: E731
+        return as_list(trained), as_list(removed)
+
+    def _copies(self, tokenize_fp: str, doc_ids: set[str]) -> dict[str, list[str]]:
+        """Documents dedup removed as copies of each of ``doc_ids`` (through the dedup artifact tokenize read)."""
+        if not doc_ids:
+            return {}
+        dedup = self.store.query(
+            "SELECT a.uri FROM artifact_edges e "
+            "JOIN artifacts a ON a.stage = 'dedup' AND a.fingerprint = e.src_fingerprint "
+            "WHERE e.dst_stage = 'tokenize' AND e.dst_fingerprint = ? AND e.src_stage = 'dedup'",
+            [tokenize_fp],
+        )
+        if not dedup:
+            return {}
+        index = self._ledger_index(dedup[0]["uri"])
+        out: dict[str, list[str]] = {}
+        for r in index.rows(set(index.linked(doc_ids, "duplicate_of")), ["doc_id", "duplicate_of"]):
+            out.setdefault(r["duplicate_of"], []).append(r["doc_id"])
+        return {k: sorted(v) for k, v in out.items()}
 
     @_one_connection
     def source(self, source: str, run_id: str | None = None) -> dict:
@@ -418,10 +513,13 @@ class LineageQueries:
         run_id = self._run(run_id)
         problems: list[str] = []
         checked: list[str] = []
-        arts = {a["stage"]: a for a in self.store.run_artifacts(run_id)}
-        store = ArtifactStore(Path(self.store.path).parent)
+        arts = {a["stage"]: a for a in self.store.run_artifacts(run_id)}  # under the root being checked
         for stage, art in arts.items():
-            manifest = Manifest.model_validate_json((local_folder(art["uri"]) / "manifest.json").read_text())
+            try:
+                store, manifest = ArtifactStore.of_artifact(art["uri"])
+            except (OSError, ValueError) as err:
+                problems.append(f"{stage}: {err}")
+                continue
             try:
                 store.verify(manifest)
                 checked.append(f"{stage}: {len(manifest.files)} files match manifest hashes")

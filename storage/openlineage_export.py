@@ -48,7 +48,7 @@ def run_events(store: LineageStore, run_id: str) -> list[Any]:
     )
 
     run = store.run(run_id)
-    arts = {(a["stage"], a["fingerprint"]): a for a in store.query("SELECT * FROM artifacts")}
+    arts = {(a["stage"], a["fingerprint"]): a for a in store.located(store.query("SELECT * FROM artifacts"))}
     edges = store.query("SELECT * FROM artifact_edges")
     stage_runs = store.query("SELECT * FROM stage_runs WHERE run_id = ? ORDER BY started_at, attempt", [run_id])
     flow_job = Job(namespace=NAMESPACE, name=f"tokenmill.{run['pipeline']}")

@@ -126,6 +126,29 @@ class CodeFilterConfig(Section):
     marker_lines: int = Field(5, ge=1, description="How many leading lines are searched for the markers.")
 
 
+def _language_codes(codes: list[str] | None) -> list[str] | None:
+    bad = [c for c in codes or [] if not re.fullmatch(r"[a-z]{2,3}", c)]
+    if bad:
+        raise ValueError(f"language codes must be lowercase ISO 639 codes such as 'en' or 'de', got {bad}")
+    return codes
+
+
+class LanguageRule(Section):
+    """Language filtering for a preset or a source; a field left null takes the next broader setting.
+
+    Precedence: ``clean.language_by_source`` over the preset's ``language`` over ``clean.languages`` /
+    ``clean.min_language_score``.
+    """
+
+    exempt: bool | None = Field(None, description="Skip language identification (code presets are exempt).")
+    languages: list[str] | None = Field(None, description="Allowed ISO 639 codes; empty list = any language.")
+    min_score: float | None = Field(
+        None, ge=0, le=1, description="Least probability of an allowed language; below it the document is dropped."
+    )
+
+    _codes = field_validator("languages")(_language_codes)
+
+
 class FilterPreset(Section):
     """A set of quality filters; each one can be switched off or re-tuned."""
 
@@ -133,6 +156,7 @@ class FilterPreset(Section):
     gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig(enabled=False)
     c4: C4Config = C4Config(enabled=False)
     code: CodeFilterConfig = CodeFilterConfig(enabled=False)
+    language: LanguageRule = Field(LanguageRule(), description="Language rule of this preset (null fields inherit).")
 
 
 def _default_presets() -> dict[str, FilterPreset]:
@@ -140,8 +164,8 @@ def _default_presets() -> dict[str, FilterPreset]:
         "prose": FilterPreset(
             gopher_quality=GopherQualityConfig(), gopher_repetition=GopherRepetitionConfig(), c4=C4Config()
         ),
-        "code": FilterPreset(code=CodeFilterConfig()),
-        "none": FilterPreset(),
+        "code": FilterPreset(code=CodeFilterConfig(), language=LanguageRule(exempt=True)),
+        "none": FilterPreset(language=LanguageRule(exempt=True)),
     }
 
 
@@ -174,6 +198,27 @@ class CleanConfig(Section):
         description="Preset by the document's file extension (from its locator).",
     )
     preset_by_source: dict[str, str] = Field(default={}, description="Preset by source name (wins over extension).")
+    language_id: bool = Field(
+        True, description="Identify each document's language (fastText lid.176) unless its preset is exempt."
+    )
+    languages: list[str] = Field(
+        default=["en"], description="Allowed ISO 639 language codes; an empty list keeps every language (scores only)."
+    )
+    min_language_score: float = Field(
+        0.65, ge=0, le=1, description="Least probability of an allowed language (FineWeb and datatrove use 0.65)."
+    )
+    language_by_source: dict[str, LanguageRule] = Field(
+        default={}, description="Language rule per source name (wins over the preset's)."
+    )
+    language_sample_chars: int = Field(
+        2000, ge=16, description="Characters of each document the language is read from."
+    )
+    warn_dropped_bytes_share: float = Field(
+        0.3, ge=0, le=1, description="Warn when the stage drops more than this share of its input bytes."
+    )
+
+    # How the stage reports, not what it computes: not part of the stage fingerprint.
+    REPORTING: ClassVar[frozenset[str]] = frozenset({"warn_dropped_bytes_share"})
 
     @field_validator("presets", mode="before")
     @classmethod
@@ -186,6 +231,8 @@ class CleanConfig(Section):
             base = merged.get(name)
             merged[name] = _deep_merge(base, value) if isinstance(base, dict) and isinstance(value, dict) else value
         return merged
+
+    _codes = field_validator("languages")(_language_codes)
 
     @model_validator(mode="after")
     def _bounds(self) -> CleanConfig:
@@ -262,6 +309,39 @@ class TokenizeConfig(Section):
     test_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of documents in the test split.")
     shard_tokens: int = Field(8_000_000, ge=1024, description="Tokens per shard file.")
     batch_docs: int = Field(512, ge=1, description="Documents encoded per batch.")
+
+
+class EvalSetConfig(Section):
+    """An evaluation set that training documents are checked against (JSONL or Parquet file or folder)."""
+
+    name: str = Field(description="Set name: the drop reason is contaminated:<name>.", pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(description="JSONL (.jsonl[.gz|.zst]) or Parquet file, or a folder of them (local or URI).")
+    text_field: str = Field("text", description="Field / column holding the item text.")
+    id_field: str | None = Field(None, description="Field / column with the item id (default: file:record).")
+
+
+class DecontaminateConfig(Section):
+    """N-gram overlap of training documents with this run's val/test documents and with named evaluation sets."""
+
+    enabled: bool = Field(True, description="Check every training-bound document before it is tokenized.")
+    ngram: int = Field(13, ge=3, le=64, description="Words per n-gram (GPT-3 used 13, marin 8).")
+    min_overlap: float = Field(
+        0.2, gt=0, le=1, description="Least share of an item's distinct n-grams found in a document to count it."
+    )
+    action: Literal["drop", "flag"] = Field(
+        "drop", description="drop the document (reason contaminated:<set>) or keep it flagged with that reason."
+    )
+    own_splits: bool = Field(True, description="Check train documents against this run's val and test documents.")
+    sets: list[EvalSetConfig] = Field(default=[], description="Evaluation sets (benchmarks) to check against.")
+
+    @field_validator("sets")
+    @classmethod
+    def _unique_sets(cls, sets: list[EvalSetConfig]) -> list[EvalSetConfig]:
+        names = [s.name for s in sets]
+        reserved = sorted({"val", "test"} & set(names))
+        if reserved or len(set(names)) != len(names):
+            raise ValueError(f"decontaminate.sets names must be unique and not val/test (own splits), got {names}")
+        return sets
 
 
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -417,6 +497,7 @@ class PipelineConfig(Section):
     dedup: DedupConfig = DedupConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
+    decontaminate: DecontaminateConfig = DecontaminateConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -19,7 +19,7 @@ from storage.hashing import canonical_json, fingerprint
 from storage.ledger import compact_ledger_folder
 from storage.stage_graph import DOWNSTREAM, STAGES, UPSTREAM, StageName, downstream  # noqa: F401 (re-exported)
 from tasks.config import PipelineConfig
-from tasks.data import clean, dedup, ingest, tokenize, tokenizer
+from tasks.data import clean, decontaminate, dedup, ingest, tokenize, tokenizer
 from tasks.errors import UserError
 from tasks.evaluation import evaluate
 from tasks.modeling import export
@@ -82,10 +82,19 @@ def _tombstones(cfg: PipelineConfig) -> list[str]:
 
 
 def _clean_params(cfg: PipelineConfig) -> dict[str, Any]:
-    params = cfg.clean.model_dump()
+    params = cfg.clean.model_dump(exclude=set(cfg.clean.REPORTING))
     blocked = _tombstones(cfg)
     if blocked:  # only present when there are takedowns, so fingerprints of ordinary runs stay unchanged
         params["tombstones"] = hashlib.sha256("\n".join(blocked).encode()).hexdigest()
+    return params
+
+
+def _tokenize_params(cfg: PipelineConfig) -> dict[str, Any]:
+    params = cfg.tokenize.model_dump() | {"eot": cfg.tokenizer.special_tokens[0]}
+    decon = cfg.decontaminate
+    if decon.enabled:  # each named set by its content, so an edited benchmark file reruns tokenize
+        sets = [s.model_dump() | {"content": decontaminate.set_fingerprint(s)} for s in decon.sets]
+        params["decontaminate"] = decon.model_dump() | {"sets": sets}
     return params
 
 
@@ -115,7 +124,10 @@ def _produce_tokenizer(run: StageRun) -> StageResult:
 
 def _produce_tokenize(run: StageRun) -> StageResult:
     docs, tok = run.inputs["dedup"].files_under("docs/"), run.inputs["tokenizer"].file("")
-    return tokenize.tokenize(docs, tok, run.cfg.tokenizer, run.cfg.tokenize, run.ctx)
+    cache = ArtifactStore(run.cfg.root).cache_dir("decontaminate")
+    return tokenize.tokenize(
+        docs, tok, run.cfg.tokenizer, run.cfg.tokenize, run.ctx, decontaminate=run.cfg.decontaminate, cache_dir=cache
+    )
 
 
 def _produce_train(run: StageRun) -> StageResult:
@@ -161,7 +173,7 @@ SPECS: dict[str, StageSpec] = {
     "tokenize": StageSpec(
         "tokenize",
         tokenize.VERSION,
-        lambda c: c.tokenize.model_dump() | {"eot": c.tokenizer.special_tokens[0]},
+        _tokenize_params,
         _produce_tokenize,
     ),
     "train": StageSpec(

@@ -25,13 +25,14 @@ import pyarrow.parquet as pq
 from storage.artifacts import StageContext
 from storage.hashing import text_hash
 from storage.shards import DOC_SCHEMA, LedgerWriter, ParquetShardWriter
-from tasks.config import CleanConfig, PiiConfig
-from tasks.data import filters
+from tasks.config import C4Config, CleanConfig, PiiConfig
+from tasks.data import filters, language
 from tasks.data.filters import FilterResult, Rule, TextBatch, apply_rules
+from tasks.errors import UserError
 from tasks.parts import balanced_groups, map_parts
 from tasks.stage_contract import DocCounts, StageResult
 
-VERSION = "3"  # 3: ledger in sorted parts with an index (storage/ledger.py)
+VERSION = "5"  # 5: size rules rerun after C4 line removal, case-insensitive Gopher stop words; 4: language id
 
 CLEAN_SCHEMA = DOC_SCHEMA.append(pa.field("content_hash", pa.string()))
 SCORES_TYPE = pa.map_(pa.string(), pa.float64())
@@ -124,6 +125,69 @@ def preset_for(source: str, locator: str, cfg: CleanConfig) -> str:
     return cfg.preset_by_extension.get(extension_of(locator), cfg.default_preset)
 
 
+# --- language ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LanguageRequirement:
+    """The resolved language rule of one document: allowed codes (empty = any) and the least score."""
+
+    allowed: tuple[str, ...]
+    min_score: float
+
+
+def language_requirement(source: str, preset: str, cfg: CleanConfig) -> LanguageRequirement | None:
+    """The language rule for a document of ``source`` under ``preset``, or None when it is exempt.
+
+    Each field comes from the most specific place that sets it: the source's rule, the preset's, then clean's.
+    """
+    if not cfg.language_id:
+        return None
+    rules = [r for r in (cfg.language_by_source.get(source), cfg.presets[preset].language) if r is not None]
+
+    def pick(field: str, default: object) -> object:
+        return next((getattr(r, field) for r in rules if getattr(r, field) is not None), default)
+
+    if pick("exempt", False):
+        return None
+    return LanguageRequirement(
+        tuple(pick("languages", cfg.languages)), float(pick("min_score", cfg.min_language_score))
+    )
+
+
+@dataclass
+class LanguageOutcome:
+    rows: np.ndarray  # batch rows that were identified
+    codes: list[str]
+    top_score: np.ndarray
+    allowed_score: np.ndarray  # probability of the most likely allowed language (top score when any is allowed)
+    min_score: np.ndarray
+    result: FilterResult
+
+
+def identify_languages(
+    texts: list[str], requirements: list[LanguageRequirement | None], sample_chars: int
+) -> LanguageOutcome:
+    """Identify the language of every non-exempt document and apply its rule (drop reason ``language:<code>``)."""
+    rows = np.array([i for i, r in enumerate(requirements) if r is not None], dtype=np.int64)
+    codes, top, ranked = language.identify([texts[i] for i in rows], sample_chars)
+    need = [requirements[i] for i in rows]
+    allowed = np.array(
+        [
+            max((p for c, p in scores.items() if c in req.allowed), default=0.0) if req.allowed else best
+            for req, scores, best in zip(need, ranked, top, strict=True)
+        ]
+    ).reshape(len(rows))
+    minimum = np.array([req.min_score if req.allowed else 0.0 for req in need]).reshape(len(rows))
+    keep = allowed >= minimum
+    reason: list[str | None] = [None if k else f"language:{c}" for k, c in zip(keep, codes, strict=True)]
+    score = np.where(keep, np.nan, allowed)
+    stats = {"score": top, "allowed_score": allowed, "min_score": minimum}
+    rule = Rule("language:*", "language.allowed_score", low=None)  # the bound is per document: language.min_score
+    result = FilterResult(keep, reason, score, {f"language.{k}": v for k, v in stats.items()}, [rule])
+    return LanguageOutcome(rows, codes, top, allowed, minimum, result)
+
+
 # --- one batch ---------------------------------------------------------------------------------------------
 
 
@@ -134,6 +198,7 @@ class BatchOutcome:
     reason: list[str | None]
     score: np.ndarray
     scores: pa.Array  # map<string, double> per document
+    rules: dict[str, list[Rule]]  # per preset: every rule its documents were held to, in order
 
 
 def _merge_first_failure(into: FilterResult, result: FilterResult, rows: np.ndarray) -> None:
@@ -146,11 +211,39 @@ def _merge_first_failure(into: FilterResult, result: FilterResult, rows: np.ndar
             into.score[i] = result.score[j]
 
 
-def _scores_array(names: list[str], matrix: np.ndarray) -> pa.Array:
+def _scores_array(names: list[str], matrix: np.ndarray, per_row_key: list[str] | None = None) -> pa.Array:
+    """A map array with the same ``names`` per row; ``per_row_key`` (if given) names the last column row by row."""
     n, k = matrix.shape
     offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-    keys = pa.array(np.tile(np.array(names, dtype=object), n), pa.string())
+    keys = np.tile(np.array(names, dtype=object), (n, 1))
+    if per_row_key is not None:
+        keys[:, -1] = per_row_key
+    keys = pa.array(keys.ravel(), pa.string())
     return pa.MapArray.from_arrays(offsets, keys, pa.array(matrix.ravel(), pa.float64()), type=SCORES_TYPE)
+
+
+def _basic_rules(batch: TextBatch, cfg: CleanConfig) -> FilterResult:
+    """The size rules every document passes: not blank, at least ``min_chars``, at most ``max_chars``."""
+    stats = {"chars": batch.chars.astype(np.float64), "blank": batch.count(lambda t: not t.strip())}
+    rules = [
+        Rule("empty", "blank", high=0),
+        Rule("too_short", "chars", cfg.min_chars, None),
+        Rule("too_long", "chars", None, cfg.max_chars),
+    ]
+    return apply_rules("doc", stats, rules, batch.n)
+
+
+def _remove_bad_lines(
+    out: list[str], rows: np.ndarray, c4: C4Config, cfg: CleanConfig, result: FilterResult
+) -> np.ndarray:
+    """C4 line removal on ``out[rows]``, then the size rules again on what is left: a document emptied or cut
+    below ``min_chars`` is dropped as ``empty`` / ``too_short`` (not passed on to become a duplicate of every
+    other emptied one). Returns the characters left per row."""
+    for i in rows:
+        out[i] = filters.c4_remove_bad_lines(out[i], c4)
+    left = TextBatch([out[i] for i in rows])
+    _merge_first_failure(result, _basic_rules(left, cfg), rows)
+    return left.chars.astype(np.float64)
 
 
 def clean_batch(texts: list[str], sources: list[str], locators: list[str], cfg: CleanConfig) -> BatchOutcome:
@@ -165,42 +258,49 @@ def clean_batch(texts: list[str], sources: list[str], locators: list[str], cfg: 
         extras[i] = (emails, ips, mojibake)
         out.append(text)
     batch = TextBatch(out)
-    basic = {"chars": batch.chars.astype(np.float64), "blank": batch.count(lambda t: not t.strip())}
-    result = apply_rules(
-        "doc",
-        basic,
-        [
-            Rule("empty", "blank", high=0),
-            Rule("too_short", "chars", cfg.min_chars, None),
-            Rule("too_long", "chars", None, cfg.max_chars),
-        ],
-        n,
-    )
+    result = basic_rules = _basic_rules(batch, cfg)
+    basic = result.scores
     base_names = ["doc.chars", "pii.emails", "pii.ips", "normalize.mojibake_fixed"]
-    base = np.column_stack([basic["chars"], extras])
+    base = np.column_stack([basic["doc.chars"], extras])
     presets = [preset_for(s, loc, cfg) for s, loc in zip(sources, locators, strict=True)]
+    requirements = [language_requirement(s, p, cfg) for s, p in zip(sources, presets, strict=True)]
+    lang = identify_languages(out, requirements, cfg.language_sample_chars)
+    _merge_first_failure(result, lang.result, lang.rows)  # before the quality rules: they assume the language
+    lang_row = np.full(n, -1, dtype=np.int64)
+    lang_row[lang.rows] = np.arange(len(lang.rows))
     parts: list[pa.Array] = []
     order: list[np.ndarray] = []
-    for name in sorted(set(presets)):
-        rows = np.array([i for i, p in enumerate(presets) if p == name], dtype=np.int64)
+    rules: dict[str, list[Rule]] = {}
+    for name, identified in sorted(set(zip(presets, lang_row >= 0, strict=True))):
+        rows = np.array([i for i, p in enumerate(presets) if p == name and (lang_row[i] >= 0) == identified], np.int64)
         sub = TextBatch([out[i] for i in rows]) if len(rows) < n else batch
         names = list(base_names)
         columns = [base[rows]]
-        for res in filters.run_preset(sub, cfg.presets[name]):
+        preset_results = filters.run_preset(sub, cfg.presets[name])
+        held_to = rules.setdefault(name, list(basic_rules.rules))
+        held_to += [r for r in lang.result.rules if identified and r not in held_to]
+        for res in preset_results:
             _merge_first_failure(result, res, rows)
             names += list(res.scores)
             columns.append(np.column_stack(list(res.scores.values())))
-        names.append(f"preset.{name}")
-        columns.append(np.ones((len(rows), 1)))
-        parts.append(_scores_array(names, np.hstack(columns)))
-        order.append(rows)
+            held_to += [r for r in res.rules if r not in held_to]
         c4 = cfg.presets[name].c4
         if c4.enabled and c4.remove_bad_lines:
-            for i in rows:
-                out[i] = filters.c4_remove_bad_lines(out[i], c4)
+            names.append("c4.chars_after_line_removal")
+            columns.append(_remove_bad_lines(out, rows, c4, cfg, result)[:, None])
+        names.append(f"preset.{name}")
+        columns.append(np.ones((len(rows), 1)))
+        per_row_key = None
+        if identified:  # language.score, .allowed_score, .min_score, then language.<code> = its probability
+            at = lang_row[rows]
+            names += [*lang.result.scores, "language.code"]
+            columns.append(np.column_stack([*(v[at] for v in lang.result.scores.values()), lang.top_score[at]]))
+            per_row_key = [f"language.{lang.codes[j]}" for j in at]
+        parts.append(_scores_array(names, np.hstack(columns), per_row_key))
+        order.append(rows)
     inverse = np.argsort(np.concatenate(order), kind="stable")
     scores = pc.take(pa.concat_arrays(parts), pa.array(inverse))
-    return BatchOutcome(out, result.keep, result.reason, result.score, scores)
+    return BatchOutcome(out, result.keep, result.reason, result.score, scores, rules)
 
 
 # --- one part and the whole stage -----------------------------------------------------------------------------
@@ -225,16 +325,30 @@ def _drop_blocked(result: BatchOutcome, doc_ids: list[str], hashes: list[str], b
             result.score[i] = np.nan
 
 
-def clean_part(part: CleanPart) -> DocCounts:
+@dataclass(frozen=True)
+class CleanPartResult:
+    """One part's documents, bytes in and dropped per reason, and the rules each preset held documents to."""
+
+    docs: DocCounts
+    bytes_in: int
+    dropped_bytes: dict[str, int]
+    rules: dict[str, list[dict]]
+
+
+def clean_part(part: CleanPart) -> CleanPartResult:
     """Clean the row groups of one part into ``docs/docs-<part>-*.parquet`` and ``ledger/ledger-<part>-*``."""
     out = Path(part.out_dir)
     docs = ParquetShardWriter(out / "docs", f"docs-{part.index:05d}", CLEAN_SCHEMA)
     ledger = LedgerWriter(out / "ledger", "clean", prefix=f"ledger-{part.index:05d}")
     reasons: Counter[str] = Counter()
-    docs_in = 0
+    dropped_bytes: Counter[str] = Counter()
+    rules: dict[str, list[dict]] = {}
+    docs_in = bytes_in = 0
     for path, row_group in part.units:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=part.batch_rows, row_groups=[row_group]):
             docs_in += batch.num_rows
+            sizes = batch.column("n_bytes").to_numpy(zero_copy_only=False)
+            bytes_in += int(sizes.sum())
             result = clean_batch(
                 batch.column("text").to_pylist(),
                 batch.column("source").to_pylist(),
@@ -248,6 +362,10 @@ def clean_part(part: CleanPart) -> DocCounts:
             texts = pa.array(result.texts, pa.large_string())
             keep = pa.array(result.keep)
             reasons.update(r for r in result.reason if r is not None)
+            for i in np.flatnonzero(~result.keep):
+                dropped_bytes[result.reason[i]] += int(sizes[i])
+            for preset, held_to in result.rules.items():
+                rules.setdefault(preset, [r.threshold() | {"reason": r.reason} for r in held_to])
             ledger.record_columns(
                 {
                     "doc_id": batch.column("doc_id"),
@@ -267,7 +385,7 @@ def clean_part(part: CleanPart) -> DocCounts:
             docs.write(table.append_column("content_hash", hashes).filter(keep))
     docs.close()
     ledger.close()
-    return DocCounts(docs_in, docs.rows, reasons)
+    return CleanPartResult(DocCounts(docs_in, docs.rows, reasons), bytes_in, dict(dropped_bytes), rules)
 
 
 def _uncompressed_bytes(path: Path) -> int:
@@ -302,6 +420,7 @@ def clean(
     of workers, so the output files are the same whatever ``workers`` is. ``blocked`` holds doc ids and content
     hashes taken down through lineage: they are dropped as ``takedown``.
     """
+    check_language_codes(cfg)
     if part_bytes is None:
         total = sum(_uncompressed_bytes(p) for p in doc_paths)
         part_bytes = min(max(total // 16, 2**20), 256 * 2**20)
@@ -313,4 +432,55 @@ def clean(
         clean_part, parts, workers, lambda done, total: ctx.progress(done / total, f"{done}/{total} parts")
     )
     (ctx.out_dir / "docs").mkdir(parents=True, exist_ok=True)
-    return StageResult(DocCounts.total(results))
+    result = merge_part_results(results)
+    for warning in dropped_bytes_warnings(result.as_counts(), cfg.warn_dropped_bytes_share):
+        ctx.log(f"WARNING clean: {warning}")
+    return result
+
+
+def merge_part_results(results: list[CleanPartResult]) -> StageResult:
+    """The stage's result from its parts': documents and bytes per drop reason, and the rules per preset."""
+    dropped_bytes: Counter[str] = Counter()
+    rules: dict[str, list[dict]] = {}
+    for r in results:
+        dropped_bytes.update(r.dropped_bytes)
+        for preset, held_to in r.rules.items():
+            rules.setdefault(preset, held_to)
+    bytes_in = sum(r.bytes_in for r in results)
+    extra = {
+        "bytes_in": bytes_in,
+        "bytes_kept": bytes_in - sum(dropped_bytes.values()),
+        "dropped_bytes": dict(sorted(dropped_bytes.items())),
+        "rules": dict(sorted(rules.items())),
+    }
+    return StageResult(DocCounts.total(r.docs for r in results), extra)
+
+
+def dropped_bytes_warnings(counts: dict, max_share: float) -> list[str]:
+    """One line per drop reason (and for the total) whose share of the input bytes exceeds ``max_share``."""
+    total = counts.get("bytes_in") or 0
+    if not total or "dropped_bytes" not in counts:
+        return []
+    lines = []
+    dropped = sum(counts["dropped_bytes"].values())
+    if dropped / total > max_share:
+        lines.append(f"dropped {dropped / total:.0%} of the input bytes (warn_dropped_bytes_share {max_share:.0%})")
+    for reason, size in sorted(counts["dropped_bytes"].items(), key=lambda kv: -kv[1]):
+        if size / total > max_share / 2:
+            docs = counts["dropped"].get(reason, 0)
+            lines.append(f"{reason} alone dropped {size / total:.0%} of the bytes ({docs} documents)")
+    return lines
+
+
+def check_language_codes(cfg: CleanConfig) -> None:
+    """Every configured language code must be one the model knows (before any work is done)."""
+    if not cfg.language_id:
+        return
+    named = set(cfg.languages)
+    for rule in [*(p.language for p in cfg.presets.values()), *cfg.language_by_source.values()]:
+        named.update(rule.languages or [])
+    unknown = sorted(named - language.known_codes())
+    if unknown:
+        raise UserError(
+            f"clean.languages: {unknown} are not languages the model identifies; use ISO 639-1 codes such as en, de, fr"
+        )

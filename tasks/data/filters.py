@@ -15,7 +15,7 @@ import operator
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from itertools import chain
 from typing import Any
@@ -34,20 +34,25 @@ _ASCII_ALNUM[np.frombuffer(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNO
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
-@dataclass
-class FilterResult:
-    keep: np.ndarray  # bool per document
-    reason: list[str | None]  # first broken rule per document
-    score: np.ndarray  # the statistic of that rule (nan when kept)
-    scores: dict[str, np.ndarray]  # every statistic, prefixed with the filter's name
-
-
 @dataclass(frozen=True)
 class Rule:
     reason: str
     stat: str
     low: float | None = None
     high: float | None = None
+
+    def threshold(self) -> dict[str, float | str | None]:
+        """The rule as the ledger's readers see it: the statistic it compares and its bounds."""
+        return {"stat": self.stat, "low": self.low, "high": self.high}
+
+
+@dataclass
+class FilterResult:
+    keep: np.ndarray  # bool per document
+    reason: list[str | None]  # first broken rule per document
+    score: np.ndarray  # the statistic of that rule (nan when kept)
+    scores: dict[str, np.ndarray]  # every statistic, prefixed with the filter's name
+    rules: list[Rule] = field(default_factory=list)  # the rules applied, with prefixed statistic names
 
 
 def apply_rules(prefix: str, stats: dict[str, np.ndarray], rules: list[Rule], n: int) -> FilterResult:
@@ -67,7 +72,8 @@ def apply_rules(prefix: str, stats: dict[str, np.ndarray], rules: list[Rule], n:
             reason[i] = rule.reason
         score[newly] = value[newly]
         keep &= ~broken
-    return FilterResult(keep, reason, score, {f"{prefix}.{k}": v for k, v in stats.items()})
+    prefixed = [replace(rule, stat=f"{prefix}.{rule.stat}") for rule in rules]
+    return FilterResult(keep, reason, score, {f"{prefix}.{k}": v for k, v in stats.items()}, prefixed)
 
 
 class TextBatch:
@@ -170,7 +176,9 @@ def gopher_quality(batch: TextBatch, cfg: GopherQualityConfig) -> FilterResult:
         "bullet_lines": _safe_div(batch.count(lambda t: len(_BULLET_LINE.findall(t))), batch.n_lines),
         "ellipsis_lines": _safe_div(batch.count(lambda t: len(_ELLIPSIS_LINE.findall(t))), batch.n_lines),
         "alpha_words": _safe_div(np.asarray(letters, dtype=np.float64), n_words),
-        "stop_words": np.fromiter((len(STOP_WORDS.intersection(w)) for w in batch.words), np.float64, batch.n),
+        "stop_words": np.fromiter(
+            (len(STOP_WORDS.intersection(map(str.lower, w))) for w in batch.words), np.float64, batch.n
+        ),  # case-insensitive: "The" and "THE" are stop words too
     }
     rules = [
         Rule("gopher_word_count", "words", cfg.min_words, cfg.max_words),

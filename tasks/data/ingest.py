@@ -22,19 +22,20 @@ import os
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.artifacts import StageContext, write_json_atomic
-from storage.hashing import stable_id, stream_hash
+from storage.artifacts import StageContext, pid_alive, write_json_atomic
+from storage.hashing import canonical_json, stable_id, stream_hash
 from storage.shards import DOC_SCHEMA, LedgerWriter, ParquetShardWriter
 from tasks.config import SourceConfig
 from tasks.data import readers
 from tasks.data.readers import Record, SourceFile
+from tasks.data.streams import open_hashed
 from tasks.parts import balanced_groups, default_workers, map_parts
 from tasks.stage_contract import DocCounts, StageResult
 
@@ -84,13 +85,16 @@ def doc_id_of(source: str, record: Record) -> str:
 
 @dataclass(frozen=True)
 class FileJob:
-    """One file to ingest: where its fragment lives (by content) and whether it is already there."""
+    """One file to ingest: its cached fragment (by content) if there is one, else where to read it."""
 
     source: SourceConfig
     file: SourceFile
-    content_hash: str | None
-    fragment: str  # this file's cached fragment (Arrow IPC)
+    content_hash: str | None  # planned: of the bytes hashed when listing; after reading: of the bytes read
+    fragment: str  # this file's fragment (Arrow IPC); "" until read when nothing is cached for it
     cached: bool
+    cache: str  # the ingest cache folder (fragments/, tmp/)
+    scratch: bool = False  # the fragment is not a cache entry (the read was interrupted): removed after merging
+    rebuilt: str | None = None  # why the cached fragment was not trusted and the file was read again
 
 
 def _reader_settings(source: SourceConfig) -> str:
@@ -103,27 +107,97 @@ def fragment_key(source: SourceConfig, rel: str, content_hash: str) -> str:
     return stable_id(VERSION, _reader_settings(source), rel, content_hash) + content_hash[:16]
 
 
+def fragment_path(cache: Path, source: SourceConfig, rel: str, content_hash: str) -> Path:
+    return cache / "fragments" / f"{fragment_key(source, rel, content_hash)}.arrow"
+
+
 def _content_hash(fs, f: SourceFile) -> str | None:
     try:
-        with readers.open_binary(fs, f.path) as fh:
-            return stream_hash(fh)
+        fh, hashed = open_hashed(fs, f.path)
     except OSError:
         return None  # the reader records why the file cannot be read
+    with fh:
+        return hashed.digest()
+
+
+# --- the fragment cache: every entry carries a seal (size and hash of its bytes), checked before it is used ---
+
+
+def _seal_path(fragment: Path) -> Path:
+    return fragment.with_suffix(".seal")
+
+
+def _seal(fragment: Path, tmp: Path) -> None:
+    """Publish ``tmp`` as ``fragment`` with its seal (the seal last: a fragment without one is not trusted)."""
+    with open(tmp, "rb") as fh:
+        digest = stream_hash(fh)
+    seal = {"fragment": fragment.stem, "bytes": tmp.stat().st_size, "xxh3": digest}
+    os.replace(tmp, fragment)  # identical content by construction if another run made it meanwhile
+    write_json_atomic(_seal_path(fragment), seal)
+
+
+def fragment_problem(fragment: Path) -> str | None:
+    """Why a cached fragment cannot be trusted (missing or foreign seal, size or hash mismatch), or None."""
+    try:
+        seal = json.loads(_seal_path(fragment).read_text())
+        size = fragment.stat().st_size
+    except (OSError, ValueError) as err:
+        return f"no readable seal or fragment ({type(err).__name__})"
+    if not isinstance(seal, dict) or seal.get("fragment") != fragment.stem:
+        return "its seal belongs to another fragment"
+    if size != seal.get("bytes"):
+        return f"{size} bytes where its seal says {seal.get('bytes')}"
+    try:
+        with open(fragment, "rb") as fh:
+            digest = stream_hash(fh)
+    except OSError as err:
+        return f"unreadable ({type(err).__name__})"
+    return None if digest == seal.get("xxh3") else "its bytes do not match its seal's hash"
+
+
+def _remove_stale_temporaries(cache: Path) -> None:
+    """Fragments being written by processes that died (``tmp/<pid>-…``)."""
+    for path in (cache / "tmp").glob("*-*"):
+        pid = path.name.split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            path.unlink(missing_ok=True)
 
 
 # --- 1. plan ------------------------------------------------------------------------------------------
 
 
+def _state_check(files: object) -> str:
+    return stable_id("ingest-state", canonical_json(files))
+
+
 class IngestState:
-    """What the last successful ingest saw per source: rel → (size, mtime, content hash). Lives in the cache."""
+    """What the last successful ingest saw per source: rel → (size, mtime, content hash). Lives in the cache.
+
+    The file carries a check of its content; a state that fails it (or does not parse) is ignored, so every
+    file is hashed again rather than trusted from a damaged record (``problem`` says why).
+    """
 
     def __init__(self, cache_dir: Path, source: SourceConfig):
         self.path = cache_dir / "state" / f"{source.name}-{stable_id(source.resolved_path())}.json"
-        self.files: dict[str, list] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.problem: str | None = None
+        self.files: dict[str, list] = self._load()
+
+    def _load(self) -> dict[str, list]:
+        try:
+            stored = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:
+            self.problem = f"unreadable ({type(err).__name__})"
+            return {}
+        if not isinstance(stored, dict) or stored.get("check") != _state_check(stored.get("files")):
+            self.problem = "its check does not match its content"
+            return {}
+        return stored["files"]
 
     def save(self, files: dict[str, list]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, files)
+        write_json_atomic(self.path, {"files": files, "check": _state_check(files)})
 
 
 @dataclass
@@ -133,6 +207,7 @@ class IngestPlan:
     status: Counter[str]  # new / changed / unchanged / removed files
     removed: list[str]
     states: dict[str, tuple[IngestState, dict[str, list]]]
+    notes: list[str]  # cache entries that were not trusted, for the log
 
 
 def plan_ingest(sources: list[SourceConfig], cache_dir: Path) -> IngestPlan:
@@ -141,9 +216,12 @@ def plan_ingest(sources: list[SourceConfig], cache_dir: Path) -> IngestPlan:
     status: Counter[str] = Counter()
     removed: list[str] = []
     states: dict[str, tuple[IngestState, dict[str, list]]] = {}
+    notes: list[str] = []
     for source in sources:
         fs, _ = readers.source_filesystem(source)
         state = IngestState(cache_dir, source)
+        if state.problem:
+            notes.append(f"ingest: state of source {source.name!r} ignored ({state.problem}): every file is hashed")
         seen: dict[str, list] = {}
         for f in list_files(source):
             if f.error is not None:
@@ -155,19 +233,17 @@ def plan_ingest(sources: list[SourceConfig], cache_dir: Path) -> IngestPlan:
             else:
                 digest = _content_hash(fs, f)
             status["new" if previous is None else "unchanged" if previous[2] == digest else "changed"] += 1
+            fragment, cached = "", False
             if digest is not None:
                 seen[f.rel] = [f.size, f.mtime, digest]
-                fragment = cache_dir / "fragments" / f"{fragment_key(source, f.rel, digest)}.arrow"
-                cached = fragment.exists()
-            else:
-                fragment = cache_dir / "fragments" / f"unhashed-{stable_id(source.name, f.rel)}.arrow"
-                cached = False
-            jobs.append(FileJob(source, f, digest, str(fragment), cached))
+                path = fragment_path(cache_dir, source, f.rel, digest)
+                fragment, cached = str(path), path.exists() and _seal_path(path).exists()
+            jobs.append(FileJob(source, f, digest, fragment, cached, str(cache_dir)))
         gone = sorted(set(state.files) - {j.file.rel for j in jobs if j.source.name == source.name})
         removed += [f"{source.name}:{rel}" for rel in gone]
         status["removed"] += len(gone)
         states[source.name] = (state, seen)
-    return IngestPlan(jobs, problems, status, removed, states)
+    return IngestPlan(jobs, problems, status, removed, states, notes)
 
 
 # --- 2. read files into fragments ------------------------------------------------------------------------
@@ -199,38 +275,61 @@ class _FragmentWriter:
         self._writer.close()
 
 
-def _read_into_fragment(job: FileJob) -> None:
+def _fragment_row(source: str, ordinal: int, record: Record) -> dict:
+    text, reason = (record.text, None) if record.reason is None else (None, record.reason)
+    try:
+        n_bytes = len(text.encode("utf-8")) if text is not None else 0
+    except UnicodeEncodeError:  # a lone surrogate: not storable text
+        text, reason, n_bytes = None, "invalid_utf8", 0
+    return {
+        "doc_id": doc_id_of(source, record),
+        "locator": record.locator,
+        "ordinal": ordinal,  # position within the file; the merge offsets it
+        "text": text,
+        "n_bytes": n_bytes,
+        "metadata": record.metadata,
+        "reason": reason,
+        "score": record.scores.get("bytes") if reason else None,
+        "scores": record.scores or None,
+    }
+
+
+def _read_into_fragment(job: FileJob) -> FileJob:
+    """Read one file into a fragment keyed by the hash of the bytes actually read; return the job as read.
+
+    A file rewritten since it was hashed is cached under its new content's key (never under the old one). A
+    read interrupted by an I/O error is a scratch fragment, used once and never cached.
+    """
     fs, _ = readers.source_filesystem(job.source)
-    final = Path(job.fragment)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    cache = Path(job.cache)
+    tmp_dir = cache / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.arrow"
     writer = _FragmentWriter(tmp)
-    name = job.source.name
-    for ordinal, record in enumerate(readers.read_file(fs, job.file, job.source)):
-        text = record.text if record.reason is None else None
-        n_bytes = len(text.encode("utf-8", "surrogatepass")) if text is not None else 0
-        row = {
-            "doc_id": doc_id_of(name, record),
-            "locator": record.locator,
-            "ordinal": ordinal,  # position within the file; the merge offsets it
-            "text": text,
-            "n_bytes": n_bytes,
-            "metadata": record.metadata,
-            "reason": record.reason,
-            "score": record.scores.get("bytes") if record.reason else None,
-            "scores": record.scores or None,
-        }
-        writer.add(row, n_bytes)
+    reading = readers.FileReading(fs, job.file, job.source)
+    for ordinal, record in enumerate(reading):
+        row = _fragment_row(job.source.name, ordinal, record)
+        writer.add(row, row["n_bytes"])
     writer.close()
-    os.replace(tmp, final)  # identical content by construction if another run made it meanwhile
+    if reading.digest is None:
+        return replace(job, content_hash=None, fragment=str(tmp), cached=False, scratch=True)
+    final = fragment_path(cache, job.source, job.file.rel, reading.digest)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _seal(final, tmp)
+    return replace(job, content_hash=reading.digest, fragment=str(final), cached=False)
+
+
+def _verified_or_read(job: FileJob) -> FileJob:
+    if not job.cached:
+        return _read_into_fragment(job)
+    problem = fragment_problem(Path(job.fragment))
+    return job if problem is None else replace(_read_into_fragment(job), rebuilt=problem)
 
 
 def ingest_part(jobs: list[FileJob]) -> list[FileJob]:
-    """Read the files of one part into their cached fragments (skipping those already cached)."""
-    for job in jobs:
-        if not job.cached:
-            _read_into_fragment(job)
-    return jobs
+    """Verify the cached fragments of one part (reading again those that fail) and read the others into
+    fragments; return the jobs as done, in order."""
+    return [_verified_or_read(job) for job in jobs]
 
 
 # --- 3. merge ------------------------------------------------------------------------------------------
@@ -301,10 +400,12 @@ def merge_fragments(
                 records += n
                 kept += rows.num_rows
                 file_reasons.update(r for r in batch.column("reason").to_pylist() if r is not None)
+        if job.scratch:
+            Path(job.fragment).unlink(missing_ok=True)
         ordinal += records
         per_source[name] += records
         reasons.update(file_reasons)
-        failure = next((r for r in file_reasons if r.startswith(("unreadable", "truncated", "reader_error"))), None)
+        failure = next((r for r in file_reasons if r.startswith(FILE_FAILURES)), None)
         file_rows.append(
             {
                 "source": name,
@@ -347,6 +448,17 @@ def merge_fragments(
 # Files per part, whatever their size: 100M one-document files make ≈25k parts, not millions. Each file has
 # its own fragment, merged in file order, so the grouping never changes the artifact.
 MAX_FILES_PER_PART = 4096
+FILE_FAILURES = ("unreadable", "truncated", "corrupt", "reader_error")  # reasons that end a file's records
+
+
+def _settle_states(plan: IngestPlan, done: list[FileJob]) -> None:
+    """Forget the recorded hash of files whose read did not give the planned content (rewritten while being
+    read, or interrupted), so the next run hashes them again; then save every source's state."""
+    for planned, job in zip(plan.jobs, done, strict=True):
+        if job.content_hash != planned.content_hash:
+            plan.states[job.source.name][1].pop(job.file.rel, None)
+    for state, seen in plan.states.values():
+        state.save(seen)
 
 
 def ingest(
@@ -363,27 +475,48 @@ def ingest(
     without it fragments go to the stage's work folder and nothing is reused.
     """
     cache = cache_dir or ctx.work_dir / "cache"
+    _remove_stale_temporaries(cache)
     plan = plan_ingest(sources, cache)
-    todo = [j for j in plan.jobs if not j.cached]
+    for note in plan.notes:
+        ctx.log(note)
+    n_todo = sum(not j.cached for j in plan.jobs)
     n_workers = default_workers(workers)
-    total = sum(j.file.size or 0 for j in todo)
+    total = sum(j.file.size or 0 for j in plan.jobs if not j.cached)
     target = max(1 << 20, min(part_bytes, total // (4 * n_workers) + 1))
-    sizes = [j.file.size or 0 for j in todo]
-    parts = [[todo[i] for i in group] for group in balanced_groups(sizes, target, MAX_FILES_PER_PART)]
+    sizes = [j.file.size or 0 for j in plan.jobs]  # cached fragments are verified in the parts too
+    parts = [[plan.jobs[i] for i in group] for group in balanced_groups(sizes, target, MAX_FILES_PER_PART)]
     ctx.log(
-        f"ingest: {len(plan.jobs)} files ({dict(plan.status)}), reading {len(todo)} "
-        f"({total / 2**20:.1f} MiB) in {len(parts)} parts on {min(n_workers, max(len(parts), 1))} workers"
+        f"ingest: {len(plan.jobs)} files ({dict(plan.status)}), reading {n_todo} ({total / 2**20:.1f} MiB) and "
+        f"verifying {len(plan.jobs) - n_todo} cached in {len(parts)} parts on {min(n_workers, max(len(parts), 1))} "
+        "workers"
     )
-    map_parts(
-        ingest_part,
-        parts,
-        n_workers if total >= parallel_min_bytes else 1,
-        lambda done, n: ctx.progress(done / n, f"{done}/{n} parts"),
-    )
-    merged = merge_fragments(plan.jobs, plan.problems, ctx.out_dir, sources)
-    for state, seen in plan.states.values():
-        state.save(seen)
-    files = dict(plan.status) | {"read": len(todo), "reused": len(plan.jobs) - len(todo)}
+    done = [
+        job
+        for part in map_parts(
+            ingest_part,
+            parts,
+            n_workers if sum(sizes) >= parallel_min_bytes else 1,
+            lambda finished, n: ctx.progress(finished / n, f"{finished}/{n} parts"),
+        )
+        for job in part
+    ]
+    merged = merge_fragments(done, plan.problems, ctx.out_dir, sources)
+    _settle_states(plan, done)
+    files = dict(plan.status) | {"read": n_todo, "reused": len(plan.jobs) - n_todo}
+    rebuilt = [j for j in done if j.rebuilt]
+    changed = [
+        j
+        for p, j in zip(plan.jobs, done, strict=True)
+        if p.content_hash and j.content_hash not in (None, p.content_hash)
+    ]
+    for job in rebuilt:
+        ctx.log(f"ingest: cached fragment of {job.source.name}:{job.file.rel} not trusted ({job.rebuilt}): read again")
+    for job in changed:
+        ctx.log(f"ingest: {job.source.name}:{job.file.rel} changed while being read: its new content is used")
+    if rebuilt:
+        files["rebuilt"] = len(rebuilt)
+    if changed:
+        files["changed_while_reading"] = len(changed)
     extra = dict(merged.extra) | {"files": files, "removed_files": plan.removed[:1000]}
     for name, n in extra["per_source"].items():
         ctx.log(f"ingest: source {name!r}: {n} records")

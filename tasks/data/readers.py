@@ -2,15 +2,14 @@
 
 Every record a file holds comes out as one ``Record``: a text, or ``text=None`` with the reason it could not
 be read (binary file, invalid UTF-8, oversized, malformed JSON line, missing text field, truncated or
-unreadable file). Problems that are not documents (an unreadable folder, a skipped symlinked folder) come out
-of ``list_files`` as ``SourceFile`` entries with an ``error``. Nothing here raises for bad input.
+unreadable file). Problems that are not documents (an unreadable folder, a skipped symlinked folder, a name
+that is not valid UTF-8 and whose escaped form collides with another name) come out of ``list_files`` as
+``SourceFile`` entries with an ``error``. Nothing here raises for bad input.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import gzip
-import io
 import os
 import re
 import stat
@@ -20,19 +19,21 @@ from typing import BinaryIO
 
 import fsspec
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.config import SourceConfig
+from tasks.data.streams import READ_CHUNK, decompressed, failure_reason, open_hashed, printable_name
 
 BINARY_SNIFF_BYTES = 8192
-READ_CHUNK = 1 << 20
 SKIPPED_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn"})
 
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A file of a source (``path`` as its filesystem names it, ``rel`` relative to the source root)."""
+    """A file of a source: ``path`` as its filesystem names it (what is opened), ``rel`` relative to the source
+    root in printable form (what locators, ids and lineage record; see ``streams.printable_name``)."""
 
     source: str
     path: str
@@ -63,7 +64,7 @@ def file_uri(source: SourceConfig, path: str) -> str:
     root = source.resolved_path()
     protocol = root.split("://", 1)[0] if "://" in root else "file"
     if protocol == "file" or "://" in path:
-        return path
+        return printable_name(path)
     return f"{protocol}://{path}"
 
 
@@ -97,8 +98,13 @@ def _walk_local(source: SourceConfig, root: str) -> Iterator[SourceFile]:
             yield SourceFile(source.name, folder, rel_dir or ".", error=f"unreadable_dir:{type(err).__name__}")
             continue
         subdirs: list[tuple[str, str]] = []
+        valid_names = {e.name for e in entries if printable_name(e.name) == e.name}
         for entry in entries:
-            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            name = printable_name(entry.name)
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            if name != entry.name and name in valid_names:  # the escaped form is also a real name: keep that one
+                yield SourceFile(source.name, entry.path, rel, error="undecodable_name_collision")
+                continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
                 is_link = entry.is_symlink()
@@ -158,69 +164,6 @@ def list_files(source: SourceConfig) -> list[SourceFile]:
     return files
 
 
-# --- opening and decompressing ------------------------------------------------------------------------------
-
-
-class _ZstdReader(io.RawIOBase):
-    """Streaming zstd decompression that raises EOFError on a truncated frame (zstandard's reader does not)."""
-
-    def __init__(self, raw: BinaryIO):
-        import zstandard
-
-        self._raw = raw
-        self._dctx = zstandard.ZstdDecompressor()
-        self._obj = self._dctx.decompressobj()
-        self._pending = b""
-        self._fed = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while not self._pending:
-            chunk = self._raw.read(READ_CHUNK)
-            if not chunk:
-                if self._fed and not self._obj.eof:
-                    raise EOFError("zstd stream ended before the end of its frame")
-                return 0
-            self._pending = self._feed(chunk)
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-    def _feed(self, chunk: bytes) -> bytes:
-        out = []
-        while chunk:
-            if self._obj.eof:  # concatenated frames
-                self._obj = self._dctx.decompressobj()
-            self._fed = True
-            out.append(self._obj.decompress(chunk))
-            chunk = self._obj.unused_data if self._obj.eof else b""
-        return b"".join(out)
-
-
-def open_binary(fs: fsspec.AbstractFileSystem, path: str) -> BinaryIO:
-    if isinstance(fs, LocalFileSystem):
-        return open(path, "rb", buffering=READ_CHUNK)  # noqa: SIM115 - the caller closes it
-    return fs.open(path, "rb", block_size=READ_CHUNK)
-
-
-def _decompressed(raw: BinaryIO, rel: str) -> BinaryIO:
-    name = rel.lower()
-    if name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    if name.endswith(".zst"):
-        return io.BufferedReader(_ZstdReader(raw), READ_CHUNK)  # type: ignore[return-value]
-    return raw
-
-
-def _failure(err: BaseException) -> str:
-    if isinstance(err, EOFError | gzip.BadGzipFile) or type(err).__name__ == "ZstdError":
-        return f"truncated:{type(err).__name__}"
-    return f"unreadable:{type(err).__name__}"
-
-
 # --- decoding ----------------------------------------------------------------------------------------------
 
 
@@ -244,20 +187,24 @@ def split_text(text: str, source: SourceConfig) -> list[str]:
 
 
 # --- readers per format --------------------------------------------------------------------------------
+# Each reads the open stream of one file. An exception while turning one record into a ``Record`` costs that
+# record (``record_error:<Type>``); an exception of the stream itself (I/O error, truncation, corruption) ends
+# the file with one row for its rest, located after the last good record.
 
 
-def read_text_file(fs: fsspec.AbstractFileSystem, f: SourceFile, source: SourceConfig) -> Iterator[Record]:
-    if f.size is not None and f.size > source.max_file_bytes:
-        yield Record(f.rel, None, "too_large_file", scores={"bytes": float(f.size)})
-        return
+def _record_error(locator: str, err: Exception) -> Record:
+    return Record(locator, None, f"record_error:{type(err).__name__}")
+
+
+def read_text_file(fh: BinaryIO, f: SourceFile, source: SourceConfig) -> Iterator[Record]:
     try:
-        with open_binary(fs, f.path) as fh:
-            data = fh.read(source.max_file_bytes + 1)
+        data = fh.read(source.max_file_bytes + 1)
     except OSError as err:
-        yield Record(f.rel, None, _failure(err))
+        yield Record(f.rel, None, failure_reason(err))
         return
     if len(data) > source.max_file_bytes:
-        yield Record(f.rel, None, "too_large_file", scores={"bytes": float(len(data))})
+        size = float(f.size) if f.size is not None and f.size > len(data) else float(len(data))
+        yield Record(f.rel, None, "too_large_file", scores={"bytes": size})
         return
     if b"\x00" in data[:BINARY_SNIFF_BYTES]:
         yield Record(f.rel, None, "binary")
@@ -292,6 +239,14 @@ def _bounded_lines(fh: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None
             yield line_no, raw, len(raw)
 
 
+def _metadata_json(values: dict) -> str | None:
+    """Metadata as sorted JSON; ``None`` when it cannot be serialized (orjson's depth limit is 254 levels)."""
+    try:
+        return orjson.dumps(values, option=orjson.OPT_SORT_KEYS, default=str).decode()
+    except orjson.JSONEncodeError:
+        return None
+
+
 def _record_from_object(locator: str, obj: object, source: SourceConfig, scores: dict[str, float]) -> Record:
     if not isinstance(obj, dict):
         return Record(locator, None, "missing_text_field")
@@ -301,76 +256,162 @@ def _record_from_object(locator: str, obj: object, source: SourceConfig, scores:
     key = obj.get(source.id_field) if source.id_field else None
     metadata = None
     if source.keep_metadata and len(obj) > 1:
-        rest = {k: v for k, v in obj.items() if k != source.text_field}
-        metadata = orjson.dumps(rest, option=orjson.OPT_SORT_KEYS).decode()
+        metadata = _metadata_json({k: v for k, v in obj.items() if k != source.text_field})
+        if metadata is None:
+            return Record(locator, None, "unserializable_metadata")
     return Record(locator, text, key=None if key is None else str(key), metadata=metadata, scores=scores)
 
 
-def read_jsonl_file(fs: fsspec.AbstractFileSystem, f: SourceFile, source: SourceConfig) -> Iterator[Record]:
-    line_no = 0
+def _jsonl_record(locator: str, line: bytes, source: SourceConfig) -> Record | None:
+    """The record of one JSONL line (``None`` for a blank line)."""
+    if not line.strip():
+        return None
+    scores: dict[str, float] = {}
     try:
-        with open_binary(fs, f.path) as raw, _decompressed(raw, f.rel) as fh:
-            for line_no, line, length in _bounded_lines(fh, source.max_record_bytes):  # noqa: B007 - used below
-                locator = f"{f.rel}:{line_no}"
-                if line is None:
-                    yield Record(locator, None, "too_large_record", scores={"bytes": float(length)})
-                    continue
-                if not line.strip():
-                    continue
-                scores: dict[str, float] = {}
-                try:
-                    obj = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    text, replaced = decode_utf8(line, source)
-                    if text is None or replaced == 0:  # invalid UTF-8 to drop, or valid UTF-8 but not JSON
-                        yield Record(locator, None, "invalid_utf8" if text is None else "malformed_json")
-                        continue
-                    try:
-                        obj = orjson.loads(text)
-                    except orjson.JSONDecodeError:
-                        yield Record(locator, None, "malformed_json")
-                        continue
-                    scores = {"utf8_replacements": float(replaced)}
-                yield _record_from_object(locator, obj, source, scores)
-    except (OSError, EOFError, ValueError) as err:
-        # The rest of a truncated or unreadable file is one ledger row, located after the last good line.
-        yield Record(f"{f.rel}:{line_no + 1}-", None, _failure(err))
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        text, replaced = decode_utf8(line, source)
+        if text is None or replaced == 0:  # invalid UTF-8 to drop, or valid UTF-8 but not JSON
+            return Record(locator, None, "invalid_utf8" if text is None else "malformed_json")
+        try:
+            obj = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return Record(locator, None, "malformed_json")
+        scores = {"utf8_replacements": float(replaced)}
+    return _record_from_object(locator, obj, source, scores)
 
 
-def read_parquet_file(fs: fsspec.AbstractFileSystem, f: SourceFile, source: SourceConfig) -> Iterator[Record]:
+def read_jsonl_file(fh: BinaryIO, f: SourceFile, source: SourceConfig) -> Iterator[Record]:
+    line_no = 0
+    stream = fh
+    try:
+        stream = decompressed(fh, f.rel)
+        for line_no, line, length in _bounded_lines(stream, source.max_record_bytes):  # noqa: B007 - used below
+            locator = f"{f.rel}:{line_no}"
+            if line is None:
+                yield Record(locator, None, "too_large_record", scores={"bytes": float(length)})
+                continue
+            try:
+                record = _jsonl_record(locator, line, source)
+            except Exception as err:  # noqa: BLE001 - one bad record costs one record
+                record = _record_error(locator, err)
+            if record is not None:
+                yield record
+    except Exception as err:  # noqa: BLE001 - the stream failed: truncated, corrupt or unreadable
+        yield Record(f"{f.rel}:{line_no + 1}-", None, failure_reason(err))
+    finally:
+        if stream is not fh:
+            stream.close()  # the decompressor only; the file is closed by its opener
+
+
+class _Unconvertible:
+    """A value Arrow could not turn into Python (e.g. invalid UTF-8 in a string column)."""
+
+    def __init__(self, err: Exception):
+        self.err = err
+
+
+def _column_values(column: pa.Array) -> list:
+    """``column.to_pylist()``, with rows that fail to convert as ``_Unconvertible`` instead of failing the batch."""
+    try:
+        return column.to_pylist()
+    except Exception:  # noqa: BLE001 - find the bad rows
+        out: list = []
+        for i in range(len(column)):
+            try:
+                out.append(column[i].as_py())
+            except Exception as err:  # noqa: BLE001
+                out.append(_Unconvertible(err))
+        return out
+
+
+def _text_values(column: pa.Array, source: SourceConfig) -> list[tuple[str | None, int] | None]:
+    """Per row: ``None`` (null, or not a string column), else ``decode_utf8`` of its bytes (``on_invalid_utf8``)."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return [None] * len(column)
+    binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+    return [None if raw is None else decode_utf8(raw, source) for raw in column.cast(binary).to_pylist()]
+
+
+def _parquet_record(
+    locator: str, text: tuple[str | None, int] | None, key: object, meta: object, source: SourceConfig
+) -> Record:
+    if text is None:
+        return Record(locator, None, "missing_text_field")
+    value, replaced = text
+    if value is None:
+        return Record(locator, None, "invalid_utf8")
+    for item in (key, meta):
+        if isinstance(item, _Unconvertible):
+            raise item.err
+    metadata = None
+    if meta is not None:
+        metadata = _metadata_json(meta)  # type: ignore[arg-type]
+        if metadata is None:
+            return Record(locator, None, "unserializable_metadata")
+    scores = {"utf8_replacements": float(replaced)} if replaced else {}
+    return Record(locator, value, key=None if key is None else str(key), metadata=metadata, scores=scores)
+
+
+def read_parquet_file(fh: BinaryIO, f: SourceFile, source: SourceConfig) -> Iterator[Record]:
     row = 0
     try:
-        with open_binary(fs, f.path) as fh:
-            pf = pq.ParquetFile(fh)
-            names = pf.schema_arrow.names
-            for batch in pf.iter_batches(batch_size=1024):
-                texts = batch.column(source.text_field).to_pylist() if source.text_field in names else None
-                keys = batch.column(source.id_field).to_pylist() if source.id_field in names else None
-                extra = [n for n in names if n not in (source.text_field, source.id_field)]
-                metas = batch.select(extra).to_pylist() if source.keep_metadata and extra else None
-                for i in range(batch.num_rows):
-                    row += 1
-                    locator = f"{f.rel}:{row}"
-                    text = texts[i] if texts is not None else None
-                    if not isinstance(text, str):
-                        yield Record(locator, None, "missing_text_field")
-                        continue
-                    meta = orjson.dumps(metas[i], option=orjson.OPT_SORT_KEYS, default=str).decode() if metas else None
-                    key = keys[i] if keys is not None else None
-                    yield Record(locator, text, key=None if key is None else str(key), metadata=meta)
+        pf = pq.ParquetFile(fh)
+        names = pf.schema_arrow.names
+        extra = [n for n in names if n not in (source.text_field, source.id_field)]
+        for batch in pf.iter_batches(batch_size=1024):
+            n = batch.num_rows
+            texts = _text_values(batch.column(source.text_field), source) if source.text_field in names else None
+            keys = _column_values(batch.column(source.id_field)) if source.id_field in names else [None] * n
+            metas = _column_values(batch.select(extra).to_struct_array()) if source.keep_metadata and extra else None
+            for i in range(n):
+                row += 1
+                locator = f"{f.rel}:{row}"
+                try:
+                    if texts is None:
+                        record = Record(locator, None, "missing_text_field")
+                    else:
+                        record = _parquet_record(locator, texts[i], keys[i], metas[i] if metas else None, source)
+                except Exception as err:  # noqa: BLE001 - one bad row costs one row
+                    record = _record_error(locator, err)
+                yield record
     except Exception as err:  # noqa: BLE001 - pyarrow raises many types for corrupt files; record, don't crash
-        yield Record(f"{f.rel}:{row + 1}-", None, _failure(err))
+        yield Record(f"{f.rel}:{row + 1}-", None, failure_reason(err))
 
 
 READERS = {"text": read_text_file, "jsonl": read_jsonl_file, "parquet": read_parquet_file}
 
 
+class FileReading:
+    """The records of one file (iterate once); afterwards ``digest`` is the hash of the bytes they came from.
+
+    ``digest`` is ``None`` when the file could not be opened or an I/O error interrupted it: such a result
+    depends on the moment, not on the content, and must not be cached. A reader bug becomes a recorded reason
+    for the rest of the file, not a crash.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, f: SourceFile, source: SourceConfig):
+        self.fs, self.file, self.source = fs, f, source
+        self.digest: str | None = None
+
+    def __iter__(self) -> Iterator[Record]:
+        rel, kind = self.file.rel, file_kind(self.file.rel, self.source.kind)
+        try:
+            fh, hashed = open_hashed(self.fs, self.file.path)
+        except OSError as err:
+            yield Record(rel if kind == "text" else f"{rel}:1-", None, failure_reason(err))
+            return
+        with fh:
+            n = 0
+            try:
+                for record in READERS[kind](fh, self.file, self.source):
+                    n += 1
+                    yield record
+            except Exception as err:  # noqa: BLE001 - the stage must account for every input even on a reader bug
+                yield Record(f"{rel}:{n + 1}-", None, f"reader_error:{type(err).__name__}")
+            self.digest = hashed.digest()
+
+
 def read_file(fs: fsspec.AbstractFileSystem, f: SourceFile, source: SourceConfig) -> Iterator[Record]:
-    """Every record of one file; a reader bug becomes a recorded reason for the rest of the file, not a crash."""
-    n = 0
-    try:
-        for record in READERS[file_kind(f.rel, source.kind)](fs, f, source):
-            n += 1
-            yield record
-    except Exception as err:  # noqa: BLE001 - the stage must account for every input even on a reader bug
-        yield Record(f"{f.rel}:{n + 1}-", None, f"reader_error:{type(err).__name__}")
+    """Every record of one file (see ``FileReading`` for the hash of what was read)."""
+    return iter(FileReading(fs, f, source))

@@ -9,16 +9,18 @@ so a document never changes split when others are added.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.artifacts import StageContext
 from storage.hashing import unit_interval
 from storage.shards import LedgerWriter, iter_batches, token_dtype, write_token_shard
-from tasks.config import TokenizeConfig, TokenizerConfig
+from tasks.config import DecontaminateConfig, TokenizeConfig, TokenizerConfig
+from tasks.data.decontaminate import Match, NgramIndex, check_batch, set_index
 from tasks.data.tokenizer import load_tokenizer
 from tasks.stage_contract import DocCounts, StageResult
 
@@ -70,10 +72,91 @@ class _SplitShards:
         self.pending, self.pending_tokens = [], 0
 
 
+def _own_split_indexes(doc_paths: list[Path], columns: list[str], cfg: TokenizeConfig, n: int) -> list[NgramIndex]:
+    """N-gram indexes of this run's val and test documents (one pass over the documents)."""
+
+    def batches(split: str):
+        for batch in iter_batches(doc_paths, columns=columns, batch_size=cfg.batch_docs):
+            keys = batch.column("split_key" if "split_key" in columns else "doc_id").to_pylist()
+            ids = batch.column("doc_id").to_pylist()
+            picked = [
+                i
+                for i, (key, doc_id) in enumerate(zip(keys, ids, strict=True))
+                if split_of(key or doc_id, cfg) == split
+            ]
+            if picked:
+                texts = batch.column("text").to_pylist()
+                yield [texts[i] for i in picked], [ids[i] for i in picked]
+
+    return [NgramIndex.build(split, batches(split), n) for split in ("val", "test")]
+
+
+class _Contamination:
+    """Checks train-bound documents against the evaluation sets and collects the matches."""
+
+    def __init__(self, cfg: DecontaminateConfig, indexes: list[NgramIndex]):
+        self.cfg, self.indexes = cfg, indexes
+        self.rows: list[dict] = []
+
+    def check(self, docs: list[dict]) -> list[Match | None]:
+        """The decisive match (first set in order) of each document, None when clean."""
+        found = check_batch(
+            [d["doc_id"] for d in docs], [d["source"] for d in docs], [d["text"] for d in docs],
+            self.indexes, self.cfg.ngram, self.cfg.min_overlap,
+        )  # fmt: skip
+        for matches in found:
+            for m in matches:
+                self.rows += [
+                    {"doc_id": m.doc_id, "source": m.source, "set": m.set, "item_id": item, "overlap": share,
+                     "action": self.cfg.action}
+                    for item, share in m.items
+                ]  # fmt: skip
+        return [matches[0] if matches else None for matches in found]
+
+    def write(self, folder: Path) -> dict:
+        folder.mkdir(parents=True)
+        table = pa.Table.from_pylist(self.rows, schema=MATCH_SCHEMA).sort_by(
+            [("doc_id", "ascending"), ("set", "ascending")]
+        )
+        pq.write_table(table, folder / "matches.parquet", compression="zstd")
+        summary = {}
+        for index in self.indexes:
+            mine = [r for r in self.rows if r["set"] == index.name]
+            summary[index.name] = {
+                "items": len(index.item_ids),
+                "items_without_ngrams": index.skipped,
+                "items_matched": len({r["item_id"] for r in mine}),
+                "docs_matched": len({r["doc_id"] for r in mine}),
+            }
+        return {
+            "action": self.cfg.action,
+            "ngram": self.cfg.ngram,
+            "min_overlap": self.cfg.min_overlap,
+            "sets": summary,
+        }
+
+
+MATCH_SCHEMA = pa.schema(
+    [("doc_id", pa.string()), ("source", pa.string()), ("set", pa.string()), ("item_id", pa.string()),
+     ("overlap", pa.float64()), ("action", pa.string())]
+)  # fmt: skip
+
+
 def tokenize(
-    doc_paths: list[Path], tokenizer_dir: Path, tok_cfg: TokenizerConfig, cfg: TokenizeConfig, ctx: StageContext
+    doc_paths: list[Path],
+    tokenizer_dir: Path,
+    tok_cfg: TokenizerConfig,
+    cfg: TokenizeConfig,
+    ctx: StageContext,
+    decontaminate: DecontaminateConfig | None = None,
+    cache_dir: Path | None = None,
 ) -> StageResult:
-    """Encode documents in batches (the library's own thread pool) and write token shards plus a ledger."""
+    """Encode documents in batches (the library's own thread pool) and write token shards plus a ledger.
+
+    With ``decontaminate`` enabled, every train-bound document is first checked for n-gram overlap with this
+    run's val/test documents and the named evaluation sets; a contaminated one is dropped (or flagged) with
+    reason ``contaminated:<set>`` and its matches go to ``contamination/matches.parquet``.
+    """
     tokenizer = load_tokenizer(tokenizer_dir)
     eot = tokenizer.token_to_id(tok_cfg.special_tokens[0])
     # encode_batch_fast skips computing character offsets, which tokenize never uses (tokenizers >= 0.20).
@@ -88,25 +171,36 @@ def tokenize(
     columns = ["doc_id", "source", "text", "n_bytes"]
     if doc_paths and "split_key" in pq.ParquetFile(doc_paths[0]).schema_arrow.names:
         columns.append("split_key")
+    contamination = None
+    if decontaminate is not None and decontaminate.enabled:
+        indexes = _own_split_indexes(doc_paths, columns, cfg, decontaminate.ngram) if decontaminate.own_splits else []
+        indexes += [set_index(s, decontaminate.ngram, cache_dir) for s in decontaminate.sets]
+        contamination = _Contamination(decontaminate, indexes)
+    dropped: Counter[str] = Counter()
     for batch in iter_batches(doc_paths, columns=columns, batch_size=cfg.batch_docs):
         docs = batch.to_pylist()
-        encodings = encode([d["text"] for d in docs], add_special_tokens=False)
+        split_names = [split_of(d.get("split_key") or d["doc_id"], cfg) for d in docs]
+        found: list[Match | None] = [None] * len(docs)
+        if contamination is not None:
+            train = [i for i, split in enumerate(split_names) if split == "train"]
+            for i, match in zip(train, contamination.check([docs[i] for i in train]), strict=True):
+                found[i] = match
+        drop = [m is not None and decontaminate.action == "drop" for m in found]
+        encoded = iter(
+            encode([d["text"] for d, gone in zip(docs, drop, strict=True) if not gone], add_special_tokens=False)
+        )
         rows = []
-        for doc, enc in zip(docs, encodings, strict=True):
-            split = split_of(doc.get("split_key") or doc["doc_id"], cfg)
-            shard, start, end = splits[split].add([*enc.ids, eot], doc["n_bytes"])
+        for doc, split, match, gone in zip(docs, split_names, found, drop, strict=True):
+            row = {"doc_id": doc["doc_id"], "source": doc["source"], "fate": "kept", "split": split}
+            if match is not None:
+                row |= {"reason": f"contaminated:{match.set}", "score": match.overlap}
+            if gone:
+                dropped[row["reason"]] += 1
+                rows.append(row | {"fate": "dropped"})
+                continue
+            shard, start, end = splits[split].add([*next(encoded).ids, eot], doc["n_bytes"])
             per_source_tokens[doc["source"]][split] += end - start
-            rows.append(
-                {
-                    "doc_id": doc["doc_id"],
-                    "source": doc["source"],
-                    "fate": "kept",
-                    "split": split,
-                    "shard": shard,
-                    "token_start": start,
-                    "token_end": end,
-                }
-            )
+            rows.append(row | {"shard": shard, "token_start": start, "token_end": end})
         ledger.record(rows)
     for shards in splits.values():
         shards.flush()
@@ -121,8 +215,9 @@ def tokenize(
         }
         for name, s in splits.items()
     }
-    docs_in = sum(s.docs for s in splits.values())
-    extra = {
+    kept = sum(s.docs for s in splits.values())
+    extra = {"contamination": contamination.write(ctx.out_dir / "contamination")} if contamination else {}
+    extra |= {
         "tokens": sum(s.tokens for s in splits.values()),
         "dtype": dtype.name,
         "eot_id": eot,
@@ -130,4 +225,4 @@ def tokenize(
         "splits": summary,
         "tokens_per_source": {k: dict(v) for k, v in sorted(per_source_tokens.items())},
     }
-    return StageResult(DocCounts(docs_in, docs_in), extra)
+    return StageResult(DocCounts(kept + sum(dropped.values()), kept, dropped), extra)

@@ -16,6 +16,7 @@ from tasks.config import ModelConfig, TrainConfig
 from tasks.training.distributed import DistEnv
 from tasks.training.job import TrainJob
 from tasks.training.loop import run_training
+from tasks.training.validation import require_val_windows
 
 VERSION = "2"
 
@@ -30,6 +31,7 @@ def train(
     ctx: StageContext,
 ) -> dict:
     """The train stage: in this process, or under ``torchrun`` when ``cfg.nproc > 1`` or ``cfg.nnodes > 1``."""
+    require_val_windows(val_shards, model_cfg.block_size)  # before any process starts or any step runs
     job = TrainJob.build(train_shards, val_shards, vocab_size, model_cfg, cfg, seed)
     if cfg.nproc > 1 or cfg.nnodes > 1:
         from tasks.training.launch import launch_distributed

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
+from storage.shards import read_token_shard
 from tasks.modeling.gpt import GPT
 from tasks.training import distributed
 from tasks.training.distributed import DistEnv
+from tasks.training.job import TrainingSetupError
 from tasks.training.loader import TokenWindows
+
+
+def require_val_windows(val_shards: list[Path], block_size: int) -> int:
+    """The number of validation windows; none is a setup error before training, never a val_loss of 0.0."""
+    n = len(TokenWindows(val_shards, block_size))
+    if n == 0:
+        tokens = sum(len(read_token_shard(p)) for p in val_shards)
+        raise TrainingSetupError(
+            f"the validation split has {tokens} tokens in {len(val_shards)} shards, fewer than one window of "
+            f"model.block_size + 1 = {block_size + 1} tokens, so there is no validation loss to measure: add "
+            "documents, raise tokenize.val_fraction, or lower model.block_size"
+        )
+    return n
 
 
 @torch.no_grad()
@@ -37,4 +53,6 @@ def estimate_loss(
         total[1] += x.size(0)
     distributed.all_reduce_sum(total, env)
     model.train()
-    return float(total[0] / total[1].clamp(min=1))
+    if total[1] == 0:  # every rank sees the same count: they all raise
+        raise TrainingSetupError("no validation windows to estimate the loss on (see require_val_windows)")
+    return float(total[0] / total[1])

@@ -126,7 +126,7 @@ def test_presets_by_source_and_extension():
 
 def test_every_filter_can_be_switched_off():
     off = {"gopher_quality": {"enabled": False}, "gopher_repetition": {"enabled": False}, "c4": {"enabled": False}}
-    cfg = CleanConfig(min_chars=1, presets={"prose": off})
+    cfg = CleanConfig(min_chars=1, presets={"prose": off}, language_id=False)
     out = clean_batch(["too few words."], ["s"], ["a.txt"], cfg)
     assert out.keep.tolist() == [True]
     assert set(dict(out.scores[0].as_py())) == {
@@ -165,3 +165,34 @@ def test_clean_ledger_keeps_every_score_for_retuning(tmp_path: Path):
     assert pii == 1.0
     kept = pq.read_table(tmp_path / "out" / "docs").to_pylist()
     assert any("<EMAIL>" in d["text"] for d in kept) and all(d["content_hash"] for d in kept)
+
+
+def test_documents_emptied_by_c4_line_removal_are_dropped_not_passed_on():
+    """With ``remove_bad_lines`` the size rules run again on what is left: an emptied document is ``empty``, a
+    cut-down one ``too_short``, and none of them reaches dedup as a duplicate of another emptied one."""
+    c4_only = {
+        "gopher_quality": {"enabled": False},
+        "gopher_repetition": {"enabled": False},
+        "c4": {"remove_bad_lines": True, "min_good_line_fraction": 0.0},
+    }
+    cfg = CleanConfig(min_chars=40, language_id=False, presets={"prose": c4_only})
+    no_good_line = "\n".join(f"menu item {i} link {i} home page login" for i in range(8))
+    one_short_line = no_good_line + "\nOnly this one is fine."
+    texts = [no_good_line, no_good_line.upper(), one_short_line, prose(3)]
+    out = clean_batch(texts, ["s"] * 4, [f"f{i}.txt" for i in range(4)], cfg)
+    assert out.reason == ["empty", "empty", "too_short", None]
+    assert out.texts[:3] == ["", "", "Only this one is fine."]
+    scores = [dict(s.as_py()) for s in out.scores]
+    assert [s["c4.chars_after_line_removal"] for s in scores[:3]] == [0.0, 0.0, 22.0]
+    assert scores[0]["doc.chars"] == len(no_good_line)  # the statistics before removal stay in the ledger
+    assert out.score[2] == 22.0 and out.keep.tolist() == [False, False, False, True]
+
+
+def test_gopher_stop_words_are_counted_whatever_their_case():
+    sentence = "the cat sat on a mat and that was to be the end of it with friends who have cats"
+    texts = [sentence, sentence.upper(), sentence.title(), "lots of words but none of the small glue ones " * 3]
+    result = filters.gopher_quality(filters.TextBatch(texts), GopherQualityConfig(min_words=5))
+    assert result.scores["gopher.stop_words"].tolist()[:3] == [8.0, 8.0, 8.0]
+    assert result.reason[:3] == [None, None, None]
+    caps = filters.gopher_quality(filters.TextBatch(["SHOUTED WORDS ONLY HERE NOW"]), GopherQualityConfig(min_words=5))
+    assert caps.reason == ["gopher_stop_words"]

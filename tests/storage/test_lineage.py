@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,39 @@ def test_check_passes_on_a_clean_run_and_catches_a_bit_flip(run, tmp_path: Path)
         assert not result["ok"] and "SHA-256" in result["problems"][0]
     finally:
         shard.write_bytes(original)
+
+
+def _questions(root: Path) -> LineageQueries:
+    return LineageQueries(LineageStore(root / "lineage.duckdb", read_only=True))
+
+
+def test_lineage_on_a_copied_or_moved_root_reads_that_root(run, tmp_path: Path):
+    """Artifacts are resolved under the root lineage is opened on: ``check`` verifies the copy's own files (a
+    damaged copy fails while the original passes) and ``check``/``doc`` work on a root that was moved away."""
+    cfg, manifests, q = run
+    root = Path(cfg.root)
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, symlinks=True)
+    shard = copy / manifests["tokenize"].files_under("tokens/")[0].relative_to(root)
+    shard.chmod(0o644)
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    damaged = _questions(copy).check("run-a")
+    assert not damaged["ok"] and str(shard.parent.parent) in damaged["problems"][0]
+    assert q.check("run-a")["ok"], "the original is untouched"
+    doc_id = _doc_id(q, "prose_00.txt")
+    moved = root.with_name(root.name + "-moved")
+    root.rename(moved)  # nothing is left where the artifacts were built
+    try:
+        after_move = _questions(moved)
+        result = after_move.check("run-a")
+        assert result["ok"], result["problems"]
+        assert all(a["uri"].startswith(str(moved)) for a in after_move.show("run-a")["artifacts"])
+        assert [s["stage"] for s in after_move.doc(doc_id)["stages"]] == ["ingest", "clean", "dedup", "tokenize"]
+        fp = manifests["tokenize"].fingerprint
+        assert ArtifactStore(moved).load("tokenize", fp).path == str(moved / "tokenize" / fp)
+    finally:
+        moved.rename(root)
 
 
 def test_graph_has_every_stage(run):
@@ -193,11 +227,13 @@ def test_questions_leave_the_lineage_file_free_for_writers(run, tmp_path: Path):
 
     doc_id = _doc_id(run[2], "prose_00.txt")
     shutil.copy(run[2].store.path, tmp_path / "lineage.duckdb")  # a copy: this test adds runs
+    for stage in STAGES:  # lineage resolves artifacts under the root its file lies in: link the original's
+        (tmp_path / stage).symlink_to(run[2].store.path.parent / stage)
     q = LineageQueries(LineageStore(tmp_path / "lineage.duckdb"))
     assert q.doc(doc_id, "run-a")["doc_id"] == doc_id
     script = (
-        "import sys; from storage.lineage import LineageStore, _retry_while_locked; "
-        "import storage.lineage as l; l._retry_while_locked = lambda fn, timeout_s=60: fn(); "
+        "import sys; from storage.lineage import LineageStore, retry_while_locked; "
+        "import storage.lineage as l; l.retry_while_locked = lambda fn, timeout_s=60: fn(); "
         "LineageStore(sys.argv[1]).start_run('other-process', 'p', {}, 0, None)"
     )
     path = str(q.store.path)

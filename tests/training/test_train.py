@@ -17,6 +17,7 @@ from storage.artifacts import StageContext, StageKey
 from storage.faults import InjectedFault
 from storage.shards import write_token_shard
 from tasks.config import ModelConfig, TrainConfig
+from tasks.modeling.gpt import GPT, GPTConfig
 from tasks.modeling.weights import MODEL_FILE, load_model
 from tasks.training.checkpoints import load_latest_checkpoint
 from tasks.training.distributed import DistEnv
@@ -24,6 +25,7 @@ from tasks.training.job import StepPlan, TrainingSetupError, TrainJob, Unrecover
 from tasks.training.loader import LoaderState, TokenWindows, WindowSampler
 from tasks.training.loop import LOG_FILE, LOSS_CURVE_FILE, run_training
 from tasks.training.train import train
+from tasks.training.validation import estimate_loss
 
 VOCAB = 64
 MODEL = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.1)
@@ -253,6 +255,7 @@ from pathlib import Path
 from storage.artifacts import StageContext
 from tasks.config import ModelConfig, TrainConfig
 from tasks.training.train import train
+from tasks.training.validation import estimate_loss
 a = json.loads({json.dumps(args)!r})
 progress = []
 ctx = StageContext(Path(a["out"]), Path(a["work"]), log=print, progress=lambda f, m: progress.append(f))
@@ -282,11 +285,11 @@ print("RESULT", json.dumps({{"world": counts["world_size"], "steps": counts["ste
 def test_prefect_retries_every_failure_except_unrecoverable_ones():
     from prefect.states import Failed
 
-    from flows.pipeline import _retry_unless_unrecoverable
+    from flows.pipeline import retry_unless_unrecoverable
 
-    assert _retry_unless_unrecoverable(None, None, Failed(data=InjectedFault("transient")))
-    assert not _retry_unless_unrecoverable(None, None, Failed(data=UnrecoverableTrainingError("first-step OOM")))
-    assert not _retry_unless_unrecoverable(None, None, Failed(data=TrainingSetupError("bad batch geometry")))
+    assert retry_unless_unrecoverable(None, None, Failed(data=InjectedFault("transient")))
+    assert not retry_unless_unrecoverable(None, None, Failed(data=UnrecoverableTrainingError("first-step OOM")))
+    assert not retry_unless_unrecoverable(None, None, Failed(data=TrainingSetupError("bad batch geometry")))
 
 
 def test_only_a_cuda_train_stage_takes_the_gpu_slot(corpus, tmp_path):
@@ -321,3 +324,23 @@ def test_train_telemetry_lands_in_the_lineage_db(shards, tmp_path):
     assert [r["step"] for r in rows] == [3, 6]
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None and r["val_loss"] > 0 for r in rows)
     assert {f.path for f in manifest.files} == {MODEL_FILE, LOG_FILE, LOSS_CURVE_FILE, "model.json"}
+
+
+@pytest.mark.parametrize("val_tokens", [None, 16], ids=["no-val-shard", "val-shorter-than-a-window"])
+def test_an_empty_validation_split_is_a_setup_error_before_training(shards, tmp_path, val_tokens):
+    """No validation window (block_size + 1 tokens) means no val_loss: a clear error, never a recorded 0.0."""
+    val = []
+    if val_tokens is not None:
+        val = [tmp_path / "val-00000.arrow"]
+        write_token_shard(val[0], _tokens(3, val_tokens))
+    ctx = _ctx(tmp_path, "out")
+    with pytest.raises(
+        TrainingSetupError,
+        match=r"validation split has \d+ tokens in \d shards, fewer than one window of model.block_size \+ 1 = 17",
+    ) as err:
+        train(shards["train"], val, VOCAB, MODEL, _cfg(), 7, ctx)
+    assert "lower model.block_size" in str(err.value)
+    assert not ctx.work_dir.exists() and not any(ctx.out_dir.iterdir())  # nothing ran, nothing written
+    model = GPT(GPTConfig(vocab_size=VOCAB, **MODEL.sizes()))
+    with pytest.raises(TrainingSetupError, match="no validation windows"):
+        estimate_loss(model, TokenWindows(val, MODEL.block_size), 8, 4, torch.device("cpu"))
