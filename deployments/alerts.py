@@ -36,12 +36,30 @@ def notification_block_id(slug: str) -> UUID:
     return block._block_document_id
 
 
-def register_failure_alert(block_slug: str, tag: str = "tokenmill") -> UUID:
-    """Create or update the automation that notifies ``block_slug`` when a run tagged ``tag`` fails or crashes."""
+WEBHOOK_BLOCK = "tokenmill-alerts"
+
+
+def webhook_block(url: str) -> str:
+    """Save (or update) a custom-webhook notification block that POSTs ``{"text": …, "subject": …}`` to ``url``
+    (the shape Slack-compatible incoming webhooks take); return its ``<type>/<name>``."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    block = CustomWebhookNotificationBlock(
+        name="tokenmill", url=url, json_data={"text": "{{subject}}\n{{body}}", "subject": "{{subject}}"}
+    )
+    block.save(WEBHOOK_BLOCK, overwrite=True)
+    return f"custom-webhook/{WEBHOOK_BLOCK}"
+
+
+def register_failure_alert(target: str, tag: str = "tokenmill") -> UUID:
+    """Create or update the automation that notifies ``target`` when a run tagged ``tag`` fails or crashes.
+
+    ``target`` is a notification block ``<type>/<name>`` or an http(s) webhook URL (saved as a block first)."""
     from prefect.automations import Automation
     from prefect.events.actions import SendNotification
     from prefect.events.schemas.automations import EventTrigger, Posture
 
+    block_slug = webhook_block(target) if target.startswith(("http://", "https://")) else target
     automation = Automation(
         name=AUTOMATION_NAME,
         description=f"Notify {block_slug} when a flow run tagged {tag!r} ends Failed or Crashed.",

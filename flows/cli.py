@@ -27,7 +27,7 @@ AlertsOpt = typer.Option(
     None,
     "--alerts",
     envvar="TOKENMILL_ALERTS",
-    help="Notification block <type>/<name> (e.g. slack-webhook/ops) told when a run fails or crashes.",
+    help="Notification block <type>/<name> (e.g. slack-webhook/ops) or webhook URL told when a run fails or crashes.",
 )
 
 
@@ -53,6 +53,10 @@ def prefect_api():
     yield
 
 
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else "" if value is None else str(value)
+
+
 def _lineage(root: str):
     from storage.artifacts import ArtifactStore
     from storage.lineage import LineageStore
@@ -68,7 +72,8 @@ def print_run_summary(root: str, run_id: str) -> None:
     lineage = _lineage(root)
     table = Table(title=f"run {run_id}")
     for col in ("stage", "status", "time (s)", "docs in", "kept", "dropped", "tokens"):
-        table.add_column(col, justify="right" if col not in ("stage", "status") else "left")
+        table.add_column(col, justify="right" if col not in ("stage", "status") else "left", no_wrap=True)
+    reasons = []
     for row in lineage.stage_runs(run_id):
         counts = json.loads(row["counts"]) if row["counts"] else {}
         dropped = counts.get("dropped") or {}
@@ -76,12 +81,17 @@ def print_run_summary(root: str, run_id: str) -> None:
             row["stage"],
             row["status"],
             f"{row['elapsed_s']:.1f}",
-            str(counts.get("docs_in", "")),
-            str(counts.get("kept", "")),
-            ", ".join(f"{k}={v}" for k, v in dropped.items()),
-            f"{counts['tokens']:,}" if "tokens" in counts else str(counts.get("tokens_trained", "")),
+            _count(counts.get("docs_in")),
+            _count(counts.get("kept")),
+            _count(sum(dropped.values())) if dropped else "",
+            _count(counts.get("tokens", counts.get("tokens_trained"))),
         )
+        if dropped:  # reasons below the table, in full: a column of them cannot stay readable at 80 columns
+            by_count = sorted(dropped.items(), key=lambda kv: -kv[1])
+            reasons.append(f"{row['stage']} dropped: " + ", ".join(f"{k} {v:,}" for k, v in by_count))
     console.print(table)
+    for line in reasons:
+        console.print(line, highlight=False)
     evaluation = [r for r in lineage.stage_runs(run_id) if r["stage"] == "evaluate" and r["counts"]]
     if evaluation:
         metrics = json.loads(evaluation[-1]["counts"])
@@ -291,8 +301,31 @@ def _fields(row: dict) -> str:
     return " ".join(shown) + (f" scores: {scores}" if scores else "")
 
 
+def resolve_doc(root: str, ref: str, run_id: str | None) -> str:
+    """The doc id a user's reference names: a doc id, a file path or locator, or a source's own ``id_field`` value."""
+    from tasks.data.ingest import doc_id_of
+    from tasks.data.readers import Record
+
+    queries = _queries(root)
+    run = _lineage(root).run(run_id or _lineage(root).latest_run_id())
+    sources = [s["name"] for s in json.loads(run["config"]).get("sources", [])]
+    candidates = [doc_id_of(name, Record(locator="", text=None, key=ref)) for name in sources]
+    found = queries.find_docs(ref, run["run_id"], candidates)
+    if not found:
+        raise LookupError(f"no document {ref!r} in run {run['run_id']}: give a doc id, file path or id-field value")
+    if len(found) > 1:
+        names = ", ".join(f"{d['doc_id']} ({d['locator']})" for d in found[:5])
+        raise LookupError(f"{ref!r} names {len(found)} documents: {names}{' …' if len(found) > 5 else ''}; give one")
+    return found[0]["doc_id"]
+
+
 @lineage_app.command("doc")
-def lineage_doc(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_json: bool = LJson) -> None:
+def lineage_doc(
+    doc_id: str = typer.Argument(..., help="A doc id, a file path or locator, or the source's own id_field value."),
+    root: str = LRoot,
+    run_id: str | None = LRun,
+    as_json: bool = LJson,
+) -> None:
     """Where a document went: every stage's decision, its split, shard and token span, the models using it."""
 
     def render(r: dict) -> None:
@@ -305,7 +338,7 @@ def lineage_doc(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_js
             )
         _print_models(r["models"])
 
-    _answer(lambda: _queries(root).doc(doc_id, run_id), as_json, render)
+    _answer(lambda: _queries(root).doc(resolve_doc(root, doc_id, run_id), run_id), as_json, render)
 
 
 @lineage_app.command("why")
@@ -396,6 +429,13 @@ def lineage_diff(run_a: str, run_b: str, root: str = LRoot, as_json: bool = LJso
         for row in r["sources"]:
             table.add_row(*(str(row[c]) for c in ("source", "added", "removed", "changed", "unchanged")))
         console.print(table)
+        if r.get("training"):
+            trained = Table(title="documents in the train split (what reached training)")
+            for col in ("source", "added", "removed", "unchanged"):
+                trained.add_column(col)
+            for row in r["training"]:
+                trained.add_row(*(str(row[c]) for c in ("source", "added", "removed", "unchanged")))
+            console.print(trained)
 
     _answer(lambda: _queries(root).diff(run_a, run_b), as_json, render)
 

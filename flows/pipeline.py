@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -227,7 +228,7 @@ def lineage_run_id(lineage: LineageStore) -> str:
 def flow_run_name_for(kind: str = "") -> str:
     """``<config name>[-kind]-data-<data version>-<UTC time>``: what ran, on which data, when; a retried flow run
     keeps the name it started with."""
-    if flow_run.run_count > 1 and flow_run.name:
+    if flow_run.name and RUN_NAME.search(flow_run.name):  # named by an earlier attempt of this flow run
         return flow_run.name
     try:
         cfg = run_config(flow_run.get_parameters())
@@ -237,6 +238,7 @@ def flow_run_name_for(kind: str = "") -> str:
     return f"{name}{'-' + kind if kind else ''}-data-{version}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
+RUN_NAME = re.compile(r"-data-([0-9a-f]+|unknown)-\d{8}-\d{6}$")
 RUN_FORM = ("config", "root", "seed", "train_steps", "sources")
 
 

@@ -152,17 +152,21 @@ def test_pipeline_form_is_short_titled_described_and_bounded(config, tmp_path: P
     assert deployments["nightly-refresh/nightly"].concurrency_limit == 1
 
 
-def test_run_config_applies_the_short_form_to_a_name_path_or_full_config(tmp_path: Path):
+def test_run_config_applies_the_short_form_to_a_name_path_or_full_config(tmp_path: Path, monkeypatch):
     from flows.parameters import resolve_run_config
     from tasks.config import PipelineConfig
     from tasks.errors import UserError
 
-    quick = resolve_run_config("quickstart", seed=7, train_steps=12, sources=["/data/books", "code=/src/repo"])
-    assert (quick.name, quick.seed, quick.train.max_steps) == ("quickstart", 7, 12)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text("name: tiny\ntrain:\n  max_steps: 5\n")
+    quick = resolve_run_config("tiny", seed=7, train_steps=12, sources=["/data/books", "code=/src/repo"])
+    assert (quick.name, quick.seed, quick.train.max_steps) == ("tiny", 7, 12)
+    assert resolve_run_config("configs/tiny.yaml").train.max_steps == 5
     assert [(s.name, s.path) for s in quick.sources] == [("books", "/data/books"), ("code", "/src/repo")]
     full = resolve_run_config(PipelineConfig(seed=3).model_dump(mode="json"), root=str(tmp_path))
     assert (full.seed, full.root) == (3, str(tmp_path))
-    with pytest.raises(UserError, match="no configuration named 'nope'.*quickstart"):
+    with pytest.raises(UserError, match="no configuration named 'nope'.*tiny"):
         resolve_run_config("nope")
     with pytest.raises(UserError, match="missing.yaml does not exist"):
         resolve_run_config(str(tmp_path / "missing.yaml"))
