@@ -242,13 +242,24 @@ RUN_NAME = re.compile(r"-data-([0-9a-f]+|unknown)-\d{8}-\d{6}$")
 RUN_FORM = ("config", "root", "seed", "train_steps", "sources")
 
 
+def deployment_defaults() -> dict[str, Any]:
+    """The default parameters of the deployment this flow run belongs to ({} outside a deployment).
+
+    (``prefect.runtime.deployment.parameters`` gives the flow run's own parameters, not these.)"""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment
+
+    if not deployment.id:
+        return {}
+    with get_client(sync_client=True) as client:
+        return client.read_deployment(deployment.id).parameters or {}
+
+
 def run_config(parameters: dict[str, Any]) -> PipelineConfig:
     """The configuration a flow run's short-form parameters describe; an unset one takes the deployment's default
     (a schedule made in the UI may leave fields unset that the deployment sets)."""
-    from prefect.runtime import deployment
-
-    defaults = (deployment.parameters or {}) if deployment.id else {}
     values = {k: hydrate_ui_value(parameters.get(k)) for k in RUN_FORM}
+    defaults = deployment_defaults() if None in values.values() else {}
     values = {k: v if v is not None else hydrate_ui_value(defaults.get(k)) for k, v in values.items()}
     return resolve_run_config(values.pop("config"), **values)
 

@@ -493,14 +493,17 @@ class PipelineConfig(Section):
         min_length=1,
         description="Inputs to ingest; at least one, with unique names.",
     )
-    clean: CleanConfig = CleanConfig()
-    dedup: DedupConfig = DedupConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    tokenize: TokenizeConfig = TokenizeConfig()
-    decontaminate: DecontaminateConfig = DecontaminateConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
+    # titles and descriptions: what the Prefect UI shows for each section of the full configuration form
+    clean: CleanConfig = Field(CleanConfig(), title="Cleaning", description="Filters, PII masking, size limits.")
+    dedup: DedupConfig = Field(DedupConfig(), title="Deduplication", description="Exact and near-duplicate removal.")
+    tokenizer: TokenizerConfig = Field(TokenizerConfig(), title="Tokenizer", description="The BPE tokenizer.")
+    tokenize: TokenizeConfig = Field(TokenizeConfig(), title="Token shards", description="Splits and shard sizes.")
+    decontaminate: DecontaminateConfig = Field(
+        DecontaminateConfig(), title="Decontamination", description="Training text overlapping held-out or eval sets."
+    )
+    model: ModelConfig = Field(ModelConfig(), title="Model", description="The GPT's size (a preset or explicit).")
+    train: TrainConfig = Field(TrainConfig(), title="Training", description="Budget, optimizer, schedule, checkpoints.")
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), title="Evaluation", description="Metrics, probes, samples.")
 
     @field_validator("sources")
     @classmethod
