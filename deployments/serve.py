@@ -36,11 +36,13 @@ PIPELINE_CONCURRENCY = int(os.environ.get("TOKENMILL_PIPELINE_CONCURRENCY", "2")
 
 
 def default_parameters(config: PipelineConfig, config_file: Path | None = None, root: str | None = None) -> dict:
-    """The run form's defaults: the configuration file's path (the short form stays short) and the root given
-    on the command line; without a file, the full configuration."""
+    """The run form's defaults: the configuration file's path (the short form stays short), the root given on
+    the command line, and the seed and training steps it sets (shown filled in, ready to change); without a
+    file, the full configuration."""
     if config_file is None:
         return {"config": config.model_dump(mode="json")}
-    return {"config": str(config_file.resolve())} | ({"root": root} if root else {})
+    shown = {"seed": config.seed} | ({"train_steps": config.train.max_steps} if config.train.max_tokens is None else {})
+    return {"config": str(config_file.resolve())} | ({"root": root} if root else {}) | shown
 
 
 def build_deployments(

@@ -460,8 +460,16 @@ def test_browser_short_run_form_then_the_loss_curve_on_the_run(failed_then_retri
             page.get_by_role("link", name="tokenmill", exact=True).first.click()
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_role("menuitem", name="Custom run").click()
+            # the served configuration's seed and budget are shown filled in
             seed = page.get_by_label("Seed (Optional)", exact=True)
             steps = page.get_by_label("Training steps (Optional)", exact=True)
+            try:
+                seed.wait_for(timeout=20_000)
+            except sync_api.TimeoutError:
+                (OUTPUT / "prefect-ui-run-form.html").write_text(page.content())
+                raise
+            assert seed.input_value() == str(served.config.seed)
+            assert steps.input_value() == str(served.config.train.max_steps)
             seed.fill("4242")
             steps.fill(str(served.config.train.max_steps + 2))
             fields = page.locator(FORM_FIELDS).count()

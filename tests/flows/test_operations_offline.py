@@ -128,7 +128,8 @@ def test_pipeline_form_is_short_titled_described_and_bounded(config, tmp_path: P
     yaml_file = tmp_path / "tiny.yaml"
     yaml_file.write_text("name: tiny\n")
     params = default_parameters(config, yaml_file)
-    assert params == {"config": str(yaml_file.resolve())}  # the form's default is a name, not 300 fields
+    # the form's defaults: a path (not 300 fields), and the seed and budget shown filled in
+    assert params == {"config": str(yaml_file.resolve()), "seed": config.seed, "train_steps": config.train.max_steps}
     deployments = {f"{d.flow_name}/{d.name}": d for d in build_deployments(config, parameters=params)}
     form = _short_form(deployments["pipeline/tokenmill"])
     assert list(form) == ["config", "root", "seed", "train_steps", "sources", "force"]
