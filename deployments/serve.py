@@ -2,7 +2,8 @@
 
 - ``pipeline/tokenmill``: the whole pipeline (Run → Custom run in the UI shows the short run form);
 - ``nightly-refresh/nightly``: the refresh on a cron schedule (02:00 in a configurable time zone);
-- ``stage/<name>`` for each stage of ``storage.stage_graph.STAGES``: rerun one stage of a recorded run.
+- ``stage/<name>`` for each stage of ``storage.stage_graph.STAGES``: rerun one stage of a recorded run;
+- ``sweep/tokenmill``: a sweep (the form takes a spec path or an inline space with a base config, trials, objective).
 
 Concurrency: at most ``PIPELINE_CONCURRENCY`` pipeline runs and one nightly refresh at a time (later runs
 wait, "AwaitingConcurrencySlot"); training holds a ``cpu-train`` / ``gpu`` global limit (flows.pipeline).
@@ -31,6 +32,8 @@ from tasks.stages import STAGES
 NIGHTLY_CRON = "0 2 * * *"
 PIPELINE_DEPLOYMENT = "pipeline/tokenmill"
 NIGHTLY_DEPLOYMENT = "nightly-refresh/nightly"
+SWEEP_DEPLOYMENT = "sweep/tokenmill"
+SWEEP_SPEC = "configs/sweep-quickstart.yaml"
 TAGS = ["tokenmill"]
 PIPELINE_CONCURRENCY = int(os.environ.get("TOKENMILL_PIPELINE_CONCURRENCY", "2"))
 
@@ -59,6 +62,7 @@ def build_deployments(
     from flows.pipeline import pipeline
     from flows.refresh import nightly_refresh
     from flows.stage import stage
+    from flows.sweep import sweep
 
     timezone = timezone or os.environ.get("TOKENMILL_TIMEZONE", "UTC")
     params = parameters or default_parameters(config)
@@ -80,6 +84,14 @@ def build_deployments(
             **common,
         ),
     ]
+    deployments.append(
+        sweep.to_deployment(
+            name="tokenmill",
+            parameters={"spec_path": SWEEP_SPEC},
+            description="Tune on validation over model and data parameters; evaluate the winner on test once.",
+            **common,
+        )
+    )
     for name in STAGES:
         deployments.append(
             stage.to_deployment(

@@ -19,6 +19,8 @@ from tasks.config import PipelineConfig
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tokenmill: raw text to a trained, evaluated GPT.")
 lineage_app = typer.Typer(no_args_is_help=True, help="Ask the lineage DB where documents went.")
 app.add_typer(lineage_app, name="lineage")
+clean_app = typer.Typer(no_args_is_help=True, help="Inspect the clean stage's filters.")
+app.add_typer(clean_app, name="clean")
 console = Console()
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML (default: configs/quickstart.yaml settings).")
@@ -68,6 +70,12 @@ def _lineage(root: str):
     return LineageStore(store.lineage_path)
 
 
+def _size(counts: dict, reason: str) -> str:
+    """`` (1.2 MB)`` when the stage counted the bytes it dropped for ``reason``."""
+    size = (counts.get("dropped_bytes") or {}).get(reason)
+    return f" ({size / 1e6:.2f} MB)" if size is not None else ""
+
+
 def print_run_summary(root: str, run_id: str) -> None:
     lineage = _lineage(root)
     table = Table(title=f"run {run_id}")
@@ -88,10 +96,13 @@ def print_run_summary(root: str, run_id: str) -> None:
         )
         if dropped:  # reasons below the table, in full: a column of them cannot stay readable at 80 columns
             by_count = sorted(dropped.items(), key=lambda kv: -kv[1])
-            reasons.append(f"{row['stage']} dropped: " + ", ".join(f"{k} {v:,}" for k, v in by_count))
+            reasons.append(f"{row['stage']} dropped: " + ", ".join(f"{k} {v:,}{_size(counts, k)}" for k, v in by_count))
     console.print(table)
     for line in reasons:
         console.print(line, highlight=False)
+    for row in lineage.stage_runs(run_id):
+        for warning in (json.loads(row["counts"]) if row["counts"] else {}).get("warnings") or []:
+            console.print(f"[yellow]warning[/yellow] {row['stage']}: {warning}")
     evaluation = [r for r in lineage.stage_runs(run_id) if r["stage"] == "evaluate" and r["counts"]]
     if evaluation:
         metrics = json.loads(evaluation[-1]["counts"])
@@ -219,6 +230,50 @@ def deploy(
     params = default_parameters(cfg, config, root)
     ids = deploy_all(cfg, work_pool, parameters=params, image=image, cron=cron, timezone=timezone, alerts=alerts)
     console.print(f"{len(ids)} deployments registered with work pool {work_pool!r}")
+
+
+@app.command("sweep")
+def sweep_command(
+    spec: Path = typer.Option(..., "--spec", "-s", help="Sweep spec YAML (base, space, sampler, trials, objective)."),
+    trials: int | None = typer.Option(None, min=1, help="Override the spec's number of trials."),
+    objective: str | None = typer.Option(None, help="Override the spec's objective: val_bpb or val_loss."),
+    test: bool = typer.Option(True, "--test/--no-test", help="Evaluate the winner on test (once) at the end."),
+    allow_second_test: bool = typer.Option(
+        False, "--allow-second-test", help="Read test although this sweep (or its name) already did (see docs)."
+    ),
+) -> None:
+    """Tune model and data parameters on the fixed validation set; evaluate only the winner on test."""
+    from flows.sweep import sweep
+    from tasks.errors import UserError
+    from tasks.sweep.spec import load_spec
+
+    try:
+        load_spec(spec, trials=trials, objective=objective)  # a bad spec fails here, before a flow run starts
+        result = sweep(
+            spec_path=str(spec), trials=trials, objective=objective, test=test, allow_second_test=allow_second_test
+        )
+    except UserError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    _print_sweep(_queries(result["root"]).sweep(result["sweep_id"]))
+    console.print(f"report: {result['report']}")
+
+
+def _print_sweep(r: dict) -> None:
+    table = Table(title=f"sweep {r['sweep_id']} ({r['sampler']}, {r['status']})")
+    rows = r["leaderboard"]
+    for col in rows[0] if rows else ():
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+    for read in r["test_reads"]:
+        console.print(
+            f"test read: trial {read['trial']} ({read['run_id']}) at {read['read_at']}: loss {read['test_loss']:.4f}, "
+            f"bits/byte {read['test_bpb']:.4f}{' (override)' if read['override'] else ''}"
+        )
+    if not r["test_reads"]:
+        console.print("test split not read")
 
 
 @app.command()
@@ -353,6 +408,11 @@ def lineage_why(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_js
                 f"{doc_id}: {r['verdict']} at {r['stage']} ({r['reason']}) of {r['duplicate_of']} "
                 f"({r['duplicate_of_locator']}), similarity {r['similarity']}"
             )
+            if r["cluster_id"] != r["duplicate_of"]:
+                console.print(
+                    f"  linked through a chain: its cluster is represented by the kept {r['cluster_id']} "
+                    f"({r['cluster_locator']})"
+                )
         else:
             console.print(f"{doc_id}: {r['verdict']} at {r['stage']}: {r['reason']} (score {r['score']}{_bound(r)})")
         for flag in r.get("flags") or []:
@@ -370,6 +430,29 @@ def _bound(r: dict) -> str:
               f"{t['stat']} ≤ {t['high']}" if t.get("high") is not None else ""]  # fmt: skip
     preset = f" in preset {t['preset']}" if t.get("preset") else ""
     return f"; rule{preset}: keep if " + " and ".join(b for b in bounds if b) if any(bounds) else ""
+
+
+@lineage_app.command("step")
+def lineage_step(
+    model: str = typer.Argument(..., help="Train fingerprint (or a unique prefix)."),
+    step: int = typer.Argument(..., help="Optimizer step, 1-based as in train_log.jsonl."),
+    root: str = LRoot,
+    as_json: bool = LJson,
+) -> None:
+    """The documents and token spans optimizer step N of a model trained on (recomputed from the loader)."""
+    from storage.artifacts import ArtifactStore
+    from tasks.training.provenance import step_provenance
+
+    def render(r: dict) -> None:
+        loss = f", loss {r['loss']:.4f}" if r.get("loss") is not None else ""
+        console.print(f"model {r['model'][:12]} step {r['step']}{loss}: {len(r['windows'])} windows, "
+                      f"{len(r['documents'])} documents")  # fmt: skip
+        for w in r["windows"]:
+            docs = ", ".join(f"{d['doc_id']} [{d['tokens'][0]}, {d['tokens'][1]})" for d in w["docs"])
+            console.print(f"  micro {w['micro_batch']} rank {w['rank']} {w['shard']} tokens "
+                          f"[{w['tokens'][0]}, {w['tokens'][1]}): {docs}", soft_wrap=True)  # fmt: skip
+
+    _answer(lambda: step_provenance(ArtifactStore(root), model, step), as_json, render)
 
 
 @lineage_app.command("contamination")
@@ -414,6 +497,14 @@ def lineage_source(source: str, root: str = LRoot, run_id: str | None = LRun, as
         for sh in r["shards"]:
             console.print(f"  shard {sh['shard']:<14} {sh['docs']:>7,} docs {sh['tokens']:>12,} tokens")
         _print_models(r["models"])
+        for m in r["models"]:
+            realized = m.get("tokens_per_source") or {}
+            if r["source"] in realized:
+                total = sum(realized.values()) or 1
+                console.print(
+                    f"  model {m['fingerprint'][:12]} trained on {realized[r['source']]:,} tokens of it "
+                    f"({realized[r['source']] / total:.1%} of its training tokens, source weights)"
+                )
 
     _answer(lambda: _queries(root).source(source, run_id), as_json, render)
 
@@ -520,6 +611,12 @@ def lineage_openlineage(
     console.print(f"sent {n} OpenLineage events to {to}")
 
 
+@lineage_app.command("sweep")
+def lineage_sweep(sweep_id: str, root: str = LRoot, as_json: bool = LJson) -> None:
+    """A sweep's leaderboard (by sweep id or name), its winner and the reads of its test split."""
+    _answer(lambda: _queries(root).sweep(sweep_id), as_json, _print_sweep)
+
+
 @lineage_app.command("check")
 def lineage_check(run_id: str | None = typer.Argument(None), root: str = LRoot, as_json: bool = LJson) -> None:
     """Verify conservation per stage, manifest hashes against files, and ledger references."""
@@ -539,6 +636,66 @@ def lineage_check(run_id: str | None = typer.Argument(None), root: str = LRoot, 
     _answer(compute, as_json, render)
     if result is not None and not result["ok"]:
         raise typer.Exit(1)
+
+
+@clean_app.command("audit")
+def clean_audit(
+    config: Path | None = ConfigOpt,
+    root: str | None = RootOpt,
+    limit: int | None = typer.Option(None, "--limit", help="Audit only the first N ingested documents."),
+    as_json: bool = LJson,
+) -> None:
+    """What each clean rule would drop — documents, bytes, score distribution against its threshold, examples —
+    before anything is committed (ingest is run or reused; clean runs in memory)."""
+    cfg = load_config(config, root)
+    from tasks.data.audit import audit
+    from tasks.errors import UserError
+    from tasks.stages import run_stage
+
+    try:
+        ingested, _ = run_stage("ingest", cfg, {}, log=lambda m: None)
+        result = audit(ingested.files_under("docs/", ".parquet"), cfg.clean, limit)
+    except UserError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    share = result["bytes_kept"] / result["bytes"] if result["bytes"] else 1.0
+    console.print(
+        f"{result['docs']:,} documents, {result['bytes'] / 1e6:.2f} MB: {result['kept']:,} kept, "
+        f"{result['bytes_kept'] / 1e6:.2f} MB ({share:.0%} of the bytes)"
+    )
+    for preset, p in result["presets"].items():
+        table = Table(title=f"preset {preset}: {p['docs']:,} documents, {p['bytes'] / 1e6:.2f} MB")
+        for col in ("rule", "statistic", "keep if", "breaks", "drops", "MB dropped", "p5 / p50 / p95"):
+            table.add_column(col, justify="left" if col in ("rule", "statistic", "keep if") else "right")
+        for r in p["rules"]:
+            q = r["quantiles"]
+            bound = " and ".join(
+                b
+                for b in (
+                    f"≥ {r['low']}" if r["low"] is not None else "",
+                    f"≤ {r['high']}" if r["high"] is not None else "",
+                )
+                if b
+            ) or ("≥ language.min_score" if r["reason"] == "language:*" else "")
+            spread = f"{q['0.05']:.3g} / {q['0.5']:.3g} / {q['0.95']:.3g}" if q else ""
+            table.add_row(
+                r["reason"],
+                r["stat"],
+                bound,
+                str(r["breaks"]),
+                str(r["drops"]),
+                f"{r['bytes_dropped'] / 1e6:.2f}",
+                spread,
+            )
+        console.print(table)
+        for r in p["rules"]:
+            for ex in r["examples"]:
+                console.print(
+                    f"  {r['reason']}: {ex['locator']} (score {ex['score']}): {ex['opening'][:100]}", soft_wrap=True
+                )
 
 
 @app.command()
@@ -609,14 +766,20 @@ def evaluate(
 
 @app.command("export")
 def export_command(
-    model: Path = typer.Option(..., "--model", "-m", help="A train artifact folder."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="A train artifact folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (transformers layout)."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", "-t", help="tokenizer.json (default: lineage)."),
     special_tokens: list[str] = typer.Option(["<|endoftext|>", "<|pad|>"], "--special-token"),
+    sweep: str | None = typer.Option(None, "--sweep", help="Export a sweep's winner (sweep id or name) instead."),
+    root: str = typer.Option("./data", "--root", "-r", help="Data root of --sweep."),
 ) -> None:
-    """Write MODEL as safetensors + config + tokenizer that transformers' AutoModelForCausalLM loads."""
+    """Write MODEL (or a sweep's winner) as safetensors + config + tokenizer for transformers' AutoModelForCausalLM."""
     from tasks.modeling.export import export_model, find_tokenizer
 
+    if (model is None) == (sweep is None):
+        raise typer.BadParameter("give --model or --sweep (one of them)")
+    if sweep is not None:
+        model = _sweep_winner_model(root, sweep)
     try:
         path = find_tokenizer(model) if tokenizer is None else tokenizer
         counts = export_model(model, path / "tokenizer.json" if path.is_dir() else path, special_tokens, out)
@@ -624,6 +787,24 @@ def export_command(
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
     console.print(f"exported {counts['params']:,} parameters to {out} ({counts['format']})")
+
+
+def _sweep_winner_model(root: str, sweep_id: str) -> Path:
+    """The train artifact of a sweep's selected trial, found through lineage."""
+    from storage.artifacts import local_folder
+
+    try:
+        winner = _queries(root).sweep(sweep_id)["winner"]
+    except LookupError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    if winner is None:
+        console.print(f"[red]sweep {sweep_id} has no winner yet[/red]: run `tokenmill sweep` to the end first")
+        raise typer.Exit(1)
+    artifact = _lineage(root).query(
+        "SELECT uri FROM artifacts WHERE stage = 'train' AND fingerprint = ?", [winner["fingerprints"]["train"]]
+    )
+    return local_folder(artifact[0]["uri"])
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ def counts_line(name: str, counts: dict[str, Any]) -> str:
     return f"{name}: " + ", ".join(f"{r['count']} {r['value']}" for r in counts_table(counts)[:6])
 
 
-TRAIN_CONCURRENCY_LIMITS = {"cuda": "gpu", "cpu": "cpu-train"}
+GPU_CONCURRENCY_LIMIT = "gpu"
+CPU_TRAIN_LIMIT = "cpu-train"
 ARTIFACT_UPDATE_EVERY_S = 2.0
 
 
@@ -124,27 +125,35 @@ def uses_gpu(name: str, cfg: PipelineConfig) -> bool:
 
 
 def train_concurrency() -> int:
-    """Training jobs at once per device kind (``TOKENMILL_TRAIN_CONCURRENCY``, default 1): training takes every core
-    or the whole GPU, so two at once only slow each other down."""
+    """Training jobs at once on CPU (``TOKENMILL_TRAIN_CONCURRENCY``, default 1) when the ``cpu-train`` limit is
+    created: training takes every core, so two at once only slow each other down."""
     return int(os.environ.get("TOKENMILL_TRAIN_CONCURRENCY", "1"))
 
 
+def training_slot(cfg: PipelineConfig, cpu_slots: int | None = None):
+    """A slot of the ``gpu`` limit when training on CUDA, else of the ``cpu-train`` limit (``cpu_slots`` wide,
+    default ``train_concurrency()``, when absent); an operator may change either in the UI."""
+    if uses_gpu("train", cfg):
+        return concurrency_slot(GPU_CONCURRENCY_LIMIT, 1)
+    return concurrency_slot(CPU_TRAIN_LIMIT, cpu_slots or train_concurrency())
+
+
 def _training_slot(name: str, cfg: PipelineConfig):
-    """Hold a slot of the ``gpu`` (CUDA) or ``cpu-train`` global concurrency limit while training; the limit is
-    created with ``train_concurrency()`` slots when absent, and an operator may change it in the UI."""
-    if name != "train":
-        return nullcontext()
+    return training_slot(cfg) if name == "train" else nullcontext()
+
+
+def concurrency_slot(limit_name: str, limit: int):
+    """Hold one slot of a global concurrency limit, creating it with ``limit`` slots if absent."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectNotFound
 
-    limit = TRAIN_CONCURRENCY_LIMITS["cuda" if uses_gpu(name, cfg) else "cpu"]
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(limit)
+            client.read_global_concurrency_limit_by_name(limit_name)
         except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=train_concurrency()))
-    return concurrency(limit, occupy=1, strict=True)
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit_name, limit=limit))
+    return concurrency(limit_name, occupy=1, strict=True)
 
 
 def progress_reporter(name: str) -> Callable[[float, str], None]:
@@ -407,7 +416,7 @@ def run_pipeline(config: PipelineConfig, force: list[str] | None = None) -> dict
     lineage = LineageStore(store.lineage_path)
     run_id = lineage_run_id(lineage)
     get_run_logger().info(f"lineage run {run_id} in {store.lineage_path}")
-    record = RunRecorder(lineage, run_id)
+    record = RunRecorder(lineage, run_id, backup=store.backup_lineage)
     record.start(config, str(flow_run.get_id()))
     close_crashed_attempts(record)
     with parts_executor(config):  # one task runner / Dask / Ray client (or private cluster) for the whole run

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from pydantic import BaseModel
 
 from storage.faults import maybe_fail
 from storage.hashing import canonical_json, file_sha256, fingerprint
+from storage.lineage_snapshot import restore_lineage, snapshot_lineage
 from storage.remote import ATTEMPT_PREFIX, ATTEMPT_TIME, RemoteRoot, is_remote, local_mirror, local_path
 
 MANIFEST = "manifest.json"
@@ -89,6 +91,12 @@ class Manifest(BaseModel):
         """Paths of this artifact's files whose relative path starts with ``prefix`` (sorted)."""
         return [Path(self.path) / f.path for f in self.files if f.path.startswith(prefix) and f.path.endswith(suffix)]
 
+    def sources_under(self, prefix: str) -> list[str]:
+        """Where workers read these files: their object URIs on a remote root, else their local paths."""
+        if self.uri and self.attempt:
+            return [f"{self.uri}/{self.attempt}/{f.path}" for f in self.files if f.path.startswith(prefix)]
+        return [str(p) for p in self.files_under(prefix)]
+
     def ref(self) -> InputRef:
         return InputRef(stage=self.stage, fingerprint=self.fingerprint, content_hash=self.content_hash)
 
@@ -141,6 +149,12 @@ class StageContext:
     work_dir: Path
     log: Callable[[str], None] = print
     progress: Callable[[float, str], None] = field(default=lambda fraction, message: None)
+    # Asked after each periodic validation of a training run: True stops it (a sweep pruning a weak trial).
+    should_stop: Callable[[int, float], bool] = field(default=lambda step, val_loss: False)
+    # Remote roots: the attempt folder this build publishes into. Parts may upload files there themselves (so
+    # workers need no shared file system) and list them in ``uploaded``; the manifest names both kinds.
+    attempt_uri: str | None = None
+    uploaded: list[FileEntry] = field(default_factory=list)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -208,6 +222,7 @@ class ArtifactStore:
         self.remote = RemoteRoot(str(root)) if is_remote(root) else None
         local = local_mirror(self.remote.uri) if self.remote else local_path(root)
         self.root = local.expanduser().resolve()  # on a remote root: its local mirror (storage.remote)
+        self._lineage_checked = False
         self.root.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -227,7 +242,20 @@ class ArtifactStore:
 
     @property
     def lineage_path(self) -> Path:
-        return self.root / "lineage.duckdb"
+        """The lineage DuckDB file. On a remote root without one (a fresh machine), the latest snapshot in the
+        bucket is restored first (``storage.lineage_snapshot``)."""
+        path = self.root / "lineage.duckdb"
+        if self.remote is not None and not self._lineage_checked:
+            self._lineage_checked = True
+            if restore_lineage(self.remote, path):
+                print(f"lineage: restored the latest snapshot from {self.remote.uri}/lineage/", file=sys.stderr)
+        return path
+
+    def backup_lineage(self, run_id: str | None = None) -> str | None:
+        """After a run on a remote root: put a consistent snapshot of the lineage file next to the artifacts."""
+        if self.remote is None:
+            return None
+        return snapshot_lineage(self.remote, self.root / "lineage.duckdb", run_id)
 
     def report_dir(self, run_id: str) -> Path:
         """Where a pipeline run's human-readable report goes (run-level, not content-addressed)."""
@@ -476,16 +504,19 @@ class ArtifactStore:
         work = self.work_dir(stage, fp)
         work.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
+        target = self._publish_target(stage, fp)
         try:
-            ctx = StageContext(out_dir=tmp, work_dir=work, log=log)
+            attempt_uri = f"{target['uri']}/{target['attempt']}" if target else None
+            ctx = StageContext(out_dir=tmp, work_dir=work, log=log, attempt_uri=attempt_uri)
             if progress is not None:
                 ctx.progress = progress
             counts = produce(ctx)
-            files = [
+            staged = [
                 FileEntry(path=str(p.relative_to(tmp)), bytes=p.stat().st_size, sha256=file_sha256(p))
                 for p in sorted(tmp.rglob("*"))
                 if p.is_file()
             ]
+            files = sorted(staged + ctx.uploaded, key=lambda f: f.path)
             manifest = Manifest(
                 stage=stage,
                 version=key.version,
@@ -499,12 +530,12 @@ class ArtifactStore:
                 created_at=datetime.now(UTC).isoformat(),
                 elapsed_s=round(time.perf_counter() - started, 3),
                 run_id=run_id,
-                **self._publish_target(stage, fp),
+                **target,
             )
             (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             _fsync_tree(tmp)
             if self.remote is not None:
-                winner = self._publish_remote(tmp, manifest)
+                winner = self._publish_remote(tmp, manifest, staged, complete_copy=not ctx.uploaded)
                 if winner is not None:
                     return winner, True
                 shutil.rmtree(work, ignore_errors=True)
@@ -521,6 +552,8 @@ class ArtifactStore:
             _fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if target:
+                self._discard_unless_committed(stage, fp, target["attempt"])
             raise
         shutil.rmtree(work, ignore_errors=True)
         return manifest, False
@@ -552,17 +585,20 @@ class ArtifactStore:
         attempt = f"{ATTEMPT_PREFIX}{datetime.now(UTC):{ATTEMPT_TIME}}-{uuid.uuid4().hex[:8]}"
         return {"uri": self.remote.artifact_uri(stage, fp), "attempt": attempt}
 
-    def _discard_unless_committed(self, manifest: Manifest) -> None:
-        """Best effort after a failed publish: delete the attempt's uploads, unless the manifest naming them was
-        committed after all (a commit whose reply was lost) or that cannot be checked. A killed process leaves its
-        uploads behind; no reader looks at them (``remove_orphaned_attempts``)."""
+    def _discard_unless_committed(self, stage: str, fp: str, attempt: str) -> None:
+        """Best effort after a failed build or publish: delete the attempt's uploads (the build's own or its parts'),
+        unless the manifest naming them was committed after all (a commit whose reply was lost) or that cannot be
+        checked. A killed process leaves its uploads behind; no reader looks at them (``remove_orphaned_attempts``)."""
         with suppress(Exception):  # cleanup must not hide the error that got us here
-            text = self.remote.read_manifest(manifest.stage, manifest.fingerprint, MANIFEST)
-            if text is None or Manifest.model_validate_json(text).attempt != manifest.attempt:
-                self.remote.discard(manifest.stage, manifest.fingerprint, manifest.attempt or "")
+            text = self.remote.read_manifest(stage, fp, MANIFEST)
+            if text is None or Manifest.model_validate_json(text).attempt != attempt:
+                self.remote.discard(stage, fp, attempt)
 
-    def _publish_remote(self, tmp: Path, manifest: Manifest) -> Manifest | None:
-        """Upload a staged artifact, commit its manifest last, and keep the staging folder as the local copy.
+    def _publish_remote(
+        self, tmp: Path, manifest: Manifest, staged: list[FileEntry], complete_copy: bool = True
+    ) -> Manifest | None:
+        """Upload the staged files (parts may have uploaded others already), commit the manifest last, and keep
+        the staging folder as the local copy when it holds every file (else a reader downloads it on first use).
 
         Returns None when this call published it, or the winner's manifest when another publisher committed
         the same fingerprint first (this attempt's uploads are then deleted).
@@ -570,11 +606,11 @@ class ArtifactStore:
         stage, fp, attempt = manifest.stage, manifest.fingerprint, manifest.attempt or ""
         published = manifest.model_copy(update={"path": manifest.uri})
         try:
-            self.remote.upload(tmp, stage, fp, attempt, [f.path for f in manifest.files])
+            self.remote.upload(tmp, stage, fp, attempt, [f.path for f in staged])
             maybe_fail(stage, "publish")  # tests: files uploaded, manifest not committed
             committed = self.remote.commit(stage, fp, MANIFEST, published.model_dump_json(indent=2))
         except BaseException:
-            self._discard_unless_committed(manifest)
+            self._discard_unless_committed(stage, fp, attempt)
             raise
         if not committed:
             self.remote.discard(stage, fp, attempt)
@@ -586,6 +622,9 @@ class ArtifactStore:
         final = Path(manifest.path)
         if final.exists():  # a stale local copy (the remote manifest was deleted or quarantined)
             _remove_tree(final)
+        if not complete_copy:
+            _remove_tree(tmp)
+            return None
         _make_read_only(tmp)
         os.rename(tmp, final)
         return None

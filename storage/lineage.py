@@ -79,6 +79,27 @@ MIGRATIONS: list[str] = [
         unchanged BIGINT, computed_at TIMESTAMPTZ, PRIMARY KEY (run_id, source)
     );
     """,
+    """
+    CREATE TABLE sweeps (
+        sweep_id VARCHAR PRIMARY KEY, name VARCHAR, spec JSON, base_config JSON, objective VARCHAR,
+        sampler VARCHAR, trials_planned INTEGER, eval_set VARCHAR, status VARCHAR, winner INTEGER,
+        flow_run_id VARCHAR, started_at TIMESTAMPTZ, ended_at TIMESTAMPTZ, error VARCHAR
+    );
+    CREATE TABLE trials (
+        sweep_id VARCHAR, trial INTEGER, run_id VARCHAR, params JSON, fingerprints JSON, status VARCHAR,
+        objective DOUBLE, val_loss DOUBLE, val_bpb DOUBLE, eval_docs INTEGER, eval_bytes BIGINT,
+        eval_docs_in_train INTEGER, pruned BOOLEAN, stopped_at_step BIGINT, selected BOOLEAN, attempts INTEGER,
+        curve JSON, elapsed_s DOUBLE, error VARCHAR, recorded_at TIMESTAMPTZ, PRIMARY KEY (sweep_id, trial)
+    );
+    CREATE TABLE test_reads (
+        sweep_id VARCHAR, sweep_name VARCHAR, trial INTEGER, run_id VARCHAR, train_fingerprint VARCHAR,
+        test_set VARCHAR, evaluate_fingerprint VARCHAR, test_loss DOUBLE, test_bpb DOUBLE, override BOOLEAN,
+        read_at TIMESTAMPTZ
+    );
+    """,
+    """
+    ALTER TABLE artifact_edges ADD COLUMN tokens_per_source JSON;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 TRAIN_METRIC_COLUMNS = (
@@ -92,6 +113,38 @@ TRAIN_METRIC_COLUMNS = (
     "mfu",
     "peak_mem_mb",
     "train_seconds",
+)
+
+TRIAL_COLUMNS = (
+    "trial",
+    "run_id",
+    "params",
+    "fingerprints",
+    "status",
+    "objective",
+    "val_loss",
+    "val_bpb",
+    "eval_docs",
+    "eval_bytes",
+    "eval_docs_in_train",
+    "pruned",
+    "stopped_at_step",
+    "attempts",
+    "curve",
+    "elapsed_s",
+    "error",
+)
+TEST_READ_COLUMNS = (
+    "sweep_id",
+    "sweep_name",
+    "trial",
+    "run_id",
+    "train_fingerprint",
+    "test_set",
+    "evaluate_fingerprint",
+    "test_loss",
+    "test_bpb",
+    "override",
 )
 
 RELATIONS = {"train": "trained_on", "evaluate": "evaluated_on", "export": "exported_from"}
@@ -351,7 +404,7 @@ class LineageStore:
             for ref in manifest.inputs:
                 coverage = self._coverage(con, manifest.stage, ref.stage, ref.fingerprint)
                 con.execute(
-                    "INSERT OR IGNORE INTO artifact_edges VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO artifact_edges VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [
                         ref.stage,
                         ref.fingerprint,
@@ -359,8 +412,16 @@ class LineageStore:
                         manifest.fingerprint,
                         RELATIONS.get(manifest.stage, "derived_from"),
                         json.dumps(coverage) if coverage is not None else None,
+                        json.dumps(realized) if (realized := self._realized(manifest, ref.stage)) else None,
                     ],
                 )
+
+    @staticmethod
+    def _realized(manifest: Manifest, src_stage: str) -> dict | None:
+        """Training tokens per source that a weighted model read (its trained_on edge carries them)."""
+        if manifest.stage != "train" or src_stage != "tokenize":
+            return None
+        return manifest.counts.get("tokens_per_source")
 
     @staticmethod
     def _coverage(con: duckdb.DuckDBPyConnection, dst_stage: str, src_stage: str, src_fp: str) -> dict | None:
@@ -409,7 +470,78 @@ class LineageStore:
                 con.execute("INSERT INTO reports VALUES (?, ?, ?, ?)", [run_id, fmt, str(path), _now()])
             con.execute("COMMIT")
 
+    def start_sweep(self, sweep: dict[str, Any]) -> None:
+        """Record a sweep as running (a rerun of the same sweep id keeps its trials and test reads)."""
+        columns = ("sweep_id", "name", "spec", "base_config", "objective", "sampler", "trials_planned", "eval_set")
+        with self._connect() as con:
+            con.execute("DELETE FROM sweeps WHERE sweep_id = ?", [sweep["sweep_id"]])
+            con.execute(
+                f"INSERT INTO sweeps ({', '.join(columns)}, status, flow_run_id, started_at) "
+                f"VALUES ({', '.join('?' * len(columns))}, 'running', ?, ?)",
+                [*(sweep.get(c) for c in columns), sweep.get("flow_run_id"), _now()],
+            )
+
+    def finish_sweep(self, sweep_id: str, status: str, winner: int | None, error: str | None = None) -> None:
+        with self._connect() as con:
+            con.execute(
+                "UPDATE sweeps SET status = ?, winner = ?, ended_at = ?, error = ? WHERE sweep_id = ?",
+                [status, winner, _now(), error, sweep_id],
+            )
+            con.execute("UPDATE trials SET selected = (trial = ?) WHERE sweep_id = ?", [winner, sweep_id])
+
+    def record_trial(self, sweep_id: str, row: dict[str, Any]) -> None:
+        """Insert or replace one trial's outcome (params, fingerprints, objective, status, curve)."""
+        values = {c: row.get(c) for c in TRIAL_COLUMNS}
+        for key in ("params", "fingerprints", "curve"):
+            values[key] = json.dumps(values[key]) if values[key] is not None else None
+        with self._connect() as con:
+            con.execute("DELETE FROM trials WHERE sweep_id = ? AND trial = ?", [sweep_id, row["trial"]])
+            con.execute(
+                f"INSERT INTO trials (sweep_id, {', '.join(TRIAL_COLUMNS)}, selected, recorded_at) "
+                f"VALUES (?, {', '.join('?' * len(TRIAL_COLUMNS))}, false, ?)",
+                [sweep_id, *values.values(), _now()],
+            )
+
+    def record_test_read(self, row: dict[str, Any]) -> None:
+        """Record that a sweep evaluated a trial on its test split (``test_reads`` is append-only)."""
+        with self._connect() as con:
+            con.execute(
+                f"INSERT INTO test_reads ({', '.join(TEST_READ_COLUMNS)}, read_at) "
+                f"VALUES ({', '.join('?' * len(TEST_READ_COLUMNS))}, ?)",
+                [*(row.get(c) for c in TEST_READ_COLUMNS), _now()],
+            )
+
     # --- reads ------------------------------------------------------------------------------------------
+
+    def sweep(self, sweep_id: str) -> dict:
+        """A sweep by id, or the newest sweep of that name."""
+        rows = self.query(
+            "SELECT * FROM sweeps WHERE sweep_id = ? OR name = ? ORDER BY sweep_id = ? DESC, started_at DESC LIMIT 1",
+            [sweep_id, sweep_id, sweep_id],
+        )
+        if not rows:
+            raise LookupError(f"no sweep {sweep_id!r} in {self.path}; `tokenmill lineage sweeps` lists them")
+        return rows[0]
+
+    def sweeps(self, limit: int = 20) -> list[dict]:
+        return self.query(
+            "SELECT sweep_id, name, objective, sampler, trials_planned, status, winner, started_at FROM sweeps "
+            "ORDER BY started_at DESC LIMIT ?",
+            [limit],
+        )
+
+    def trials(self, sweep_id: str) -> list[dict]:
+        rows = self.query("SELECT * FROM trials WHERE sweep_id = ? ORDER BY trial", [sweep_id])
+        for row in rows:
+            for key in ("params", "fingerprints", "curve"):
+                row[key] = json.loads(row[key]) if row[key] else None
+        return rows
+
+    def test_reads(self, sweep_id: str | None = None, name: str | None = None) -> list[dict]:
+        """Test evaluations recorded for a sweep id, or for every sweep of a name."""
+        return self.query(
+            "SELECT * FROM test_reads WHERE sweep_id = ? OR sweep_name = ? ORDER BY read_at", [sweep_id, name]
+        )
 
     def record_refresh_diff(self, run_id: str, previous_run_id: str | None, rows: list[dict]) -> None:
         """Store a refresh's per-source document diff (``LineageQueries.diff``) against ``previous_run_id``."""

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from storage.artifacts import ArtifactStore, CorruptArtifactError, ledger_folder, local_folder
+from storage.leaderboard import leaderboard_rows
 from storage.ledger import LedgerIndex
 from storage.lineage import LineageStore
 from storage.stage_graph import DOWNSTREAM, LEDGER_STAGES
@@ -102,7 +103,8 @@ class LineageQueries:
     def _models_for_shards(self, tokenize_fp: str, shards: set[str]) -> list[dict]:
         """Train/evaluate artifacts whose edge from this tokenize artifact covers any of ``shards``."""
         edges = self.store.query(
-            "SELECT e.dst_stage, e.dst_fingerprint, e.relation, e.coverage, a.uri, a.run_id FROM artifact_edges e "
+            "SELECT e.dst_stage, e.dst_fingerprint, e.relation, e.coverage, e.tokens_per_source, a.uri, a.run_id "
+            "FROM artifact_edges e "
             "LEFT JOIN artifacts a ON a.stage = e.dst_stage AND a.fingerprint = e.dst_fingerprint "
             "WHERE e.src_stage = 'tokenize' AND e.src_fingerprint = ?",
             [tokenize_fp],
@@ -112,7 +114,8 @@ class LineageQueries:
             covered = set(json.loads(e["coverage"] or "{}"))
             hit = sorted(covered & shards)
             if hit:
-                out.append(_model_entry(e, hit))
+                realized = json.loads(e["tokens_per_source"]) if e.get("tokens_per_source") else None
+                out.append(_model_entry(e, hit) | ({"tokens_per_source": realized} if realized else {}))
         return out + self._derived_from_models(out)
 
     def _derived_from_models(self, models: list[dict]) -> list[dict]:
@@ -222,11 +225,17 @@ class LineageQueries:
             "threshold": self._threshold(info["run_id"], decisive),
         }
         if decisive.get("duplicate_of"):
-            rep = self._rows(info["run_id"], [decisive["duplicate_of"]], ("ingest",), ["doc_id", "locator"])
+            # duplicate_of is the document of the verified pair that removed this one; cluster_id the kept
+            # representative, which differs when the document joined the cluster through a chain of pairs.
+            linked, cluster = decisive["duplicate_of"], decisive.get("cluster_id") or decisive["duplicate_of"]
+            rows = self._rows(info["run_id"], {linked, cluster}, ("ingest",), ["doc_id", "locator"])
+            locator = {r["doc_id"]: r["locator"] for r in rows}
             out |= {
-                "duplicate_of": decisive["duplicate_of"],
-                "duplicate_of_locator": rep[0]["locator"] if rep else None,
+                "duplicate_of": linked,
+                "duplicate_of_locator": locator.get(linked),
                 "similarity": decisive.get("similarity"),
+                "cluster_id": cluster,
+                "cluster_locator": locator.get(cluster),
             }
         return out
 
@@ -607,12 +616,33 @@ class LineageQueries:
                 known += " UNION ALL SELECT doc_id FROM read_parquet(?)"
                 params.append(index)
             dangling = self.store.query(
-                "SELECT count(*) AS n FROM read_parquet(?) WHERE duplicate_of IS NOT NULL "
-                f"AND duplicate_of NOT IN ({known})",
+                f"SELECT count(*) AS n FROM read_parquet(?) WHERE fate = 'duplicate' AND cluster_id NOT IN ({known})",
                 params,
             )[0]["n"]
             if dangling:
-                problems.append(f"dedup: {dangling} duplicates point at documents that were not kept")
+                problems.append(f"dedup: {dangling} duplicates' clusters are represented by documents not kept")
             else:
-                checked.append("dedup: every duplicate_of points at a kept or indexed document")
+                checked.append("dedup: every duplicate's cluster_id is a kept or indexed document")
         return {"run_id": run_id, "ok": not problems, "problems": problems, "checked": checked}
+
+    @_one_connection
+    def sweep(self, sweep_id: str) -> dict:
+        """A sweep's leaderboard, its winner and every read of its test split (by id, or the newest of a name)."""
+        row = self.store.sweep(sweep_id)
+        trials = self.store.trials(row["sweep_id"])
+        spec = json.loads(row["spec"]) if row["spec"] else {}
+        winner = next((t for t in trials if t["selected"]), None)
+        return {
+            "sweep_id": row["sweep_id"],
+            "name": row["name"],
+            "status": row["status"],
+            "objective": row["objective"],
+            "sampler": row["sampler"],
+            "space": spec.get("space"),
+            "eval_set": row["eval_set"],
+            "started_at": row["started_at"],
+            "ended_at": row["ended_at"],
+            "leaderboard": leaderboard_rows(trials, row["objective"]),
+            "winner": winner and {k: winner[k] for k in ("trial", "run_id", "params", "objective", "fingerprints")},
+            "test_reads": self.store.test_reads(row["sweep_id"], row["name"]),
+        }

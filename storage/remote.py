@@ -74,6 +74,10 @@ class RemoteRoot:
             ) from err
         self._base = self._base.rstrip("/")
 
+    def object_key(self, *parts: str) -> str:
+        """The file system key of ``<root>/<parts...>``."""
+        return "/".join([self._base, *parts])
+
     def artifact_uri(self, stage: str, fp: str) -> str:
         return f"{self.uri}/{stage}/{fp}"
 
@@ -163,3 +167,48 @@ class RemoteRoot:
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
         if files:
             self.fs.get([self._key(stage, fp, attempt, f) for f in files], [str(dest / f) for f in files])
+
+
+# --- parts that read and write the object store themselves (workers that share nothing but the root) ------
+
+
+def object_fs(uri: str) -> tuple[Any, str]:
+    """The file system and key of an object URI (credentials and endpoint from the environment)."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri, use_listings_cache=False)
+
+
+def open_input(path: str | Path) -> Any:
+    """A local path as is, or an object URI opened for (ranged) reading: what ``pyarrow.parquet`` accepts."""
+    if not is_remote(path):
+        return path
+    fs, key = object_fs(str(path))
+    return fs.open(key, "rb")
+
+
+def put_files(folder: Path, uri: str, names: Iterable[str]) -> None:
+    """Upload ``folder``'s files (relative names) under ``uri``."""
+    names = list(names)
+    if names:
+        fs, key = object_fs(uri)
+        fs.put([str(folder / n) for n in names], [f"{key}/{n}" for n in names], recursive=False)
+
+
+def copy_object(src: str, dst: str) -> None:
+    """Copy one object within the store (server-side on S3: no bytes pass through this process)."""
+    fs, src_key = object_fs(src)
+    fs.copy(src_key, object_fs(dst)[1])
+
+
+def register_object_fs(con: Any, locations: Iterable[str | Path]) -> None:
+    """Let a DuckDB connection read object URIs among ``locations`` (through fsspec; no httpfs extension)."""
+    remote = next((str(x) for x in locations if is_remote(x)), None)
+    if remote is not None:
+        con.register_filesystem(object_fs(remote)[0])
+
+
+def remove_prefix(uri: str) -> None:
+    fs, key = object_fs(uri)
+    if fs.exists(key):
+        fs.rm(key, recursive=True)

@@ -6,7 +6,9 @@ whichever ran it, and the configuration snapshot is taken in one place.
 
 from __future__ import annotations
 
+import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -26,6 +28,16 @@ class RunRecorder:
 
     lineage: LineageStore
     run_id: str
+    backup: Callable[[str], object] | None = None  # remote roots: snapshot the lineage file after the run
+
+    def _backup(self) -> None:
+        """Snapshot lineage next to the artifacts; a failure warns (the run's own outcome is already recorded)."""
+        if self.backup is None:
+            return
+        try:
+            self.backup(self.run_id)
+        except Exception as err:  # noqa: BLE001 - a lost snapshot must not turn a run's result into an error
+            print(f"warning: lineage snapshot not uploaded ({error_text(err)}); the next run retries", file=sys.stderr)
 
     def start(self, cfg: PipelineConfig, flow_run_id: str | None = None) -> None:
         self.lineage.start_run(self.run_id, cfg.name, cfg.model_dump(), cfg.seed, flow_run_id)
@@ -38,6 +50,8 @@ class RunRecorder:
         error = error_text(err)
         self.lineage.record_stage(self.run_id, stage, "failed", started, error=error)
         self.lineage.finish_run(self.run_id, "failed", f"{stage}: {error}")
+        self._backup()
 
     def finish(self) -> None:
         self.lineage.finish_run(self.run_id, "completed")
+        self._backup()

@@ -61,7 +61,9 @@ def _redacted(options: Any) -> Any:
 
 
 def _ingest_params(cfg: PipelineConfig) -> dict[str, Any]:
-    sources = [s.model_dump() | {"storage_options": _redacted(s.storage_options)} for s in cfg.sources]
+    sources = [
+        s.model_dump(exclude=set(s.MIXTURE)) | {"storage_options": _redacted(s.storage_options)} for s in cfg.sources
+    ]
     return {"sources": sources, "snapshot": _source_snapshot(cfg)}
 
 
@@ -114,7 +116,10 @@ def _produce_clean(run: StageRun) -> StageResult:
 
 def _produce_dedup(run: StageRun) -> StageResult:
     previous = dedup.resolve_previous(run.cfg.dedup.against, run.cfg.root)
-    return dedup.dedup(run.inputs["clean"].files_under("docs/"), run.cfg.dedup, run.ctx, previous=previous)
+    clean = run.inputs["clean"]
+    return dedup.dedup(
+        clean.files_under("docs/"), run.cfg.dedup, run.ctx, previous=previous, sources=clean.sources_under("docs/")
+    )
 
 
 def _produce_tokenizer(run: StageRun) -> StageResult:
@@ -123,10 +128,18 @@ def _produce_tokenizer(run: StageRun) -> StageResult:
 
 
 def _produce_tokenize(run: StageRun) -> StageResult:
-    docs, tok = run.inputs["dedup"].files_under("docs/"), run.inputs["tokenizer"].file("")
-    cache = ArtifactStore(run.cfg.root).cache_dir("decontaminate")
+    """On a remote root the parts read the dedup shards and the tokenizer from the store (``sources_under``)."""
+    docs, tok, cfg = run.inputs["dedup"].sources_under("docs/"), run.inputs["tokenizer"], run.cfg
     return tokenize.tokenize(
-        docs, tok, run.cfg.tokenizer, run.cfg.tokenize, run.ctx, decontaminate=run.cfg.decontaminate, cache_dir=cache
+        docs,
+        tok.file(""),
+        cfg.tokenizer,
+        cfg.tokenize,
+        run.ctx,
+        cfg.workers,
+        tokenizer_uri=next(iter(tok.sources_under(tokenizer.TOKENIZER_FILE)), None),
+        decontaminate=cfg.decontaminate,
+        cache_dir=ArtifactStore(cfg.root).cache_dir("decontaminate"),
     )
 
 
@@ -140,8 +153,24 @@ def _produce_train(run: StageRun) -> StageResult:
         cfg.train,
         cfg.seed,
         run.ctx,
+        mixture=_mixture(cfg, tokens),
     )
     return StageResult(extra=counts)
+
+
+def _mixture(cfg: PipelineConfig, tokens: Manifest) -> dict[str, Any] | None:
+    mixture = cfg.mixture()
+    return mixture | {"ledger_files": [str(p) for p in tokens.files_under("ledger/")]} if mixture else None
+
+
+def _train_params(cfg: PipelineConfig) -> dict[str, Any]:
+    params = {
+        "model": cfg.model.sizes(),
+        "train": cfg.train.model_dump(exclude=set(cfg.train.PLACEMENT)),
+        "seed": cfg.seed,
+    }
+    mixture = cfg.mixture()
+    return params | {"mixture": mixture} if mixture else params  # unweighted runs keep their fingerprints
 
 
 def _produce_evaluate(run: StageRun) -> StageResult:
@@ -179,11 +208,7 @@ SPECS: dict[str, StageSpec] = {
     "train": StageSpec(
         "train",
         train.VERSION,
-        lambda c: {
-            "model": c.model.sizes(),
-            "train": c.train.model_dump(exclude=set(c.train.PLACEMENT)),
-            "seed": c.seed,
-        },
+        _train_params,
         _produce_train,
     ),
     "evaluate": StageSpec(
@@ -227,10 +252,12 @@ def run_stage(
     force: bool = False,
     log: Callable[[str], None] = print,
     progress: Callable[[float, str], None] | None = None,
+    should_stop: Callable[[int, float], bool] | None = None,
 ) -> tuple[Manifest, bool]:
     """Produce (or reuse) one stage's artifact. Returns ``(manifest, reused)``.
 
     ``key`` is the stage's ``stage_key`` when the caller already computed it (the flow does, for its cache key).
+    ``should_stop(step, val_loss)`` is asked after each periodic validation of training (``StageContext``).
     """
     key = key or stage_key(name, cfg, inputs)
     spec = SPECS[name]
@@ -239,6 +266,8 @@ def run_stage(
         store.verify(inputs[upstream], deep=False)
 
     def produce(ctx: StageContext) -> dict[str, Any]:
+        if should_stop is not None:
+            ctx.should_stop = should_stop
         maybe_fail(name, "start")
         for upstream in UPSTREAM[name]:  # remote roots: a verified local copy of each input, downloaded once
             store.materialize(inputs[upstream])
@@ -263,7 +292,8 @@ def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print, run_id: str
     from tasks.run_recorder import RunRecorder
 
     run_id = run_id or f"local-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
-    record = RunRecorder(LineageStore(ArtifactStore(cfg.root).lineage_path), run_id)
+    store = ArtifactStore(cfg.root)
+    record = RunRecorder(LineageStore(store.lineage_path), run_id, backup=store.backup_lineage)
     record.start(cfg)
     manifests: dict[str, Manifest] = {}
     for name in STAGES:

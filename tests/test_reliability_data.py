@@ -273,3 +273,33 @@ def test_random_bit_flips_in_the_cache_never_crash_or_change_data(tmp_path: Path
         shutil.rmtree(out)
         shutil.rmtree(out.with_name(out.name + "-work"), ignore_errors=True)
     assert rebuilt > 0
+
+
+def _replace_with_folder(path: Path) -> None:
+    path.unlink()
+    (path / "junk").mkdir(parents=True)
+
+
+CACHE_DAMAGES = {
+    "fragment truncated": lambda c: next((c / "fragments").glob("*.arrow")).write_bytes(b""),
+    "fragment deleted": lambda c: next((c / "fragments").glob("*.arrow")).unlink(),
+    "seal deleted": lambda c: next((c / "fragments").glob("*.seal")).unlink(),
+    "seal of another fragment": lambda c: shutil.copy(*sorted((c / "fragments").glob("*.seal"))[:2]),
+    "fragment is a folder": lambda c: _replace_with_folder(next((c / "fragments").glob("*.arrow"))),
+    "seal is a folder": lambda c: _replace_with_folder(next((c / "fragments").glob("*.seal"))),
+    "state is a folder": lambda c: _replace_with_folder(next((c / "state").glob("*.json"))),
+    "state is not JSON": lambda c: next((c / "state").glob("*.json")).write_text("{not json"),
+    "tmp is a file": lambda c: (shutil.rmtree(c / "tmp"), (c / "tmp").write_text("x")),
+}
+
+
+@pytest.mark.parametrize("damage", CACHE_DAMAGES)
+def test_cache_entries_deleted_replaced_or_truncated_are_rebuilt(tmp_path: Path, damage: str):
+    source = _source(_corpus(tmp_path))
+    cache = tmp_path / "cache"
+    _, expected_ledger, expected_docs = _ingest(source, tmp_path / "first", cache)
+    CACHE_DAMAGES[damage](cache)
+    _, ledger, docs = _ingest(source, tmp_path / "again", cache)
+    assert docs == expected_docs and ledger == expected_ledger
+    counts, _, docs = _ingest(source, tmp_path / "healed", cache)  # and the cache is whole again
+    assert docs == expected_docs and counts["files"]["read"] == 0 and "rebuilt" not in counts["files"]

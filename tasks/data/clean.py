@@ -10,7 +10,6 @@ statistics go to the ledger's ``scores`` map. Parts of the input run in parallel
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import unicodedata
 from collections import Counter
@@ -81,12 +80,107 @@ def normalize(text: str, fix_mojibake: bool = False) -> str:
     return text.strip("\n")
 
 
-def _public_ip(match: re.Match[str], placeholder: str, counter: list[int]) -> str:
+# A dotted quad is a version number, not an address, when it is glued to a name ("novas-3.1.1.3", "v1.2.3.4",
+# "pkg_1.4.0.3"), follows a version word or a product name ("Thunderbird 1.5.0.9", "kernel 2.6.32.27"), or
+# carries a release or file suffix ("4.2.1.9-rc2", "foo-1.2.3.4.tar.gz", "libfoo.so.1.2.3.4").
+_GLUED_BEFORE = re.compile(r"(?:[A-Za-z_]|[A-Za-z_][-+~]|\.so\.)$")
+_WORD_BEFORE = re.compile(r"([A-Za-z][\w-]*)[ \t]+$")
+_VERSION_WORDS = frozenset(
+    [
+        "version",
+        "versions",
+        "ver",
+        "release",
+        "releases",
+        "rel",
+        "build",
+        "revision",
+        "rev",
+        "update",
+        "kernel",
+        "patch",
+        "section",
+        "sections",
+        "chapter",
+        "table",
+        "figure",
+        "fig",
+        "step",
+        "part",
+        "appendix",
+        "item",
+        "notes",
+        "for",
+    ]
+)
+_ADDRESS_WORDS = frozenset(
+    [
+        "ip",
+        "ipv4",
+        "address",
+        "addr",
+        "server",
+        "host",
+        "hosts",
+        "from",
+        "to",
+        "via",
+        "gateway",
+        "gw",
+        "dns",
+        "proxy",
+        "peer",
+        "peers",
+        "client",
+        "remote",
+        "connect",
+        "connecting",
+        "ping",
+        "source",
+        "src",
+        "destination",
+        "dst",
+        "target",
+        "node",
+        "at",
+        "blocked",
+        "allow",
+        "deny",
+        "route",
+        "mask",
+        "a",
+    ]
+)
+_SUFFIX_AFTER = re.compile(
+    r"^(?:[-+~]?(?:alpha|beta|rc|dev|post|pre|final|[ab]\d)|[A-Za-z_]|\.(?:tar|zip|whl|gz|deb|rpm|exe)\b)"
+)
+
+
+def is_public_ipv4(text: str) -> bool:
     try:
-        public = ipaddress.IPv4Address(match.group(0)).is_global
+        return ipaddress.IPv4Address(text).is_global
     except ValueError:  # e.g. leading zeros ("010.1.1.1"): not an address Python accepts; leave it
-        public = False
-    if public:
+        return False
+
+
+def looks_like_version(text: str, start: int, end: int) -> bool:
+    """Whether the dotted quad at ``text[start:end]`` reads as a version or section number in its context."""
+    before = text[max(0, start - 40) : start]
+    if _GLUED_BEFORE.search(before) or _SUFFIX_AFTER.match(text[end : end + 8]):
+        return True
+    word = _WORD_BEFORE.search(before)
+    if word is None:
+        return False
+    name = word.group(1)
+    if name.lower() in _VERSION_WORDS:
+        return True
+    # a product name: capitalized with lowercase letters, not an address word ("Thunderbird 1.5.0.9", "OpenSSL
+    # 1.0.2.5", but "Server 151.101.1.69"); after a lowercase word only the version words above count
+    return name[0].isupper() and not name.isupper() and len(name) > 2 and name.lower() not in _ADDRESS_WORDS
+
+
+def _public_ip(match: re.Match[str], placeholder: str, counter: list[int]) -> str:
+    if is_public_ipv4(match.group(0)) and not looks_like_version(match.string, match.start(), match.end()):
         counter[0] += 1
         return placeholder
     return match.group(0)
@@ -111,18 +205,24 @@ def redact_pii(text: str, cfg: PiiConfig) -> tuple[str, int, int]:
 _LOCATOR_SUFFIX = re.compile(r"(?:[:#]\d+-?)$")
 
 
-def extension_of(locator: str) -> str:
+def file_name_of(locator: str) -> str:
+    """The lowercased file name of a locator, without its record suffix and compression extension."""
     name = _LOCATOR_SUFFIX.sub("", locator).rsplit("/", 1)[-1].lower()
     for compressed in (".gz", ".zst"):
         name = name.removesuffix(compressed)
-    return os.path.splitext(name)[1]
+    return name
 
 
 def preset_for(source: str, locator: str, cfg: CleanConfig) -> str:
-    """Which filter preset applies: by source name, else by file extension, else the default."""
+    """Which filter preset applies: by source name, else by the longest extension the file name ends with
+    (``.rst.txt`` before ``.txt``), else the default."""
     if source in cfg.preset_by_source:
         return cfg.preset_by_source[source]
-    return cfg.preset_by_extension.get(extension_of(locator), cfg.default_preset)
+    name = file_name_of(locator)
+    for ext in sorted(cfg.preset_by_extension, key=len, reverse=True):
+        if name.endswith(ext):
+            return cfg.preset_by_extension[ext]
+    return cfg.default_preset
 
 
 # --- language ----------------------------------------------------------------------------------------------
@@ -433,9 +533,10 @@ def clean(
     )
     (ctx.out_dir / "docs").mkdir(parents=True, exist_ok=True)
     result = merge_part_results(results)
-    for warning in dropped_bytes_warnings(result.as_counts(), cfg.warn_dropped_bytes_share):
+    warnings = dropped_bytes_warnings(result.as_counts(), cfg.warn_dropped_bytes_share)
+    for warning in warnings:
         ctx.log(f"WARNING clean: {warning}")
-    return result
+    return StageResult(result.docs, {**result.extra, "warnings": warnings}) if warnings else result
 
 
 def merge_part_results(results: list[CleanPartResult]) -> StageResult:

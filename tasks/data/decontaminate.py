@@ -140,7 +140,7 @@ def _set_source(cfg: EvalSetConfig) -> SourceConfig:
 
 def set_fingerprint(cfg: EvalSetConfig) -> str:
     """A hash of the set's files (content) and reading settings: the set index's cache key and a stage parameter."""
-    from tasks.data.readers import list_files, open_binary, source_filesystem
+    from tasks.data.readers import list_files, source_filesystem
 
     source = _set_source(cfg)
     try:
@@ -153,7 +153,7 @@ def set_fingerprint(cfg: EvalSetConfig) -> str:
     digest = hashlib.sha256(f"{INDEX_VERSION}/{NORMALIZATION_VERSION}/{cfg.text_field}/{cfg.id_field}".encode())
     for f in files:
         digest.update(f.rel.encode() + b"\0")
-        with open_binary(fs, f.path) as fh:
+        with fs.open(f.path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()

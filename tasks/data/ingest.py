@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -123,6 +124,18 @@ def _content_hash(fs, f: SourceFile) -> str | None:
 # --- the fragment cache: every entry carries a seal (size and hash of its bytes), checked before it is used ---
 
 
+def _make_room(path: Path, folder: bool = False) -> Path:
+    """Clear ``path`` of what a damaged cache left in the way: a file or dangling link where a folder goes, a
+    folder where a file goes (a link to a folder, e.g. a cache on another disk, is kept)."""
+    if folder:
+        if path.is_symlink() and not path.exists() or path.exists() and not path.is_dir():
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+    elif path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    return path
+
+
 def _seal_path(fragment: Path) -> Path:
     return fragment.with_suffix(".seal")
 
@@ -132,8 +145,9 @@ def _seal(fragment: Path, tmp: Path) -> None:
     with open(tmp, "rb") as fh:
         digest = stream_hash(fh)
     seal = {"fragment": fragment.stem, "bytes": tmp.stat().st_size, "xxh3": digest}
-    os.replace(tmp, fragment)  # identical content by construction if another run made it meanwhile
-    write_json_atomic(_seal_path(fragment), seal)
+    _make_room(fragment.parent, folder=True)
+    os.replace(tmp, _make_room(fragment))  # identical content by construction if another run made it meanwhile
+    write_json_atomic(_make_room(_seal_path(fragment)), seal)
 
 
 def fragment_problem(fragment: Path) -> str | None:
@@ -157,6 +171,8 @@ def fragment_problem(fragment: Path) -> str | None:
 
 def _remove_stale_temporaries(cache: Path) -> None:
     """Fragments being written by processes that died (``tmp/<pid>-…``)."""
+    _make_room(cache, folder=True)
+    _make_room(cache / "tmp", folder=True)
     for path in (cache / "tmp").glob("*-*"):
         pid = path.name.split("-", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
@@ -196,8 +212,8 @@ class IngestState:
         return stored["files"]
 
     def save(self, files: dict[str, list]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, {"files": files, "check": _state_check(files)})
+        _make_room(self.path.parent, folder=True)
+        write_json_atomic(_make_room(self.path), {"files": files, "check": _state_check(files)})
 
 
 @dataclass
@@ -302,9 +318,7 @@ def _read_into_fragment(job: FileJob) -> FileJob:
     """
     fs, _ = readers.source_filesystem(job.source)
     cache = Path(job.cache)
-    tmp_dir = cache / "tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.arrow"
+    tmp = _make_room(cache / "tmp", folder=True) / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.arrow"
     writer = _FragmentWriter(tmp)
     reading = readers.FileReading(fs, job.file, job.source)
     for ordinal, record in enumerate(reading):
@@ -314,7 +328,6 @@ def _read_into_fragment(job: FileJob) -> FileJob:
     if reading.digest is None:
         return replace(job, content_hash=None, fragment=str(tmp), cached=False, scratch=True)
     final = fragment_path(cache, job.source, job.file.rel, reading.digest)
-    final.parent.mkdir(parents=True, exist_ok=True)
     _seal(final, tmp)
     return replace(job, content_hash=reading.digest, fragment=str(final), cached=False)
 

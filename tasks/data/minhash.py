@@ -1,10 +1,11 @@
 """MinHash LSH primitives, vectorized with NumPy over batches of documents.
 
 A document becomes a set of word n-gram hashes ("shingles") after a dedup normalization that folds case,
-punctuation, digits and whitespace; its signature holds, per permutation, the minimum of a multiply-shift
-hash ``((a*x + b) mod 2^64) >> 32`` over its shingles; LSH cuts the signature into ``bands`` bands of ``rows``
-rows and hashes each band to one 64-bit value. Two documents with Jaccard similarity ``s`` share at least one
-band with probability ``1 - (1 - s^rows)^bands`` (the S-curve), which is ~50% at ``(1/bands)^(1/rows)``.
+punctuation, whitespace and (unless ``fold_numbers`` is off) every digit run to ``0``; its signature holds, per
+permutation, the minimum of a multiply-shift hash ``((a*x + b) mod 2^64) >> 32`` over its shingles; LSH cuts
+the signature into ``bands`` bands of ``rows`` rows and hashes each band to one 64-bit value. Two documents
+with Jaccard similarity ``s`` share at least one band with probability ``1 - (1 - s^rows)^bands`` (the
+S-curve), which is ~50% at ``(1/bands)^(1/rows)``.
 
 Everything here is a pure function of (texts, parameters), imports only NumPy and xxhash (so worker
 processes start fast), and is deterministic across runs and machines.
@@ -38,9 +39,11 @@ def _fold_digits(word: str) -> str:
     return _DIGITS.sub("0", word)
 
 
-def dedup_words(text: str) -> list[str]:
-    """Words as near-dup detection sees them: lowercased, punctuation → space, each digit run → '0'."""
-    return [_fold_digits(w) for w in _split_words(text)]
+def dedup_words(text: str, fold_numbers: bool = True) -> list[str]:
+    """Words as near-dup detection sees them: lowercased, punctuation → space, each digit run → '0' (unless
+    ``fold_numbers`` is off: then tables and problems that differ only in their numbers stay apart)."""
+    words = _split_words(text)
+    return [_fold_digits(w) for w in words] if fold_numbers else words
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -64,6 +67,7 @@ class MinHashParams:
     bands: int
     rows: int
     seed: int = 0
+    fold_numbers: bool = True
 
     def __post_init__(self) -> None:
         if self.ngram < 1 or self.bands < 1 or self.rows < 1:
@@ -111,8 +115,9 @@ class MinHasher:
         if len(cache) > self.max_cached_words:
             cache.clear()
         seed = self.params.seed
+        fold = _fold_digits if self.params.fold_numbers else str
         for w in dict.fromkeys(words).keys() - cache.keys():
-            cache[w] = xxhash.xxh3_64_intdigest(_fold_digits(w).encode("utf-8", "surrogatepass"), seed)
+            cache[w] = xxhash.xxh3_64_intdigest(fold(w).encode("utf-8", "surrogatepass"), seed)
         flat = np.fromiter(map(cache.__getitem__, words), np.uint64, len(words))
         starts = np.concatenate([[0], np.cumsum(counts)])
         is_long = counts >= n

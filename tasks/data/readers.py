@@ -327,10 +327,13 @@ def _column_values(column: pa.Array) -> list:
 
 def _text_values(column: pa.Array, source: SourceConfig) -> list[tuple[str | None, int] | None]:
     """Per row: ``None`` (null, or not a string column), else ``decode_utf8`` of its bytes (``on_invalid_utf8``)."""
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    kind = column.type
+    binary = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa.string_view(): pa.binary_view()}
+    if kind not in binary:
         return [None] * len(column)
-    binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
-    return [None if raw is None else decode_utf8(raw, source) for raw in column.cast(binary).to_pylist()]
+    return [None if raw is None else decode_utf8(raw, source) for raw in column.cast(binary[kind]).to_pylist()]
 
 
 def _parquet_record(

@@ -90,7 +90,10 @@ class HashedInput(io.RawIOBase):
 
 def open_hashed(fs: fsspec.AbstractFileSystem, path: str) -> tuple[BinaryIO, HashedInput]:
     """A buffered reader over ``path`` and the ``HashedInput`` beneath it (closed with the reader)."""
-    inner = open(path, "rb", buffering=0) if isinstance(fs, LocalFileSystem) else fs.open(path, "rb")  # noqa: SIM115
+    if isinstance(fs, LocalFileSystem):
+        inner = open(path, "rb", buffering=0)  # noqa: SIM115 - closed with the reader
+    else:
+        inner = fs.open(path, "rb", block_size=READ_CHUNK)
     hashed = HashedInput(inner)
     return io.BufferedReader(hashed, READ_CHUNK), hashed  # type: ignore[return-value]
 

@@ -1,5 +1,9 @@
 """Tokenize: encode kept documents into flat token shards per split, recording each document's token span.
 
+Fan-out: one part per dedup output shard encodes it and writes its own token shards and document spans; the
+flow process then names the shards globally in part order (``train-00000``, ...) and writes the ledger, so
+the artifact is byte-identical for any number of workers and any executor.
+
 Format: one uncompressed Arrow IPC file per shard (``tokens/<split>-00000.arrow``) holding a single flat
 uint16/uint32 column: memory-mappable with zero copies, and block size stays a training-time choice
 (windows of ``block_size + 1`` tokens are cut by the loader), so changing the context length does not
@@ -9,22 +13,29 @@ so a document never changes split when others are added.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tokenizers import Tokenizer
 
-from storage.artifacts import StageContext
-from storage.hashing import unit_interval
-from storage.shards import LedgerWriter, iter_batches, token_dtype, write_token_shard
+from storage.artifacts import FileEntry, StageContext
+from storage.hashing import file_sha256, unit_interval
+from storage.remote import copy_object, is_remote, open_input, put_files, remove_prefix
+from storage.shards import LedgerWriter, ParquetShardWriter, token_dtype, write_token_shard
 from tasks.config import DecontaminateConfig, TokenizeConfig, TokenizerConfig
 from tasks.data.decontaminate import Match, NgramIndex, check_batch, set_index
 from tasks.data.tokenizer import load_tokenizer
+from tasks.parts import map_parts
 from tasks.stage_contract import DocCounts, StageResult
 
-VERSION = "2"  # 2: ledger in sorted parts with an index (storage/ledger.py)
+VERSION = "3"  # 3: one part per dedup shard; shards end at part boundaries (identical bytes for one input shard)
 SPLITS = ("train", "val", "test")
 
 
@@ -51,14 +62,15 @@ class _SplitShards:
     def current_shard(self) -> str:
         return f"{self.split}-{len(self.shards):05d}"
 
-    def add(self, ids: list[int], n_bytes: int) -> tuple[str, int, int]:
+    def add(self, ids: list[int], n_bytes: int) -> tuple[int, int, int]:
+        """Append a document; returns (shard number, token start, token end) of its span."""
         start = self.pending_tokens
         self.pending.append(np.asarray(ids, dtype=self.dtype))
         self.pending_tokens += len(ids)
         self.tokens += len(ids)
         self.docs += 1
         self.bytes += n_bytes
-        span = (self.current_shard, start, self.pending_tokens)
+        span = (len(self.shards), start, self.pending_tokens)
         if self.pending_tokens >= self.shard_tokens:
             self.flush()
         return span
@@ -72,11 +84,12 @@ class _SplitShards:
         self.pending, self.pending_tokens = [], 0
 
 
-def _own_split_indexes(doc_paths: list[Path], columns: list[str], cfg: TokenizeConfig, n: int) -> list[NgramIndex]:
+def _own_split_indexes(doc_paths: list[str], columns: list[str], cfg: TokenizeConfig, n: int) -> list[NgramIndex]:
     """N-gram indexes of this run's val and test documents (one pass over the documents)."""
 
     def batches(split: str):
-        for batch in iter_batches(doc_paths, columns=columns, batch_size=cfg.batch_docs):
+        sources = (pq.ParquetFile(open_input(p)) for p in doc_paths)
+        for batch in (b for f in sources for b in f.iter_batches(columns=columns, batch_size=cfg.batch_docs)):
             keys = batch.column("split_key" if "split_key" in columns else "doc_id").to_pylist()
             ids = batch.column("doc_id").to_pylist()
             picked = [
@@ -142,87 +155,251 @@ MATCH_SCHEMA = pa.schema(
 )  # fmt: skip
 
 
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer(location: str):
+    """The tokenizer of a folder or of an object URI of ``tokenizer.json``, loaded once per worker process."""
+    if location not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        if is_remote(location):
+            with open_input(location) as fh:
+                _TOKENIZERS[location] = Tokenizer.from_str(fh.read().decode())
+        else:
+            _TOKENIZERS[location] = load_tokenizer(Path(location))
+    return _TOKENIZERS[location]
+
+
+@dataclass(frozen=True)
+class TokenizePart:
+    """One dedup output shard to encode into ``out`` (a folder of its own): token shards named ``<split>-<k>``
+    in the part's own numbering, and ``spans.parquet`` (each document's split, part-local shard and span).
+
+    On a remote root every location is an object URI: the part reads its shard and the tokenizer from the store
+    and uploads what it wrote from a scratch folder of its own, so a worker needs nothing but the store.
+    """
+
+    doc_path: str
+    tokenizer: str  # the tokenizer artifact's folder, or the URI of its tokenizer.json
+    eot: str
+    cfg: TokenizeConfig
+    out: str
+    decontaminate: DecontaminateConfig | None = None
+    indexes: tuple[tuple[str, str], ...] = ()  # (set name, saved NgramIndex: path or URI) to check train docs
+
+
+SPANS_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("fate", pa.string()),
+        ("reason", pa.string()),
+        ("score", pa.float64()),
+        ("shard_in_part", pa.int32()),
+        ("token_start", pa.int64()),
+        ("token_end", pa.int64()),
+    ]
+)
+
+
+def tokenize_part(part: TokenizePart) -> dict:
+    """Encode one shard (the library's own thread pool per batch); returns its per-split counts and shards."""
+    if not is_remote(part.out):
+        shutil.rmtree(part.out, ignore_errors=True)  # a retried part starts over
+        return _encode_part(part, Path(part.out))
+    with tempfile.TemporaryDirectory(prefix="tokenize-part-") as scratch:
+        result = _encode_part(part, Path(scratch) / "out")
+        folder = Path(scratch) / "out"
+        names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        for split in result["splits"].values():
+            for shard in split["shards"]:
+                path = folder / f"{shard['shard']}.arrow"
+                shard |= {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        put_files(folder, part.out, names)
+    result["spans"] = [f"{part.out}/{Path(p).name}" for p in result["spans"]]
+    return result
+
+
+def _encode_part(part: TokenizePart, folder: Path) -> dict:
+    tokenizer = _tokenizer(part.tokenizer)
+    eot = tokenizer.token_to_id(part.eot)
+    # encode_batch_fast skips computing character offsets, which tokenize never uses (tokenizers >= 0.20).
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    folder.mkdir(parents=True)
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    splits = {name: _SplitShards(folder, name, dtype, part.cfg.shard_tokens) for name in SPLITS}
+    per_source_tokens: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
+    # Dedup gives each document a split key (its near-duplicate cluster), so a cluster never straddles splits.
+    columns = ["doc_id", "source", "text", "n_bytes"]
+    source = pq.ParquetFile(open_input(part.doc_path))
+    if "split_key" in source.schema_arrow.names:
+        columns.append("split_key")
+    contamination = None
+    if part.decontaminate is not None and part.indexes:
+        contamination = _Contamination(part.decontaminate, [_index(name, where) for name, where in part.indexes])
+    dropped: Counter[str] = Counter()
+    with ParquetShardWriter(folder, "spans", SPANS_SCHEMA, rows_per_shard=1 << 40) as spans:
+        for batch in source.iter_batches(columns=columns, batch_size=part.cfg.batch_docs):
+            docs = batch.to_pylist()
+            split_names = [split_of(d.get("split_key") or d["doc_id"], part.cfg) for d in docs]
+            found: list[Match | None] = [None] * len(docs)
+            if contamination is not None:
+                train = [i for i, split in enumerate(split_names) if split == "train"]
+                for i, match in zip(train, contamination.check([docs[i] for i in train]), strict=True):
+                    found[i] = match
+            drop = [m is not None and part.decontaminate.action == "drop" for m in found]  # type: ignore[union-attr]
+            encoded = iter(
+                encode([d["text"] for d, gone in zip(docs, drop, strict=True) if not gone], add_special_tokens=False)
+            )
+            rows = []
+            for doc, split, match, gone in zip(docs, split_names, found, drop, strict=True):
+                row = {"doc_id": doc["doc_id"], "source": doc["source"], "fate": "kept", "split": split}
+                if match is not None:
+                    row |= {"reason": f"contaminated:{match.set}", "score": match.overlap}
+                if gone:
+                    dropped[row["reason"]] += 1
+                    rows.append(row | {"fate": "dropped"})
+                    continue
+                shard, start, end = splits[split].add([*next(encoded).ids, eot], doc["n_bytes"])
+                per_source_tokens[doc["source"]][split] += end - start
+                rows.append(row | {"shard_in_part": shard, "token_start": start, "token_end": end})
+            spans.write_rows(rows)
+    for shards in splits.values():
+        shards.flush()
+    return {
+        "dropped": dict(dropped),
+        "matches": contamination.rows if contamination is not None else [],
+        "splits": {
+            name: {"docs": s.docs, "tokens": s.tokens, "bytes": s.bytes, "shards": s.shards}
+            for name, s in splits.items()
+        },
+        "tokens_per_source": {k: dict(v) for k, v in per_source_tokens.items()},
+        "spans": [str(p) for p in spans.paths],
+    }
+
+
 def tokenize(
-    doc_paths: list[Path],
+    doc_paths: list[str] | list[Path],
     tokenizer_dir: Path,
     tok_cfg: TokenizerConfig,
     cfg: TokenizeConfig,
     ctx: StageContext,
+    workers: int | None = None,
+    tokenizer_uri: str | None = None,
     decontaminate: DecontaminateConfig | None = None,
     cache_dir: Path | None = None,
 ) -> StageResult:
-    """Encode documents in batches (the library's own thread pool) and write token shards plus a ledger.
+    """Encode the dedup output, one part per shard, then name the parts' token shards globally in part order.
+
+    Shards never straddle parts, so a part's output depends on its own shard alone and the artifact is the same
+    for any worker count or executor; the flow process only renames files (on a remote root: server-side copies
+    inside the attempt folder) and writes the ledger. ``tokenizer_uri``: where remote parts read the tokenizer.
 
     With ``decontaminate`` enabled, every train-bound document is first checked for n-gram overlap with this
     run's val/test documents and the named evaluation sets; a contaminated one is dropped (or flagged) with
-    reason ``contaminated:<set>`` and its matches go to ``contamination/matches.parquet``.
+    reason ``contaminated:<set>`` and its matches go to ``contamination/matches.parquet``. The flow process
+    builds the n-gram indexes once (one pass over the val/test documents) and saves them where the parts
+    load them (once per worker process).
     """
-    tokenizer = load_tokenizer(tokenizer_dir)
-    eot = tokenizer.token_to_id(tok_cfg.special_tokens[0])
-    # encode_batch_fast skips computing character offsets, which tokenize never uses (tokenizers >= 0.20).
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    dtype = token_dtype(tokenizer.get_vocab_size())
-    folder = ctx.out_dir / "tokens"
-    folder.mkdir(parents=True)
-    splits = {name: _SplitShards(folder, name, dtype, cfg.shard_tokens) for name in SPLITS}
-    ledger = LedgerWriter(ctx.out_dir / "ledger", "tokenize")
-    per_source_tokens: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
-    # Dedup gives each document a split key (its near-duplicate cluster), so a cluster never straddles splits.
-    columns = ["doc_id", "source", "text", "n_bytes"]
-    if doc_paths and "split_key" in pq.ParquetFile(doc_paths[0]).schema_arrow.names:
-        columns.append("split_key")
-    contamination = None
+    remote = ctx.attempt_uri is not None
+    parts_dir = f"{ctx.attempt_uri}/.parts" if remote else str(ctx.work_dir / "parts")
+    tokenizer = tokenizer_uri if remote and tokenizer_uri else str(tokenizer_dir)
+    contamination, saved = None, ()
     if decontaminate is not None and decontaminate.enabled:
-        indexes = _own_split_indexes(doc_paths, columns, cfg, decontaminate.ngram) if decontaminate.own_splits else []
+        columns = ["doc_id", "text"] + (["split_key"] if _has_split_key(doc_paths) else [])
+        own = decontaminate.own_splits
+        indexes = _own_split_indexes([str(p) for p in doc_paths], columns, cfg, decontaminate.ngram) if own else []
         indexes += [set_index(s, decontaminate.ngram, cache_dir) for s in decontaminate.sets]
         contamination = _Contamination(decontaminate, indexes)
-    dropped: Counter[str] = Counter()
-    for batch in iter_batches(doc_paths, columns=columns, batch_size=cfg.batch_docs):
-        docs = batch.to_pylist()
-        split_names = [split_of(d.get("split_key") or d["doc_id"], cfg) for d in docs]
-        found: list[Match | None] = [None] * len(docs)
-        if contamination is not None:
-            train = [i for i, split in enumerate(split_names) if split == "train"]
-            for i, match in zip(train, contamination.check([docs[i] for i in train]), strict=True):
-                found[i] = match
-        drop = [m is not None and decontaminate.action == "drop" for m in found]
-        encoded = iter(
-            encode([d["text"] for d, gone in zip(docs, drop, strict=True) if not gone], add_special_tokens=False)
+        saved = tuple((index.name, _save_index(index, i, ctx, parts_dir)) for i, index in enumerate(indexes))
+    parts = [
+        TokenizePart(
+            str(path), tokenizer, tok_cfg.special_tokens[0], cfg, f"{parts_dir}/part-{i:05d}", decontaminate, saved
         )
-        rows = []
-        for doc, split, match, gone in zip(docs, split_names, found, drop, strict=True):
-            row = {"doc_id": doc["doc_id"], "source": doc["source"], "fate": "kept", "split": split}
-            if match is not None:
-                row |= {"reason": f"contaminated:{match.set}", "score": match.overlap}
-            if gone:
-                dropped[row["reason"]] += 1
-                rows.append(row | {"fate": "dropped"})
-                continue
-            shard, start, end = splits[split].add([*next(encoded).ids, eot], doc["n_bytes"])
-            per_source_tokens[doc["source"]][split] += end - start
-            rows.append(row | {"shard": shard, "token_start": start, "token_end": end})
-        ledger.record(rows)
-    for shards in splits.values():
-        shards.flush()
+        for i, path in enumerate(doc_paths)
+    ]
+    results = map_parts(tokenize_part, parts, workers)
+    folder = ctx.out_dir / "tokens"
+    folder.mkdir(parents=True)
+    ledger = LedgerWriter(ctx.out_dir / "ledger", "tokenize")
+    splits = {name: {"docs": 0, "tokens": 0, "bytes": 0, "shards": []} for name in SPLITS}
+    per_source_tokens: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLITS, 0))
+    dropped: Counter[str] = Counter()
+    for part, result in zip(parts, results, strict=True):
+        global_name: dict[tuple[str, int], str] = {}
+        for name, counts in result["splits"].items():
+            total = splits[name]
+            for k, shard in enumerate(counts["shards"]):
+                global_name[name, k] = f"{name}-{len(total['shards']):05d}"
+                src, dst = f"{part.out}/{shard['shard']}.arrow", f"tokens/{global_name[name, k]}.arrow"
+                if remote:
+                    copy_object(src, f"{ctx.attempt_uri}/{dst}")
+                    ctx.uploaded.append(FileEntry(path=dst, bytes=shard["bytes"], sha256=shard["sha256"]))
+                else:
+                    os.replace(src, ctx.out_dir / dst)
+                total["shards"].append({"shard": global_name[name, k], "tokens": shard["tokens"]})
+            for key in ("docs", "tokens", "bytes"):
+                total[key] += counts[key]
+        for source, by_split in result["tokens_per_source"].items():
+            for name, n in by_split.items():
+                per_source_tokens[source][name] += n
+        dropped.update(result["dropped"])
+        if contamination is not None:
+            contamination.rows += result["matches"]
+        for batch in (b for p in result["spans"] for b in pq.ParquetFile(open_input(p)).iter_batches(1 << 16)):
+            split, local = batch.column("split").to_pylist(), batch.column("shard_in_part").to_pylist()
+            shard = [None if k is None else global_name[s, k] for s, k in zip(split, local, strict=True)]
+            ledger.record_columns(
+                {name: batch.column(name) for name in ("doc_id", "source", "fate", "reason", "score", "split")}
+                | {
+                    "shard": pa.array(shard, pa.string()),
+                    "token_start": batch.column("token_start"),
+                    "token_end": batch.column("token_end"),
+                }
+            )
     ledger.close()
-    summary = {
-        name: {
-            "docs": s.docs,
-            "tokens": s.tokens,
-            "bytes": s.bytes,
-            "bytes_per_token": round(s.bytes / s.tokens, 4) if s.tokens else None,
-            "shards": s.shards,
-        }
-        for name, s in splits.items()
-    }
-    kept = sum(s.docs for s in splits.values())
+    if remote:
+        remove_prefix(parts_dir)
+    else:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    for s in splits.values():
+        s["bytes_per_token"] = round(s["bytes"] / s["tokens"], 4) if s["tokens"] else None
+    kept = sum(s["docs"] for s in splits.values())
+    tokenizer = _tokenizer(str(tokenizer_dir))
     extra = {"contamination": contamination.write(ctx.out_dir / "contamination")} if contamination else {}
     extra |= {
-        "tokens": sum(s.tokens for s in splits.values()),
-        "dtype": dtype.name,
-        "eot_id": eot,
+        "tokens": sum(s["tokens"] for s in splits.values()),
+        "dtype": token_dtype(tokenizer.get_vocab_size()).name,
+        "eot_id": tokenizer.token_to_id(tok_cfg.special_tokens[0]),
         "vocab_size": tokenizer.get_vocab_size(),
-        "splits": summary,
+        "splits": {
+            k: {f: v[f] for f in ("docs", "tokens", "bytes", "bytes_per_token", "shards")} for k, v in splits.items()
+        },
         "tokens_per_source": {k: dict(v) for k, v in sorted(per_source_tokens.items())},
     }
     return StageResult(DocCounts(kept + sum(dropped.values()), kept, dropped), extra)
+
+
+def _has_split_key(doc_paths: list) -> bool:
+    return bool(doc_paths) and "split_key" in pq.ParquetFile(open_input(doc_paths[0])).schema_arrow.names
+
+
+_INDEXES: dict[str, NgramIndex] = {}
+
+
+def _index(name: str, where: str) -> NgramIndex:
+    """A saved n-gram index (path or URI), loaded once per worker process."""
+    if where not in _INDEXES:
+        _INDEXES[where] = NgramIndex.load(name, open_input(where))
+    return _INDEXES[where]
+
+
+def _save_index(index: NgramIndex, number: int, ctx: StageContext, parts_dir: str) -> str:
+    """Save an n-gram index where every part can load it: the work folder, or the attempt's ``.parts/``."""
+    path = ctx.work_dir / "indexes" / f"index-{number:03d}.npz"
+    index.save(path)
+    if not is_remote(parts_dir):
+        return str(path)
+    put_files(path.parent, f"{parts_dir}/indexes", [path.name])
+    return f"{parts_dir}/indexes/{path.name}"

@@ -169,6 +169,13 @@ def metric_rows(report: dict, data: dict, curve: list[dict]) -> list[dict]:
         add(stage, None, None, None, "kept", counts.get("kept"))
         for reason, n in (counts.get("dropped") or {}).items():
             add(stage, None, None, None, f"dropped.{reason}", n)
+        for reason, n in (counts.get("dropped_bytes") or {}).items():
+            add(stage, None, None, None, f"dropped_bytes.{reason}", n)
+    for name, c in ((data.get("contamination") or {}).get("sets") or {}).items():
+        add("tokenize", None, name, None, "contamination.items_matched", c["items_matched"])
+        add("tokenize", None, name, None, "contamination.docs_matched", c["docs_matched"])
+    for source, tokens in ((data.get("mixture") or {}).get("tokens_per_source") or {}).items():
+        add("train", "train", source, None, "tokens", tokens)
     for split, s in data.get("splits", {}).items():
         for metric in ("docs", "tokens", "bytes"):
             add("tokenize", split, ALL, None, metric, s.get(metric))
@@ -188,10 +195,42 @@ def previous_values(rows: list[dict]) -> dict[MetricKey, float]:
 # --- the run report ------------------------------------------------------------------------------------------
 
 
+SAMPLES_PER_REASON = 2
+SAMPLE_CHARS = 240
+
+
+def dropped_samples(manifests: dict[str, Manifest], per_reason: int = SAMPLES_PER_REASON) -> dict[str, list[dict]]:
+    """A few documents clean dropped, per reason (the first doc ids in order), with the opening of their raw text."""
+    if "clean" not in manifests or "ingest" not in manifests:
+        return {}
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    ledger = ds.dataset([str(p) for p in manifests["clean"].files_under("ledger/", ".parquet")], format="parquet")
+    dropped = ledger.to_table(columns=["doc_id", "reason", "score"], filter=pc.field("fate") == "dropped")
+    picked: dict[str, list[dict]] = {}
+    for row in dropped.sort_by("doc_id").to_pylist():
+        if len(picked.setdefault(row["reason"], [])) < per_reason:
+            picked[row["reason"]].append(row)
+    ids = [r["doc_id"] for rows in picked.values() for r in rows]
+    if not ids:
+        return {}
+    raw = ds.dataset([str(p) for p in manifests["ingest"].files_under("docs/", ".parquet")], format="parquet")
+    texts = raw.to_table(columns=["doc_id", "locator", "text"], filter=pc.field("doc_id").isin(ids)).to_pylist()
+    by_id = {t["doc_id"]: t for t in texts}
+    return {
+        reason: [r | {"locator": by_id.get(r["doc_id"], {}).get("locator"),
+                      "opening": (by_id.get(r["doc_id"], {}).get("text") or "")[:SAMPLE_CHARS]} for r in rows]
+        for reason, rows in sorted(picked.items())
+    }  # fmt: skip
+
+
 def data_summary(manifests: dict[str, Manifest]) -> dict:
-    """Documents in / kept / dropped per reason per data stage, and tokens per split and source."""
+    """Documents (and bytes) in / kept / dropped per reason per data stage, tokens per split and source, samples
+    of dropped documents, warnings, and the decontamination outcome."""
+    keys = ("docs_in", "kept", "dropped", "bytes_in", "bytes_kept", "dropped_bytes", "warnings")
     stages = {
-        s: {k: manifests[s].counts.get(k) for k in ("docs_in", "kept", "dropped")}
+        s: {k: manifests[s].counts.get(k) for k in keys if k in manifests[s].counts}
         for s in DATA_STAGES
         if s in manifests
     }
@@ -203,7 +242,30 @@ def data_summary(manifests: dict[str, Manifest]) -> dict:
             k: {m: v.get(m) for m in ("docs", "tokens", "bytes")} for k, v in tokenize.get("splits", {}).items()
         },
         "tokens_per_source": tokenize.get("tokens_per_source", {}),
+        "dropped_samples": dropped_samples(manifests),
+        "contamination": tokenize.get("contamination"),
+        "mixture": _mixture(manifests["train"].counts) if "train" in manifests else None,
     }
+
+
+def _mixture(counts: dict) -> dict | None:
+    """Realized against target shares of training tokens per source (runs with source weights)."""
+    if "tokens_per_source" not in counts:
+        return None
+    return {k: counts[k] for k in ("tokens_per_source", "share_per_source", "target_share_per_source")}
+
+
+def loss_spikes(manifests: dict[str, Manifest], n: int = 3) -> list[dict]:
+    """The steps with the highest training loss after warm-up and the documents they held (recomputed)."""
+    if "train" not in manifests or "tokenize" not in manifests:
+        return []
+    from tasks.training.provenance import highest_loss_steps
+
+    store, model = ArtifactStore.of_artifact(manifests["train"].path)
+    try:
+        return highest_loss_steps(store, model, n)
+    except LookupError:  # e.g. the tokenize artifact was removed from this root
+        return []
 
 
 def training_curve(train_dir: Path) -> list[dict]:
@@ -213,12 +275,60 @@ def training_curve(train_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _mb(n: int | None) -> str:
+    return f"{(n or 0) / 1e6:,.2f} MB"
+
+
 def data_markdown(data: dict) -> str:
-    lines = ["## Data", "", "| stage | docs in | kept | dropped (reason = documents) |", "|---|---:|---:|---|"]
+    lines = ["## Data", "", "| stage | docs in | kept | bytes kept | dropped (reason = documents, bytes) |"]
+    lines.append("|---|---:|---:|---:|---|")
     for stage, c in data["stages"].items():
-        dropped = ", ".join(f"{k} = {v:,}" for k, v in sorted((c.get("dropped") or {}).items())) or "–"
-        lines.append(f"| {stage} | {c.get('docs_in') or 0:,} | {c.get('kept') or 0:,} | {dropped} |")
+        sizes = c.get("dropped_bytes") or {}
+        reasons = sorted((c.get("dropped") or {}).items())
+        dropped = ", ".join(f"{k} = {v:,}" + (f" ({_mb(sizes[k])})" if k in sizes else "") for k, v in reasons) or "–"
+        kept_bytes = f"{_mb(c['bytes_kept'])} of {_mb(c['bytes_in'])}" if c.get("bytes_in") else "–"
+        lines.append(f"| {stage} | {c.get('docs_in') or 0:,} | {c.get('kept') or 0:,} | {kept_bytes} | {dropped} |")
+    warnings = [f"- **{stage}**: {w}" for stage, c in data["stages"].items() for w in c.get("warnings") or []]
+    if warnings:
+        lines += ["", "Warnings:", "", *warnings]
     lines += ["", f"Duplicates removed: {data['duplicates']:,}.", ""]
+    samples = data.get("dropped_samples") or {}
+    if samples:
+        lines += [
+            "Dropped by clean, a few per reason:",
+            "",
+            "| reason | document | score | opening |",
+            "|---|---|---:|---|",
+        ]
+        for reason, rows in samples.items():
+            for r in rows:
+                opening = html.escape(" ".join((r["opening"] or "").split()))[:160].replace("|", "\\|")
+                score = f"{r['score']:.4g}" if r.get("score") is not None else "–"
+                lines.append(f"| {reason} | `{r['locator'] or r['doc_id']}` | {score} | {opening} |")
+        lines.append("")
+    mixture = data.get("mixture")
+    if mixture:
+        lines += [
+            "Source mixture (training tokens):",
+            "",
+            "| source | tokens | share | target |",
+            "|---|---:|---:|---:|",
+        ]
+        for source, tokens in mixture["tokens_per_source"].items():
+            share, target = mixture["share_per_source"][source], mixture["target_share_per_source"][source]
+            lines.append(f"| {source} | {tokens:,} | {share:.1%} | {target:.1%} |")
+        lines.append("")
+    contamination = data.get("contamination")
+    if contamination:
+        action = contamination["action"]
+        lines += [f"Decontamination ({contamination['ngram']}-grams, items overlapping ≥ "
+                  f"{contamination['min_overlap']:.0%}, action {action}):", "",
+                  "| set | items | items found in training documents | documents | in the model's training data |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for name, c in contamination["sets"].items():
+            trained = c["items_matched"] if action == "flag" else 0
+            lines.append(f"| {name} | {c['items']:,} | {c['items_matched']:,} | {c['docs_matched']:,} | {trained:,} |")
+        lines.append("")
     lines += ["| split | documents | tokens | bytes |", "|---|---:|---:|---:|"]
     for split, s in data["splits"].items():
         lines.append(f"| {split} | {s.get('docs') or 0:,} | {s.get('tokens') or 0:,} | {s.get('bytes') or 0:,} |")
@@ -232,14 +342,22 @@ def data_markdown(data: dict) -> str:
 CURVE_FILE = "loss_curve.png"
 
 
-def curve_markdown(curve: list[dict], image: str | None = None) -> str:
-    """The training section: the loss-curve picture (``image``: a link or a data URI) and the eval points."""
+def curve_markdown(curve: list[dict], spikes: list[dict] | None = None, image: str | None = None) -> str:
+    """The training section: the loss-curve picture (``image``: a link or a data URI), the eval points and the
+    highest-loss steps."""
     evals = [p for p in curve if p.get("val_loss") is not None]
     lines = ["## Training", ""]
     if image:
         lines += [f"![training loss curve]({image})", ""]
     lines += ["| step | train loss | val loss (fixed subset) |", "|---:|---:|---:|"]
     lines += [f"| {p['step']} | {p['loss']:.4f} | {p['val_loss']:.4f} |" for p in evals]
+    if spikes:
+        lines += ["", "Highest-loss steps after warm-up and what they held (`tokenmill lineage step MODEL STEP`):", ""]
+        lines += ["| step | train loss | documents |", "|---:|---:|---|"]
+        for s in spikes:
+            shown = ", ".join(f"`{d}`" for d in s["documents"][:5])
+            more = f" and {len(s['documents']) - 5} more" if len(s["documents"]) > 5 else ""
+            lines.append(f"| {s['step']} | {s['loss']:.4f} | {shown}{more} |")
     return "\n".join(lines) + "\n"
 
 
@@ -260,7 +378,7 @@ def render_run_markdown(run: dict, embed_images: bool = False) -> str:
             f"Model: {run['report']['model']['params']:,} parameters, {prev}.",
             "",
             data_markdown(run["data"]),
-            curve_markdown(run["curve"], curve_image(run, embed_images)),
+            curve_markdown(run["curve"], run.get("loss_spikes"), curve_image(run, embed_images)),
             metrics_markdown(run["report"], run["previous"]),
             samples_markdown(run["report"]["samples"]),
         ]
@@ -303,6 +421,7 @@ def build_run_report(
         "curve_png": base64.b64encode(png.read_bytes()).decode() if png is not None and png.is_file() else None,
         "previous_run": previous_run,
         "previous": previous_values(previous_rows),
+        "loss_spikes": loss_spikes(manifests),
         "rows": metric_rows(report, data, curve),
     }
 

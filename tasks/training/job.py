@@ -19,6 +19,10 @@ class UnrecoverableTrainingError(NotRetryable, RuntimeError):
     retryable = False  # read by the torchrun workers' error files
 
 
+class TrainingStopped(NotRetryable, RuntimeError):
+    """The caller's ``should_stop`` ended the run early (e.g. a pruned sweep trial): nothing is published."""
+
+
 class TrainingSetupError(UserError):
     """The configuration, data or checkpoint do not fit together; retrying will not help."""
 
@@ -35,6 +39,7 @@ class TrainJob:
     model: dict
     train: dict
     seed: int
+    mixture: dict | None = None  # source weights for the loader (tasks.training.loader.Mixture fields)
 
     @classmethod
     def build(
@@ -45,6 +50,7 @@ class TrainJob:
         model_cfg: ModelConfig,
         cfg: TrainConfig,
         seed: int,
+        mixture: dict | None = None,
     ) -> TrainJob:
         return cls(
             [str(p) for p in train_shards],
@@ -53,6 +59,7 @@ class TrainJob:
             model_cfg.sizes(),
             cfg.model_dump(),
             seed,
+            mixture,
         )
 
     @property

@@ -6,14 +6,24 @@ endless stream. Every optimizer micro-step consumes the next ``batch_size * worl
 stream; rank ``r`` takes every ``world_size``-th of them starting at ``r``. The resume state is the one global
 stream position (stored as epoch + offset), so the remaining data order does not depend on how many ranks
 consumed the first part: a checkpoint can resume on a different number of processes with the same data.
+
+With source weights (``sources[].weight``) a ``MixtureSampler`` draws instead: each window belongs to the source
+of its first token (from the tokenize ledger's document spans), every stream position is given to the source
+furthest below its target share (largest ``weight * position - drawn``, so shares are exact up to one window at
+every prefix), and a source reads its own windows in seeded per-source epochs. A source stops being drawn at its
+repeat cap (``max_repeats`` epochs); the others then share its place in proportion to their weights. The resume
+state is the stream position plus the windows drawn per source, global as above.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import torch
 from numpy.lib.stride_tricks import as_strided
 
@@ -23,7 +33,8 @@ from storage.shards import read_token_shard
 @dataclass
 class LoaderState:
     epoch: int = 0
-    offset: int = 0  # windows of this epoch already consumed by all ranks together
+    offset: int = 0  # windows of this epoch already consumed by all ranks together (mixtures: of the whole stream)
+    consumed: list[int] | None = None  # mixtures: windows drawn so far from each source, in source order
 
 
 class TokenWindows:
@@ -107,3 +118,136 @@ class WindowSampler:
             out[mask] = self._epoch_order(int(epoch))[positions[mask]]
         self.state.epoch, self.state.offset = divmod(first + batch_size * self.world_size, n)
         return out
+
+
+def window_sources(
+    windows: TokenWindows, shard_paths: list[Path], ledger_files: list[Path], sources: list[str]
+) -> np.ndarray:
+    """The source index (in ``sources``) of every window: the source of the document holding its first token."""
+    table = ds.dataset([str(f) for f in ledger_files], format="parquet").to_table(
+        columns=["source", "shard", "token_start"], filter=pc.field("split") == "train"
+    )
+    out = np.full(len(windows), -1, dtype=np.int64)
+    index = {name: i for i, name in enumerate(sources)}
+    for k, path in enumerate(shard_paths):
+        rows = table.filter(pc.equal(table["shard"], Path(path).stem))
+        order = np.argsort(rows["token_start"].to_numpy())
+        starts = rows["token_start"].to_numpy()[order]
+        owner = np.array([index.get(s, -1) for s in rows["source"].to_pylist()], dtype=np.int64)[order]
+        first_tokens = np.arange(windows.starts[k + 1] - windows.starts[k]) * windows.block_size
+        if len(first_tokens):
+            at = np.searchsorted(starts, first_tokens, side="right") - 1
+            out[windows.starts[k] : windows.starts[k + 1]] = owner[np.maximum(at, 0)]
+    return out
+
+
+class MixtureSampler:
+    """Window indices drawn to target source shares, deterministic and resumable like ``WindowSampler``."""
+
+    def __init__(
+        self,
+        source_of_window: np.ndarray,
+        sources: list[str],
+        weights: list[float],
+        max_repeats: list[float | None],
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        state: LoaderState | None = None,
+    ):
+        self.sources, self.seed, self.rank, self.world_size = sources, seed, rank, world_size
+        self.pools = [np.flatnonzero(source_of_window == i) for i in range(len(sources))]
+        empty = [name for name, pool, w in zip(sources, self.pools, weights, strict=True) if w > 0 and not len(pool)]
+        if empty:
+            raise ValueError(f"sources {empty} have a weight but no training window: remove their weight")
+        total = float(sum(weights))
+        self.weights = np.array(weights, dtype=np.float64) / total
+        self.caps = np.array(
+            [math.inf if r is None else math.floor(r * len(p)) for r, p in zip(max_repeats, self.pools, strict=True)]
+        )
+        self.state = state or LoaderState()
+        if self.state.consumed is None:
+            self.state.consumed = [0] * len(sources)
+        if len(self.state.consumed) != len(sources):
+            raise ValueError("the checkpoint's loader position was written for other sources")
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def schedule(self, first: int, count: int, drawn: np.ndarray) -> np.ndarray:
+        """The source of each stream position in ``[first, first + count)``; advances ``drawn`` (per source)."""
+        out = np.empty(count, dtype=np.int64)
+        live = (self.weights > 0) & (drawn < self.caps)
+        for j in range(count):
+            if not live.any():
+                raise ValueError(
+                    f"every weighted source reached its repeat cap after {first + j:,} windows: "
+                    "raise sources[].max_repeats or lower the training budget"
+                )
+            deficit = np.where(live, self.weights * (first + j + 1) - drawn, -np.inf)
+            s = int(np.argmax(deficit))
+            out[j] = s
+            drawn[s] += 1
+            live[s] = drawn[s] < self.caps[s]
+        return out
+
+    def _window(self, source: int, k: int) -> int:
+        pool = self.pools[source]
+        epoch, pos = divmod(k, len(pool))
+        key = (source, epoch)
+        if key not in self._orders:
+            self._orders = {kk: o for kk, o in self._orders.items() if kk[0] != source or kk[1] >= epoch - 1}
+            self._orders[key] = np.random.default_rng([self.seed, source, epoch]).permutation(len(pool))
+        return int(pool[self._orders[key][pos]])
+
+    def next(self, batch_size: int) -> np.ndarray:
+        """This rank's next ``batch_size`` window indices (every rank computes the same global stream)."""
+        first, n = self.state.offset, batch_size * self.world_size
+        drawn = np.array(self.state.consumed, dtype=np.int64)
+        before = drawn.copy()
+        chosen = self.schedule(first, n, drawn)
+        # the k-th window of source s in this block is that source's window number before[s] + (its rank in block)
+        rank_in_block = np.zeros(n, dtype=np.int64)
+        seen = np.zeros(len(self.sources), dtype=np.int64)
+        for j, s in enumerate(chosen):
+            rank_in_block[j] = seen[s]
+            seen[s] += 1
+        mine = self.rank + self.world_size * np.arange(batch_size)
+        out = np.array([self._window(int(chosen[j]), int(before[chosen[j]] + rank_in_block[j])) for j in mine])
+        self.state.offset, self.state.consumed = first + n, drawn.tolist()
+        return out.astype(np.int64)
+
+    def drawn_after(self, positions: int) -> dict[str, int]:
+        """Windows each source contributes to the first ``positions`` of the stream (what a run trained on)."""
+        drawn = np.zeros(len(self.sources), dtype=np.int64)
+        self.schedule(0, positions, drawn)
+        return dict(zip(self.sources, drawn.tolist(), strict=True))
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Source weights and repeat caps for the train loader, with the tokenize ledger that places the windows."""
+
+    sources: list[str]
+    weights: list[float]
+    max_repeats: list[float | None]
+    ledger_files: list[str]
+
+    def sampler(
+        self, windows: TokenWindows, shard_paths: list[Path], seed: int, rank: int, world: int, state: LoaderState
+    ) -> MixtureSampler:
+        owners = window_sources(windows, shard_paths, [Path(f) for f in self.ledger_files], self.sources)
+        return MixtureSampler(owners, self.sources, self.weights, self.max_repeats, seed, rank, world, state)
+
+
+def make_sampler(
+    windows: TokenWindows,
+    shard_paths: list[Path],
+    mixture: dict | None,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    state: LoaderState | None = None,
+) -> WindowSampler | MixtureSampler:
+    """The loader's sampler: a plain seeded permutation, or a mixture when source weights are configured."""
+    if not mixture:
+        return WindowSampler(len(windows), seed, rank, world_size, state=state)
+    return Mixture(**mixture).sampler(windows, shard_paths, seed, rank, world_size, state or LoaderState())

@@ -27,12 +27,13 @@ from tasks.training.distributed import DistEnv
 from tasks.training.job import (
     StepPlan,
     TrainingSetupError,
+    TrainingStopped,
     TrainJob,
     UnrecoverableTrainingError,
     configure_backends,
     pick_device,
 )
-from tasks.training.loader import LoaderState, TokenWindows, WindowSampler
+from tasks.training.loader import LoaderState, TokenWindows, make_sampler
 from tasks.training.schedule import lr_at
 from tasks.training.telemetry import append_jsonl, device_name, mfu, peak_memory_mb, plot_loss_curve
 from tasks.training.validation import estimate_loss
@@ -69,7 +70,8 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
     if ckpt is not None and env.is_main:
         ctx.log(f"train: resumed from checkpoint at step {run.step} (epoch {run.loader.epoch})")
     del ckpt
-    sampler = WindowSampler(len(train_windows), job.seed, env.rank, env.world_size, state=run.loader)
+    train_paths = [Path(p) for p in job.train_shards]
+    sampler = make_sampler(train_windows, train_paths, job.mixture, job.seed, env.rank, env.world_size, run.loader)
 
     step_model: torch.nn.Module = torch.compile(model) if cfg.compile else model
     if env.distributed:
@@ -182,6 +184,8 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
                     f"step {run.step}/{plan.total_steps} loss {row['loss']:.4f} val {row['val_loss']:.4f} "
                     f"{tokens_per_s:,.0f} tok/s",
                 )
+            if ctx.should_stop(run.step, row["val_loss"]):
+                raise TrainingStopped(f"train: stopped at step {run.step} (val loss {row['val_loss']:.4f})")
         if at_ckpt:
             write_checkpoint(ckpt_dir, model, optimizer, run, unused_from[0], plan, env, device, cfg.keep_checkpoints)
         segment_start, segment_tokens = time.perf_counter(), 0

@@ -21,7 +21,8 @@ def require_val_windows(val_shards: list[Path], block_size: int) -> int:
     if n == 0:
         tokens = sum(len(read_token_shard(p)) for p in val_shards)
         raise TrainingSetupError(
-            f"the validation split has {tokens} tokens in {len(val_shards)} shards, fewer than one window of "
+            f"the validation split has {tokens} tokens ({len(val_shards)} shard{'' if len(val_shards) == 1 else 's'}), "
+            "fewer than one window of "
             f"model.block_size + 1 = {block_size + 1} tokens, so there is no validation loss to measure: add "
             "documents, raise tokenize.val_fraction, or lower model.block_size"
         )

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import random
 import string
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
-from storage.artifacts import StageContext
+from flows.cli import app
+from storage.artifacts import ArtifactStore, StageContext
+from storage.lineage import LineageStore
+from storage.lineage_queries import LineageQueries
 from storage.shards import ParquetShardWriter
 from tasks.config import DedupConfig, PipelineConfig
 from tasks.data import dedup as dd
 from tasks.data.clean import CLEAN_SCHEMA
-from tasks.data.dedup.schema import minhash_params
+from tasks.data.dedup.candidates import BandPart, band_pairs
+from tasks.data.dedup.clusters import cluster
+from tasks.data.dedup.schema import WORK_BANDS_SCHEMA, minhash_params
 from tasks.data.ingest import doc_id_for
 from tasks.data.minhash import MinHasher, MinHashParams, dedup_words, jaccard, shingle_set
 from tasks.stages import run_stage
@@ -119,7 +127,7 @@ def test_conservation_and_cluster_ids(planted):
         if row["fate"] == "kept":
             assert row["cluster_id"] == row["doc_id"] and row["doc_id"] in kept
         else:  # a removed document's cluster (and so its split) is its kept representative's
-            assert row["cluster_id"] == row["duplicate_of"] and row["duplicate_of"] in kept
+            assert row["cluster_id"] in kept and row["duplicate_of"] in ledger
 
 
 def test_report_shows_threshold_and_s_curve(planted, tmp_path: Path):
@@ -239,3 +247,89 @@ def test_incremental_run_over_the_whole_corpus_signs_only_unindexed_documents(tm
         if r["doc_id"] == doc_id_for("docs", "new_edit_of_old_3.txt")
     )
     assert row["duplicate_of"] == doc_id_for("docs", "old_3.txt")
+
+
+def _band_file(path: Path, rows: list[tuple[int, int, int]]) -> str:
+    """A work band file of (node, band, hash) rows."""
+    columns = {name: [row[i] for row in rows] for i, name in enumerate(("node", "band", "h"))}
+    pq.write_table(pa.table(columns, schema=WORK_BANDS_SCHEMA), path)
+    return str(path)
+
+
+def test_every_pair_of_a_bucket_can_reach_verification(tmp_path: Path):
+    # One bucket {0, 1, 2}: its best-ranked member 0 is a sibling variant; the pair (1, 2) must still be a candidate.
+    three = _band_file(tmp_path / "three.parquet", [(0, 0, 7), (1, 0, 7), (2, 0, 7), (3, 0, 8)])
+    assert band_pairs(BandPart((three,), (0,), partners=16)).tolist() == [[0, 1], [0, 2], [1, 2]]
+    assert band_pairs(BandPart((three,), (0,), partners=1)).tolist() == [[0, 1], [0, 2]]  # the old star
+    # A large bucket is bounded: each member pairs with at most `partners` better-ranked members.
+    big = _band_file(tmp_path / "big.parquet", [(node, 0, 1) for node in range(30)])
+    pairs = band_pairs(BandPart((big,), (0,), partners=4))
+    assert len(pairs) == sum(min(rank, 4) for rank in range(30)) and set(pairs[:, 0].tolist()) == {0, 1, 2, 3}
+
+
+def test_a_chain_records_the_pair_that_linked_each_document():
+    # 0~1 and 1~2 verified, 0~2 below the threshold: 2 joins 0's cluster through 1.
+    edges = np.array([[0, 1], [0, 2], [1, 2], [3, 4]])
+    result = cluster(edges, np.array([0.9, 0.5, 0.8, 0.75]), n_old=0, threshold=0.7)
+    assert result.rep == {1: 0, 2: 0, 4: 3}
+    assert result.link == {1: 0, 2: 1, 4: 3}
+    assert result.similarity == {1: 0.9, 2: 0.8, 4: 0.75}
+    # An indexed node (n_old=1: node 0) always represents its component; a node next to two roots links to the
+    # more similar one.
+    both = cluster(np.array([[0, 2], [1, 2]]), np.array([0.8, 0.9]), n_old=2, threshold=0.7)
+    assert both.link == {2: 1} and both.rep == {2: 1}
+
+
+def _chain_texts() -> list[tuple[str, str]]:
+    """a, b, c: sliding windows over one text; a~b and b~c above 0.7, a~c below it."""
+    ws = words(11, 260)
+    return [("a", " ".join(ws[0:200])), ("b", " ".join(ws[22:222])), ("c", " ".join(ws[44:244]))]
+
+
+def test_a_document_removed_through_a_chain_names_its_link_and_its_representative(tmp_path: Path):
+    hasher = MinHasher(minhash_params(DedupConfig()))
+    texts = dict(_chain_texts())
+    sim = {(x, y): jaccard(shingle_set(hasher, texts[x]), shingle_set(hasher, texts[y])) for x, y in ["ab", "bc", "ac"]}
+    assert sim["a", "b"] >= 0.7 and sim["b", "c"] >= 0.7 and sim["a", "c"] < 0.7
+    _, ledger, kept = run(tmp_path, _chain_texts())
+    assert kept == {"a"}
+    c = ledger["c"]
+    assert (c["reason"], c["duplicate_of"], c["cluster_id"]) == ("near_duplicate", "b", "a")
+    assert c["similarity"] == pytest.approx(sim["b", "c"], abs=1e-6)
+
+
+def test_lineage_why_shows_the_chain(tmp_path: Path):
+    corpus = tmp_path / "corpus" / "docs"
+    corpus.mkdir(parents=True)
+    for name, text in _chain_texts():
+        (corpus / f"{name}.txt").write_text(lines(text.split()))
+    cfg = _incremental_config(corpus.parent, tmp_path / "root")
+    lineage = LineageStore(ArtifactStore(cfg.root).lineage_path)
+    lineage.start_run("run-chain", cfg.name, cfg.model_dump(), cfg.seed, None)
+    manifests: dict = {}
+    for stage, upstream in (("ingest", {}), ("clean", {"ingest"}), ("dedup", {"clean"})):
+        started = datetime.now(UTC)
+        manifests[stage], _ = run_stage(stage, cfg, {u: manifests[u] for u in upstream}, log=lambda m: None)
+        lineage.record_stage("run-chain", stage, "completed", started, manifest=manifests[stage])
+    lineage.finish_run("run-chain", "completed")
+    c_id = doc_id_for("docs", "c.txt")
+    why = LineageQueries(lineage).why(c_id, "run-chain")
+    assert (why["duplicate_of_locator"], why["cluster_locator"]) == ("b.txt", "a.txt") and why["similarity"] >= 0.7
+    out = CliRunner().invoke(app, ["lineage", "why", c_id, "--root", str(cfg.root), "--run", "run-chain"])
+    assert out.exit_code == 0, out.output
+    assert "b.txt" in out.output and "linked through a chain" in out.output and "a.txt" in out.output
+
+
+def test_number_folding_is_an_option():
+    table = "round 1 score 12 to 7\n" * 30
+    other = table.replace("12 to 7", "31 to 2")
+    folded, kept_apart = (
+        MinHasher(minhash_params(DedupConfig())),
+        MinHasher(minhash_params(DedupConfig(fold_numbers=False))),
+    )
+    assert jaccard(shingle_set(folded, table), shingle_set(folded, other)) == 1.0
+    assert jaccard(shingle_set(kept_apart, table), shingle_set(kept_apart, other)) < 0.7
+    assert dedup_words("v3.10 2024", fold_numbers=False) == ["v3", "10", "2024"]
+    # The default keeps the band hashes of earlier indexes comparable; turning it off is checked against them.
+    assert "fold_numbers" not in dd.index.index_signature(minhash_params(DedupConfig()))
+    assert dd.index.index_signature(minhash_params(DedupConfig(fold_numbers=False)))["fold_numbers"] is False

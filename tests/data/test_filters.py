@@ -113,7 +113,8 @@ def test_c4_and_code_rules():
 def test_presets_by_source_and_extension():
     cfg = CleanConfig(preset_by_source={"web": "none"})
     assert preset_for("stdlib", "pkg/mod.py", cfg) == "code"
-    assert preset_for("stdlib", "Doc/readme.rst", cfg) == "prose"
+    assert preset_for("stdlib", "Doc/readme.rst", cfg) == "docs"
+    assert preset_for("stdlib", "Doc/readme.txt", cfg) == "prose"
     assert preset_for("records", "x.jsonl.gz:12", cfg) == "prose"
     assert preset_for("web", "pkg/mod.py", cfg) == "none"
     with pytest.raises(ValueError, match="unknown preset"):

@@ -82,7 +82,10 @@ def test_deployments_cover_pipeline_nightly_and_every_stage(config):
     from deployments.serve import build_deployments
 
     deployments = {f"{d.flow_name}/{d.name}": d for d in build_deployments(config, timezone="Europe/Berlin")}
-    assert set(deployments) == {"pipeline/tokenmill", "nightly-refresh/nightly"} | {f"stage/{s}" for s in STAGES}
+    expected = {"pipeline/tokenmill", "nightly-refresh/nightly", "sweep/tokenmill"} | {f"stage/{s}" for s in STAGES}
+    assert set(deployments) == expected
+    sweep_form = deployments["sweep/tokenmill"]._parameter_openapi_schema.model_dump()["properties"]
+    assert {"spec_path", "space", "trials", "objective"} <= set(sweep_form)  # a spec path or an inline space
     (nightly,) = deployments["nightly-refresh/nightly"].schedules
     assert (nightly.schedule.cron, nightly.schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
     assert deployments["pipeline/tokenmill"].parameters["config"]["root"] == config.root

@@ -12,6 +12,7 @@ from storage.artifacts import StageContext
 from tasks.config import CleanConfig, SourceConfig
 from tasks.data.clean import clean
 from tasks.data.ingest import ingest
+from tasks.data.tokenize import tokenize
 from tasks.parts import DaskExecutor, use_executor
 from tasks.stages import UPSTREAM, run_stage
 from tests.support.corpus import prose, tiny_config, write_corpus
@@ -36,7 +37,7 @@ def test_data_stages_on_dask_match_one_process(tmp_path: Path, dask_cluster):
     )
     assert _data_stages(on_dask) == _data_stages(local)
     ran = set(dask_cluster.scheduler.task_prefixes)  # the work did go to the cluster
-    assert {"ingest_part", "clean_part", "sign_batch_with"} <= ran, ran
+    assert {"ingest_part", "clean_part", "sign_part", "band_pairs", "tokenize_part"} <= ran, ran
 
 
 def test_many_parts_on_dask_come_back_in_part_order(tmp_path: Path, dask_cluster):
@@ -62,6 +63,38 @@ def test_many_parts_on_dask_come_back_in_part_order(tmp_path: Path, dask_cluster
             outs[engine] = (files, counts)
     assert outs["dask"] == outs["local"]
     assert len([n for n in outs["local"][0] if n.startswith("clean/docs/")]) > 2
+
+
+def test_tokenize_parts_give_the_same_bytes_on_every_executor(tmp_path: Path, dask_cluster):
+    write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "corpus", tmp_path / "root", workers=1, tokenize={"shard_tokens": 1024})
+    manifests = {}
+    for name in ("ingest", "clean", "dedup", "tokenizer"):
+        manifests[name], _ = run_stage(name, cfg, {u: manifests[u] for u in UPSTREAM[name]}, log=lambda m: None)
+    table = pq.read_table(manifests["dedup"].files_under("docs/"))
+    docs = []
+    for k in range(4):  # four dedup shards: four parts, each with shards of its own
+        docs.append(tmp_path / f"docs-{k}.parquet")
+        pq.write_table(table.slice(9 * k, 9 if k < 3 else None), docs[-1])
+    tokenizer_dir = manifests["tokenizer"].file("")
+
+    def build(name: str, workers: int, executor=None) -> tuple[dict, dict]:
+        out = tmp_path / name
+        ctx = StageContext(out / "out", out / "work", log=lambda m: None)
+        ctx.out_dir.mkdir(parents=True)
+        with use_executor(executor):
+            counts = tokenize(docs, tokenizer_dir, cfg.tokenizer, cfg.tokenize, ctx, workers=workers)
+        return {str(p.relative_to(ctx.out_dir)): p.read_bytes() for p in sorted(ctx.out_dir.rglob("*.*"))}, counts
+
+    one = build("one", 1)
+    assert build("two", 2) == one
+    with distributed.Client(dask_cluster) as client:
+        assert build("dask", 1, DaskExecutor(client)) == one
+    files, counts = one
+    assert counts["docs_in"] == table.num_rows
+    assert len(counts["splits"]["train"]["shards"]) >= 4  # shards end at part boundaries
+    names = [s["shard"] for s in counts["splits"]["train"]["shards"]]
+    assert names == [f"train-{i:05d}" for i in range(len(names))] and all(f"tokens/{n}.arrow" in files for n in names)
 
 
 def test_missing_engine_is_a_clear_error(monkeypatch, tmp_path: Path):

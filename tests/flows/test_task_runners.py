@@ -25,7 +25,7 @@ distributed = pytest.importorskip("distributed")
 pytest.importorskip("prefect_dask")
 
 DATA_STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize")
-PART_FUNCTIONS = ("ingest_part", "clean_part", "_sign_batch_with")
+PART_FUNCTIONS = ("ingest_part", "clean_part", "sign_part", "band_pairs", "tokenize_part")
 
 
 def _one_process_hashes(cfg: PipelineConfig) -> dict[str, str]:
@@ -67,7 +67,13 @@ def test_pipeline_on_a_dask_task_runner_matches_one_process(
     assert {_part_name(r) for r in parts} == set(PART_FUNCTIONS)
     assert all(r.state_type.value == "COMPLETED" for r in parts)
     parents = {_part_name(r): {stages[p.id] for p in r.task_inputs["__parents__"]} for r in parts}
-    assert parents == {"ingest_part": {"ingest"}, "clean_part": {"clean"}, "_sign_batch_with": {"dedup"}}
+    assert parents == {
+        "ingest_part": {"ingest"},
+        "clean_part": {"clean"},
+        "sign_part": {"dedup"},
+        "band_pairs": {"dedup"},
+        "tokenize_part": {"tokenize"},
+    }
     assert "part_task" in dask_cluster.scheduler.task_prefixes  # the parts reached the Dask scheduler
 
 

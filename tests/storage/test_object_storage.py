@@ -13,7 +13,9 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
+from flows.cli import app
 from storage.artifacts import MANIFEST, ArtifactStore, CorruptArtifactError, Manifest, StageContext, StageKey
 from storage.faults import InjectedFault
 from storage.lineage import LineageStore
@@ -21,6 +23,7 @@ from storage.lineage_queries import LineageQueries
 from storage.local_s3 import MOTO_SERVER, moto_server
 from tasks.config import PipelineConfig
 from tasks.data.dedup import resolve_previous
+from tasks.run_recorder import RunRecorder
 from tasks.stages import UPSTREAM, run_stage
 from tests.support.corpus import prose, tiny_config, write_corpus
 
@@ -201,6 +204,97 @@ def test_data_stages_publish_to_an_s3_root_and_reuse_it(s3_root_env, tmp_path: P
     assert not Path(fresh["ingest"][0].path).exists()  # its ledger copy answered, not a download of the docs
     assert resolve_previous("latest", cfg.root).fingerprint == remote["dedup"][0].fingerprint
     assert resolve_previous(remote["dedup"][0].uri, cfg.root).content_hash == remote["dedup"][0].content_hash
+
+
+@pytest.mark.slow
+def test_share_nothing_workers_publish_the_same_artifacts(s3_root_env, tmp_path: Path, monkeypatch):
+    """Dask workers with their own scratch and home get only s3:// URIs for dedup's and tokenize's parts: they
+    read their shards from the store and upload their outputs into the attempt folder; hashes match a local run."""
+    distributed = pytest.importorskip("distributed")
+    from tasks.parts import DaskExecutor
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("tm-share")
+    write_corpus(tmp_path / "corpus")
+    words = prose(5).split(" ")
+    words[7], words[19] = "altered", "changed"
+    (tmp_path / "corpus" / "docs" / "near_copy_of_prose_05.txt").write_text(" ".join(words))
+    fs.put(str(tmp_path / "corpus") + "/", "tm-share/corpus/", recursive=True)
+    options = {"endpoint_url": s3_root_env, "key": "testing", "secret": "testing"}
+    sources = [
+        {"name": "docs", "path": "s3://tm-share/corpus/docs", "storage_options": options},
+        {"name": "records", "path": "s3://tm-share/corpus/records.jsonl.gz", "storage_options": options},
+    ]
+    local = _run_data_stages(tiny_config(tmp_path / "corpus", tmp_path / "local", sources=sources), "local")
+    assert local["dedup"][0].counts["near_duplicates"]["verified_pairs"] >= 1  # verification parts run too
+
+    sent: dict[str, list] = {}
+    dask_map = DaskExecutor.map
+
+    def recorded(self, fn, parts):
+        sent.setdefault(getattr(fn, "__name__", "?"), []).extend(parts)
+        return dask_map(self, fn, parts)
+
+    monkeypatch.setattr(DaskExecutor, "map", recorded)
+    worker_home = tmp_path / "worker-home"
+    cluster_kwargs = {"n_workers": 2, "threads_per_worker": 1, "host": "127.0.0.1", "dashboard_address": None}
+    with distributed.LocalCluster(**cluster_kwargs, env={"TOKENMILL_HOME": str(worker_home)}) as cluster:
+        cfg = tiny_config(
+            tmp_path / "corpus",
+            "s3://tm-share/root",
+            sources=sources,
+            executor="dask",
+            executor_address=cluster.scheduler_address,
+        )
+        remote = _run_data_stages(cfg, "share-1")
+    assert {k: m.content_hash for k, (m, _) in remote.items()} == {k: m.content_hash for k, (m, _) in local.items()}
+    locations = {
+        "sign_part": lambda part: [part.doc_path, part.out],
+        "band_pairs": lambda part: list(part.band_files),
+        "verify_part": lambda part: list(part.doc_paths),
+        "tokenize_part": lambda part: [part.doc_path, part.tokenizer, part.out],
+    }
+    assert set(locations) <= set(sent)
+    for name, where in locations.items():
+        assert all(loc.startswith("s3://tm-share/root/") for part in sent[name] for loc in where(part)), name
+    # Nothing of the workers' is left behind: no scratch prefixes in the attempt folders, no local mirror.
+    for stage in ("dedup", "tokenize"):
+        m = remote[stage][0]
+        listed = fs.find(f"tm-share/root/{stage}/{m.fingerprint}/")
+        assert not [f for f in listed if "/.parts/" in f or "/.work/" in f]
+        assert sorted(listed) == sorted(
+            [f"tm-share/root/{stage}/{m.fingerprint}/{MANIFEST}"]
+            + [f"tm-share/root/{stage}/{m.fingerprint}/{m.attempt}/{f.path}" for f in m.files]
+        )
+    assert not worker_home.exists()
+
+
+def test_lineage_snapshot_next_to_the_artifacts_is_restored_on_a_fresh_machine(s3_root_env, tmp_path, monkeypatch):
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("tm-lineage")
+    write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "corpus", "s3://tm-lineage/root")
+    for run_id in ("snap-1", "snap-2"):
+        store = ArtifactStore(cfg.root)
+        record = RunRecorder(LineageStore(store.lineage_path), run_id, backup=store.backup_lineage)
+        record.start(cfg)
+        started = datetime.now(UTC)
+        manifest, reused = run_stage("ingest", cfg, {}, run_id=run_id, log=lambda m: None)
+        record.stage_done("ingest", started, manifest, reused)
+        record.finish()
+    pointer = json.loads(fs.cat_file("tm-lineage/root/lineage/LATEST"))
+    assert pointer["run_id"] == "snap-2"
+    assert fs.ls("tm-lineage/root/lineage/", detail=False) == sorted(
+        [f"tm-lineage/root/lineage/{pointer['object']}", "tm-lineage/root/lineage/LATEST"]
+    )  # the earlier snapshot is gone once the pointer moved on
+
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "fresh-machine"))
+    fresh = ArtifactStore(cfg.root)
+    assert not (fresh.root / "lineage.duckdb").exists()
+    runs = LineageStore(fresh.lineage_path, read_only=True).runs()
+    assert {r["run_id"] for r in runs} == {"snap-1", "snap-2"}
+    out = CliRunner().invoke(app, ["lineage", "runs", "--root", cfg.root])
+    assert out.exit_code == 0 and "snap-2" in out.output
 
 
 def test_interrupted_publish_is_invisible_and_rebuilt(s3_root_env, tmp_path: Path, monkeypatch):

@@ -50,7 +50,8 @@ class PreviousIndex:
 
 
 def index_signature(params: MinHashParams) -> dict[str, Any]:
-    return {
+    """The settings band hashes depend on (``fold_numbers`` only when off, so older indexes stay comparable)."""
+    signature = {
         "ngram": params.ngram,
         "permutations": params.permutations,
         "bands": params.bands,
@@ -58,6 +59,7 @@ def index_signature(params: MinHashParams) -> dict[str, Any]:
         "seed": params.seed,
         "normalization": NORMALIZATION_VERSION,
     }
+    return signature if params.fold_numbers else signature | {"fold_numbers": False}
 
 
 def resolve_previous(against: str | None, root: str | Path) -> Manifest | None:

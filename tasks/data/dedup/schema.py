@@ -25,5 +25,10 @@ RANK = {
 
 def minhash_params(cfg: DedupConfig) -> MinHashParams:
     return MinHashParams(
-        ngram=cfg.ngram, permutations=cfg.permutations, bands=cfg.bands, rows=cfg.rows, seed=cfg.minhash_seed
+        ngram=cfg.ngram,
+        permutations=cfg.permutations,
+        bands=cfg.bands,
+        rows=cfg.rows,
+        seed=cfg.minhash_seed,
+        fold_numbers=cfg.fold_numbers,
     )

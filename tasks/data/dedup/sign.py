@@ -1,17 +1,21 @@
-"""Pass 2, sign: MinHash band hashes of the documents left after exact dedup, fanned out over workers."""
+"""Pass 2, sign: MinHash band hashes of the documents left after exact dedup, one part per input shard.
+
+Each part reads its own shard's texts (nothing but the shard's path and the node numbers of its rows travels
+to the worker) and writes ``bands-<part>.parquet``; the files, read in part order, list the signed documents in
+input order, whatever the executor or worker count.
+"""
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Iterator
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.shards import iter_batches
+from storage.remote import is_remote, open_input, put_files
 from tasks.config import DedupConfig
 from tasks.data.dedup.plan import Plan
 from tasks.data.dedup.schema import WORK_BANDS_SCHEMA
@@ -19,50 +23,58 @@ from tasks.data.minhash import (
     MinHasher,
     MinHashParams,
 )
-from tasks.parts import active_executor, imap_parts
+from tasks.parts import active_executor, default_workers, map_parts
 
 _HASHER: MinHasher | None = None
 
 
-def _sign_batch_with(params: MinHashParams, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Sign one batch; the hasher is built once per worker process (its tables are large)."""
+def _hasher(params: MinHashParams) -> MinHasher:
+    """The hasher, built once per worker process (its tables are large and its word cache warms up)."""
     global _HASHER
     if _HASHER is None or _HASHER.params != params:
         _HASHER = MinHasher(params)
-    return _HASHER.sign(texts)
+    return _HASHER
 
 
-def sign(doc_paths: list[Path], p: Plan, params: MinHashParams, cfg: DedupConfig, out: Path, log) -> int:
-    """Write (node, band, hash) rows for every document to sign into ``out``; returns the documents signed."""
-    to_sign_pos = np.zeros(len(p.doc_id), bool)
-    to_sign_pos[p.pos_of_node[p.to_sign]] = True
-    total = int(to_sign_pos.sum())
-    workers = cfg.workers or os.cpu_count() or 1
-    if total <= 2 * cfg.batch_docs:
-        workers = 1  # not worth starting processes
+@dataclass(frozen=True)
+class SignPart:
+    """One input shard: its path or URI, the node of each of its rows (-1: not signed) and where to write (a
+    path, or an object URI: then the part writes a scratch file of its own and uploads it)."""
 
-    def batches() -> Iterator[tuple[np.ndarray, list[str]]]:
-        pos = 0
-        for batch in iter_batches(doc_paths, columns=["text"], batch_size=cfg.batch_docs):
-            texts = batch.column("text").to_pylist()
-            where = np.flatnonzero(to_sign_pos[pos : pos + len(texts)])
-            if len(where):
-                yield pos + where, [texts[i] for i in where]
-            pos += len(texts)
+    doc_path: str
+    nodes: np.ndarray
+    params: MinHashParams
+    batch_docs: int
+    out: str
 
-    positions: list[np.ndarray] = []
 
-    def texts_only() -> Iterator[list[str]]:
-        for pos, texts in batches():
-            positions.append(pos)
-            yield texts
+def sign_part(part: SignPart) -> int:
+    """Write (node, band, hash) rows for the part's documents to sign; returns how many it signed."""
+    if not is_remote(part.out):
+        return _sign_into(part, Path(part.out))
+    with tempfile.TemporaryDirectory(prefix="sign-part-") as scratch:
+        name = part.out.rsplit("/", 1)[1]
+        signed = _sign_into(part, Path(scratch) / name)
+        put_files(Path(scratch), part.out.rsplit("/", 1)[0], [name])
+    return signed
 
+
+def _sign_into(part: SignPart, out: Path) -> int:
+    hasher = _hasher(part.params)
     signed = 0
+    pos = 0
+    source = pq.ParquetFile(open_input(part.doc_path))
     with pq.ParquetWriter(out, WORK_BANDS_SCHEMA, compression="zstd") as writer:
-        signed_batches = imap_parts(functools.partial(_sign_batch_with, params), texts_only(), workers)
-        for i, (bands, nonempty) in enumerate(signed_batches):
-            nodes = p.node_of_pos[positions[i]][nonempty]
-            bands = bands[nonempty]
+        for batch in source.iter_batches(columns=["text"], batch_size=part.batch_docs):
+            nodes = part.nodes[pos : pos + batch.num_rows]
+            pos += batch.num_rows
+            where = np.flatnonzero(nodes >= 0)
+            if not len(where):
+                continue
+            texts = batch.column("text").take(pa.array(where)).to_pylist()
+            bands, nonempty = hasher.sign(texts)
+            signed += len(where)
+            nodes, bands = nodes[where][nonempty], bands[nonempty]
             n_bands = bands.shape[1]
             writer.write_table(
                 pa.table(
@@ -74,8 +86,40 @@ def sign(doc_paths: list[Path], p: Plan, params: MinHashParams, cfg: DedupConfig
                     schema=WORK_BANDS_SCHEMA,
                 )
             )
-            signed += len(positions[i])
-            positions[i] = None  # type: ignore[call-overload]
-    where = f"on the {executor.name} cluster" if (executor := active_executor()) else f"with {workers} worker(s)"
-    log(f"dedup: signed {signed} documents {where}")
     return signed
+
+
+def sign(
+    doc_paths: list[Path],
+    sources: list[str],
+    p: Plan,
+    params: MinHashParams,
+    cfg: DedupConfig,
+    workers: int | None,
+    out: str,
+    log,
+) -> tuple[list[str], int]:
+    """Sign every document to sign, one part per input shard (read from ``sources``, the shards' paths or URIs):
+    (the band files in input order, documents signed). ``out``: a folder, or an object-store prefix."""
+    node_of_row = np.where(_sign_mask(p), p.node_of_pos, -1)
+    if not is_remote(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    parts, start = [], 0
+    for i, (path, source) in enumerate(zip(doc_paths, sources, strict=True)):
+        rows = pq.ParquetFile(path).metadata.num_rows
+        nodes = node_of_row[start : start + rows]
+        parts.append(SignPart(source, nodes, params, cfg.batch_docs, f"{out}/bands-{i:05d}.parquet"))
+        start += rows
+    signed = sum(map_parts(sign_part, parts, workers))
+    executor = active_executor()
+    n_workers = min(default_workers(workers), len(parts))
+    where = f"on the {executor.name} cluster" if executor else f"with {n_workers} worker(s)"
+    log(f"dedup: signed {signed} documents in {len(parts)} parts {where}")
+    return [part.out for part in parts], signed
+
+
+def _sign_mask(p: Plan) -> np.ndarray:
+    """By input position: whether the document is signed (not indexed, not an exact copy)."""
+    mask = np.zeros(len(p.doc_id), bool)
+    mask[p.pos_of_node[p.to_sign]] = True
+    return mask

@@ -5,30 +5,32 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from storage.artifacts import Manifest, StageContext
+from storage.remote import open_input, remove_prefix
 from storage.shards import LedgerWriter, ParquetShardWriter, iter_batches
 from tasks.config import DedupConfig, PipelineConfig
 from tasks.data.dedup.candidates import candidate_pairs, index_matches
-from tasks.data.dedup.clusters import Clusters, old_texts, texts_by_position, verify_and_cluster
+from tasks.data.dedup.clusters import Clusters, cluster, old_texts, similarities
 from tasks.data.dedup.index import PreviousIndex, index_signature, resolve_previous
 from tasks.data.dedup.plan import Plan, plan
 from tasks.data.dedup.schema import DEDUP_SCHEMA, INDEX_BANDS_SCHEMA, INDEX_EXACT_SCHEMA, minhash_params
 from tasks.data.dedup.sign import sign
 from tasks.data.minhash import (
-    MinHasher,
     MinHashParams,
     s_curve_table,
 )
 from tasks.stage_contract import DocCounts, StageResult
 
-VERSION = "3"  # 3: ledger in sorted parts with an index (storage/ledger.py)
+VERSION = "4"  # 4: every bucket pair can be verified (bucket_partners); duplicate_of names the linking pair
 
 
 def stage_params(cfg: PipelineConfig) -> dict[str, Any]:
@@ -42,9 +44,19 @@ def stage_params(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def dedup(
-    doc_paths: list[Path], cfg: DedupConfig, ctx: StageContext, previous: Manifest | None = None, batch_rows: int = 2048
+    doc_paths: list[Path],
+    cfg: DedupConfig,
+    ctx: StageContext,
+    previous: Manifest | None = None,
+    batch_rows: int = 2048,
+    sources: list[str] | None = None,
 ) -> StageResult:
-    """Write unique documents to ``docs/``, a ledger row per input document, ``index/`` and ``report.md``."""
+    """Write unique documents to ``docs/``, a ledger row per input document, ``index/`` and ``report.md``.
+
+    ``sources``: where the signing and verification parts read the input shards (their object URIs on a remote
+    root, so workers need no shared file system; default: ``doc_paths``). On a remote root the parts' band files
+    go to the attempt folder's ``.work/`` prefix, which is deleted before the artifact is committed.
+    """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -58,7 +70,6 @@ def dedup(
     index = PreviousIndex(Path(previous.path)) if previous is not None else None
     if index is not None:
         index.check_compatible(params)
-    hasher = MinHasher(params)
     con = duckdb.connect()
     con.execute(f"SET temp_directory = '{ctx.work_dir / 'duckdb-spill'}'")
     p = plan(con, doc_paths, cfg, index) if doc_paths else None
@@ -68,30 +79,35 @@ def dedup(
     old_ids: list[str] = []
     clusters = Clusters()
     signed = 0
+    band_files: list[Path] = []
     if p is not None and cfg.near and n:
-        bands_file = ctx.work_dir / "bands.parquet"
-        signed = sign(doc_paths, p, params, cfg, bands_file, ctx.log)
+        # Small inputs are not worth starting processes for; part layouts never depend on the worker count.
+        workers = 1 if int(p.to_sign.sum()) <= 2 * cfg.batch_docs else cfg.workers
+        sources = sources or [str(d) for d in doc_paths]
+        work = f"{ctx.attempt_uri}/.work" if ctx.attempt_uri else str(ctx.work_dir)
+        band_files, signed = sign(doc_paths, sources, p, params, cfg, workers, f"{work}/bands", ctx.log)
         lap("sign")
-        edges = candidate_pairs(con, bands_file, params.bands)
+        spill = ctx.work_dir / "duckdb-spill"
+        edges = candidate_pairs(band_files, params.bands, cfg.bucket_partners, workers, spill)
         old_edges = np.empty((0, 2), np.int64)
         if index is not None:
-            old_ids, old_edges = index_matches(con, bands_file, index, p)
+            old_ids, old_edges = index_matches(con, band_files, index, p)
         n_old = len(old_ids)
         graph = np.concatenate([edges + n_old, old_edges + np.array([0, n_old])]) if n_old else edges
         lap("candidates")
-        involved_new = np.unique(graph[graph >= n_old]) - n_old if len(graph) else np.empty(0, np.int64)
-        positions = np.sort(p.pos_of_node[involved_new])
-        texts = {
-            int(p.node_of_pos[pos]) + n_old: text for pos, text in texts_by_position(doc_paths, positions, batch_rows)
-        }
+        old: dict[int, str] = {}
         if n_old:
             by_id = old_texts(con, index, old_ids)  # type: ignore[arg-type]
-            texts.update({i: by_id[d] for i, d in enumerate(old_ids)})
-        clusters = verify_and_cluster(graph, n_old, texts, hasher, cfg)
-        lap("verify_cluster")
+            old = {i: by_id[d] for i, d in enumerate(old_ids)}
+        sims = similarities(graph, n_old, p.pos_of_node, sources, old, params, cfg, workers)
+        lap("verify")
+        clusters = cluster(graph, sims, n_old, cfg.threshold)
+        lap("cluster")
 
-    docs, matched_index, examples = _write(doc_paths, p, cfg, old_ids, clusters, index, ctx, batch_rows)
+    docs, matched_index, examples = _write(doc_paths, p, cfg, old_ids, clusters, index, ctx, batch_rows, band_files)
     lap("write")
+    if ctx.attempt_uri:
+        remove_prefix(f"{ctx.attempt_uri}/.work")
     near = {
         "enabled": cfg.near,
         "signed": signed,
@@ -119,10 +135,9 @@ def dedup(
 
 
 def _write(
-    doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, ctx, batch_rows
+    doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, ctx, batch_rows, band_files
 ) -> tuple[DocCounts, int, list[dict]]:
     """Stream the input once more, in order: kept documents, ledger rows and the index of the kept corpus."""
-    n_old = len(old_ids)
     docs = ParquetShardWriter(ctx.out_dir / "docs", "docs", DEDUP_SCHEMA)
     ledger = LedgerWriter(ctx.out_dir / "ledger", "dedup")
     exact_index = ParquetShardWriter(ctx.out_dir / "index", "exact", INDEX_EXACT_SCHEMA, rows_per_shard=5_000_000)
@@ -136,20 +151,7 @@ def _write(
     examples: list[dict] = []
     removed = np.zeros(0 if p is None else len(p.doc_id), bool)
     matched_index = 0
-
-    def final(node: int) -> tuple[str, float, bool]:
-        """(representative doc id, similarity, is an indexed doc) for a removed new node's graph position."""
-        g = node + n_old
-        rep = clusters.rep[g]
-        return (
-            (old_ids[rep], clusters.similarity[g], True)
-            if rep < n_old
-            else (
-                str(p.doc_id[rep - n_old]),
-                clusters.similarity[g],
-                False,
-            )
-        )
+    decide = _Verdicts(p, clusters, old_ids) if p is not None else None
 
     pos = 0
     for batch in iter_batches(doc_paths, batch_size=batch_rows):
@@ -160,7 +162,7 @@ def _write(
             node = int(p.node_of_pos[pos])  # type: ignore[union-attr]
             pos += 1
             base = {k: doc[k] for k in ("doc_id", "source", "locator", "content_hash")}
-            verdict = _verdict(node, p, clusters, n_old, final)
+            verdict = decide(node)  # type: ignore[misc]
             if verdict is None:
                 kept.append(doc | {"split_key": doc["doc_id"]})
                 rows.append(base | {"fate": "kept", "cluster_id": doc["doc_id"]})
@@ -169,61 +171,89 @@ def _write(
                         {"doc_id": doc["doc_id"], "content_hash": doc["content_hash"], "holder": this_holder}
                     )
                 continue
-            reason, rep_id, sim, in_index = verdict
             removed[node] = True
-            matched_index += in_index
-            reasons[reason] += 1
+            matched_index += verdict.in_index
+            reasons[verdict.reason] += 1
             rows.append(
                 base
                 | {
                     "fate": "duplicate",
-                    "reason": reason,
-                    "duplicate_of": rep_id,
-                    "similarity": sim,
-                    "cluster_id": rep_id,
+                    "reason": verdict.reason,
+                    "duplicate_of": verdict.duplicate_of,
+                    "similarity": verdict.similarity,
+                    "cluster_id": verdict.cluster_id,
                 }
             )
-            if reason == "near_duplicate" and len(examples) < 8:
-                examples.append({"removed": doc["locator"], "duplicate_of": rep_id, "similarity": sim})
+            if verdict.reason == "near_duplicate" and len(examples) < 8:
+                examples.append(
+                    {"removed": doc["locator"], "duplicate_of": verdict.duplicate_of, "similarity": verdict.similarity}
+                )
         docs.write_rows(kept)
         ledger.record(rows)
         exact_index.write_rows(index_rows)
     docs.close()
     ledger.close()
     exact_index.close()
-    _write_band_index(ctx, index, p, removed)
+    _write_band_index(ctx, index, p, removed, band_files)
     meta = {"minhash": index_signature(minhash_params(cfg)), "holders": holders}
     (ctx.out_dir / "index" / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return DocCounts(pos, docs.rows, reasons), matched_index, examples
 
 
-def _verdict(node: int, p: Plan, clusters: Clusters, n_old: int, final) -> tuple[str, str, float, bool] | None:
-    """Why a document is removed: (reason, representative, similarity, representative is indexed), or None."""
-    if p.indexed[node]:
+@dataclass(frozen=True)
+class Verdict:
+    """Why a document is removed: the document it duplicates (the verified pair that linked it, or its exact
+    copy), their similarity, the kept (or indexed) representative of its cluster, and whether that is indexed."""
+
+    reason: str
+    duplicate_of: str
+    similarity: float
+    cluster_id: str
+    in_index: bool
+
+
+class _Verdicts:
+    """Each removed document's verdict, from the plan's exact groups and the near-duplicate clusters."""
+
+    def __init__(self, p: Plan, clusters: Clusters, old_ids: list[str]) -> None:
+        self.p, self.clusters, self.old_ids, self.n_old = p, clusters, old_ids, len(old_ids)
+
+    def _doc(self, g: int) -> str:
+        return self.old_ids[g] if g < self.n_old else str(self.p.doc_id[g - self.n_old])
+
+    def _cluster(self, node: int) -> tuple[str, bool]:
+        """The representative of a node's near-duplicate cluster (itself when in none) and if it is indexed."""
+        rep = self.clusters.rep.get(node + self.n_old, node + self.n_old)
+        return self._doc(rep), rep < self.n_old or bool(self.p.indexed[rep - self.n_old])
+
+    def __call__(self, node: int) -> Verdict | None:
+        p, g = self.p, node + self.n_old
+        if p.indexed[node]:
+            return None
+        if p.old_exact[node] is not None:
+            old = str(p.old_exact[node])
+            return Verdict("exact_duplicate", old, 1.0, old, True)
+        rep = int(p.exact_rep[node])
+        if rep != node:
+            cluster_id, in_index = self._cluster(rep)
+            return Verdict("exact_duplicate", str(p.doc_id[rep]), 1.0, cluster_id, in_index)
+        if g in self.clusters.link:
+            cluster_id, in_index = self._cluster(node)
+            link = self.clusters.link[g]
+            return Verdict("near_duplicate", self._doc(link), self.clusters.similarity[g], cluster_id, in_index)
         return None
-    if p.old_exact[node] is not None:
-        return "exact_duplicate", str(p.old_exact[node]), 1.0, True
-    rep = int(p.exact_rep[node])
-    if rep != node:
-        if rep + n_old in clusters.rep:  # the exact representative is itself a near-duplicate
-            rep_id, sim, in_index = final(rep)
-            return "exact_duplicate", rep_id, sim, in_index
-        return "exact_duplicate", str(p.doc_id[rep]), 1.0, bool(p.indexed[rep])
-    if node + n_old in clusters.rep:
-        rep_id, sim, in_index = final(node)
-        return "near_duplicate", rep_id, sim, in_index
-    return None
 
 
-def _write_band_index(ctx: StageContext, index: PreviousIndex | None, p: Plan | None, removed: np.ndarray) -> None:
+def _write_band_index(
+    ctx: StageContext, index: PreviousIndex | None, p: Plan | None, removed: np.ndarray, band_files: list[str]
+) -> None:
     """The kept corpus's band hashes: the earlier index's, then this run's kept documents' (input order)."""
     writer = ParquetShardWriter(ctx.out_dir / "index", "bands", INDEX_BANDS_SCHEMA, rows_per_shard=20_000_000)
     if index is not None:
         for batch in iter_batches(index.band_files):
             writer.write(batch)
-    bands_file = ctx.work_dir / "bands.parquet"
-    if p is not None and bands_file.exists():
-        for batch in iter_batches([bands_file], batch_size=1 << 20):
+    if p is not None:
+        for batch in (b for f in band_files for b in pq.ParquetFile(open_input(f)).iter_batches(1 << 20)):
             nodes = batch.column("node").to_numpy()
             keep = ~removed[nodes]
             writer.write(
