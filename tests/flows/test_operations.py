@@ -419,6 +419,11 @@ def _submit(page, attempts: int = 3) -> str:
     raise AssertionError(f"create_flow_run answered 503 {attempts} times")
 
 
+def _field(page, label: str):
+    """The input of a parameter in the v2 run form (its label is not tied to the input, so find it by position)."""
+    return page.locator(f"xpath=//label[normalize-space()='{label}']/ancestor::div[contains(@class, 'group')][1]//input")
+
+
 FORM_FIELDS = "input:visible, textarea:visible, select:visible, [role=combobox]:visible, [role=switch]:visible"
 
 
@@ -461,8 +466,7 @@ def test_browser_short_run_form_then_the_loss_curve_on_the_run(failed_then_retri
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_role("menuitem", name="Custom run").click()
             # the served configuration's seed and budget are shown filled in
-            seed = page.get_by_label("Seed (Optional)", exact=True)
-            steps = page.get_by_label("Training steps (Optional)", exact=True)
+            seed, steps = _field(page, "Seed (Optional)"), _field(page, "Training steps (Optional)")
             try:
                 seed.wait_for(timeout=20_000)
             except sync_api.TimeoutError:
