@@ -421,7 +421,8 @@ def _submit(page, attempts: int = 3) -> str:
 
 def _field(page, label: str):
     """The input of a parameter in the v2 run form (its label is not tied to the input, so find it by position)."""
-    return page.locator(f"xpath=//label[normalize-space()='{label}']/ancestor::div[contains(@class, 'group')][1]//input")
+    group = f"//label[normalize-space()='{label}']/ancestor::div[contains(@class, 'group')][1]"
+    return page.locator(f"xpath={group}//input")
 
 
 FORM_FIELDS = "input:visible, textarea:visible, select:visible, [role=combobox]:visible, [role=switch]:visible"
