@@ -500,7 +500,7 @@ def test_browser_short_run_form_then_the_loss_curve_on_the_run(failed_then_retri
             }
             page.reload()  # the Logs tab does not refetch by itself
             page.get_by_text("Completed").first.wait_for()
-            page.get_by_text("documents in", exact=False).first.wait_for()  # clean's counts, in the run's logs
+            page.get_by_text("clean: cached", exact=False).first.wait_for()  # cached stages are named in the logs
             page.screenshot(path=str(shots["custom-run"]), full_page=True)
 
             page.get_by_role("tab", name="Artifacts").click()
