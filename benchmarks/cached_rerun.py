@@ -1,7 +1,7 @@
 """How long does a fully cached ``tokenmill run`` take, with Prefect's temporary server and with a running one?
 
 Each row is a fresh ``tokenmill run`` process, as a user types it, on the same data root: a first run that
-builds everything, an all-cached rerun that starts Prefect's temporary server (``TOKENMILL_REUSE_SERVER=0``),
+builds everything, an all-cached rerun that starts its own temporary server (``TOKENMILL_REUSE_SERVER=0``),
 then an all-cached rerun while ``tokenmill server`` is running (the CLI finds and uses it). Prints wall times.
 
     python benchmarks/cached_rerun.py                       # the tests' tiny corpus
@@ -67,7 +67,7 @@ def main() -> None:
     )
     try:
         deadline = time.monotonic() + 300
-        while running_server_api(f"http://127.0.0.1:{port}", timeout_s=2) is None:
+        while running_server_api(f"http://127.0.0.1:{port}") is None:
             assert time.monotonic() < deadline, (work / "server.log").read_text()[-2000:]
             time.sleep(1)
         reuse = base | {"TOKENMILL_SERVER": f"http://127.0.0.1:{port}"}

@@ -8,7 +8,8 @@ warm-up flow first so no row pays for it):
    own, so nothing is shared (every data stage, the training and the scoring run again);
 
 and prints the wall times, each trial's objective in both (they must match: same fingerprints), and what was
-built. ``--max-steps N`` sets ``train.max_steps`` for every trial (a shorter run of the same search).
+built. ``--max-steps N`` sets ``train.max_steps`` (and ``eval_interval`` to N / 4) for every trial: a shorter run of the
+same search.
 
     python benchmarks/sweep_reuse.py --spec configs/sweep-quickstart.yaml --max-steps 200
 """
@@ -60,7 +61,9 @@ def main() -> None:
     if spec.sampler != "grid":
         raise SystemExit("the benchmark replays a grid: every trial's parameters are known in advance")
     base = (args.spec.parent / spec.base).resolve()
-    fixed = {"train.max_steps": [args.max_steps]} if args.max_steps else {}
+    fixed = {}
+    if args.max_steps:  # a shorter run of the same search, still validated four times for the curves
+        fixed = {"train.max_steps": [args.max_steps], "train.eval_interval": [max(args.max_steps // 4, 1)]}
     raw = spec.model_dump(mode="json", exclude_none=True)
     work = Path(tempfile.mkdtemp(prefix="tokenmill-sweep-bench-"))
 

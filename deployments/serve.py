@@ -26,6 +26,7 @@ from uuid import UUID
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
+from deployments.server import api_healthy
 from tasks.config import PipelineConfig
 from tasks.stages import STAGES
 
@@ -106,19 +107,13 @@ def build_deployments(
 
 def wait_for_api(timeout_s: float) -> None:
     """Wait until the server at PREFECT_API_URL answers its health check (e.g. when started alongside it)."""
-    import httpx
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
     if not url:
         raise RuntimeError("PREFECT_API_URL is not set: start a server (`tokenmill server`) and export its API URL")
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+    while not api_healthy(url):
         if time.monotonic() > deadline:
             raise TimeoutError(f"no Prefect server answered at {url} within {timeout_s:.0f} s")
         time.sleep(0.5)

@@ -26,6 +26,7 @@ from prefect.artifacts import (
 )
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
+from prefect.exceptions import ExternalSignal
 from prefect.runtime import flow_run
 from prefect.states import State
 
@@ -45,7 +46,8 @@ from flows.runners import parts_executor
 from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, StageKey
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
-from tasks.errors import is_retryable
+from tasks.errors import UserError, is_retryable
+from tasks.preflight import preflight
 from tasks.reporting.report import publish_run_report, render_run_markdown
 from tasks.run_recorder import RunRecorder
 from tasks.stages import STAGES, UPSTREAM, StageName, cache_key, data_version, run_stage, stage_key
@@ -326,7 +328,11 @@ def _run_stage_task(
     task_fn = stage_task.with_options(
         name=name, task_run_name=name, result_storage=store.results_dir, refresh_cache=force or None
     )
-    state: State = task_fn(name, cfg, inputs, key, run_id, force, return_state=True)
+    try:
+        state: State = task_fn(name, cfg, inputs, key, run_id, force, return_state=True)
+    except (KeyboardInterrupt, ExternalSignal) as err:  # Ctrl-C, or SIGTERM (Prefect's TerminationSignal)
+        record.stage_failed(name, started, err)  # recorded as cancelled; the checkpoints stay for a rerun
+        raise
     if state.is_failed() or state.is_crashed():
         publish(StageEvent(name, "done", 0.0, "failed"))
         record.stage_failed(name, started, _exception_of(state))
@@ -411,7 +417,8 @@ def run_pipeline(config: PipelineConfig, force: list[str] | None = None) -> dict
     force = force or []
     unknown = sorted(set(force) - set(STAGES))
     if unknown:
-        raise ValueError(f"force names unknown stages {unknown}; stages are {list(STAGES)}")
+        raise UserError(f"force names unknown stages {unknown}; stages are {list(STAGES)}")
+    preflight(config)  # every path the configuration names, before any stage (a deployment skips the CLI's check)
     store = ArtifactStore(config.root)
     lineage = LineageStore(store.lineage_path)
     run_id = lineage_run_id(lineage)

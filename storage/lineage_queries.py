@@ -21,6 +21,7 @@ from storage.artifacts import ArtifactStore, CorruptArtifactError, ledger_folder
 from storage.leaderboard import leaderboard_rows
 from storage.ledger import LedgerIndex
 from storage.lineage import LineageStore
+from storage.redaction import redact_config
 from storage.stage_graph import DOWNSTREAM, LEDGER_STAGES
 
 
@@ -459,6 +460,12 @@ class LineageQueries:
             )
             seeds, hashes = {r["doc_id"] for r in found}, set()
         copies, hashes, locators = self._close_over_copies(run_id, seeds, hashes)
+        if not locators:  # nothing of that id, hash or source in the run: a typo must not become a tombstone
+            kind = {"doc": "document", "content_hash": "content hash", "source": "source"}[by]
+            raise LookupError(
+                f"no {kind} {target!r} in run {run_id}: check the spelling, or pass --run for an older run "
+                "(`tokenmill lineage runs` lists them); nothing was recorded"
+            )
         placed = self._rows(run_id, copies, ("tokenize",), ["doc_id", "split", "shard", "token_start", "token_end"])
         fp = self._artifact_fp(run_id, "tokenize")
         models = self._models_for_shards(fp, {p["shard"] for p in placed}) if fp and placed else []
@@ -549,7 +556,7 @@ class LineageQueries:
     def show(self, run_id: str) -> dict:
         """Everything needed to reproduce a run: config, code version, input hashes, outcomes per stage."""
         run = self.store.run(run_id)
-        run["config"] = json.loads(run["config"])
+        run["config"] = redact_config(json.loads(run["config"]))  # runs recorded before redaction existed, too
         stages = self.store.stage_runs(run_id)
         for s in stages:
             s["counts"] = json.loads(s["counts"]) if s["counts"] else None

@@ -1,9 +1,10 @@
 """The training loop every training process runs: it reads top to bottom.
 
-Pick the device, build model and optimizer, resume from the newest checkpoint in the stage's work folder if
-any, then step → (eval) → (checkpoint) until the step or token budget is spent. A step accumulates gradients
-over ``grad_accum`` micro-batches (DDP syncs only on the last), clips the gradient norm, and steps the
-optimizer under the learning-rate schedule; bf16 autocast on CUDA, float32 on CPU. Only rank 0 writes files.
+Pick the device, build model and optimizer (``tasks.training.optim``), resume from the newest checkpoint in
+the stage's work folder if any, then step → (eval) → (checkpoint) until the step or token budget is spent.
+A step accumulates gradients over ``grad_accum`` micro-batches (DDP syncs only on the last), clips the
+gradient norm, and steps the optimizer under the learning-rate schedule; bf16 autocast on CUDA, float32 on
+CPU. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tasks.training.job import (
     pick_device,
 )
 from tasks.training.loader import LoaderState, TokenWindows, make_sampler
+from tasks.training.optim import build_optimizer
 from tasks.training.schedule import lr_at
 from tasks.training.telemetry import append_jsonl, device_name, mfu, peak_memory_mb, plot_loss_curve
 from tasks.training.validation import estimate_loss
@@ -54,8 +56,8 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
     plan = StepPlan.of(cfg, gpt_cfg.block_size, env.world_size)
     torch.manual_seed(job.seed)
     model = GPT(gpt_cfg).to(device)
-    optimizer = model.optimizer(cfg.learning_rate, cfg.weight_decay, device.type)
-    train_windows = TokenWindows([Path(p) for p in job.train_shards], gpt_cfg.block_size)
+    optimizer = build_optimizer(model, cfg, device.type)
+    train_windows = TokenWindows([Path(p) for p in job.train_shards], gpt_cfg.block_size, job.align_eot)
     val_windows = TokenWindows([Path(p) for p in job.val_shards], gpt_cfg.block_size)
     if len(train_windows) < cfg.batch_size * env.world_size:
         raise TrainingSetupError(
@@ -116,7 +118,7 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
         maybe_fail("train", f"step{run.step}")
         lr = lr_at(run.step, cfg, plan.total_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # Muon's peak differs from AdamW's; both follow the schedule
         loss_sum = torch.zeros((), device=device)
         try:
             for micro in range(plan.grad_accum):

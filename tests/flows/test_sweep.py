@@ -93,6 +93,8 @@ def test_a_sweep_builds_shared_stages_once_retries_a_failed_trial_alone_and_read
     board = json.loads(answer.output)
     assert board["sweep_id"] == result["sweep_id"] and board["leaderboard"][0]["trial"] == winner["trial"]
     assert [r["trial"] for r in board["test_reads"]] == [winner["trial"]]
+    listed = runner.invoke(app, ["lineage", "sweeps", "--root", str(root), "--json"])
+    assert [r["sweep_id"] for r in json.loads(listed.output)] == [result["sweep_id"]]  # the refused one never started
     exported = runner.invoke(app, ["export", "--sweep", "lr", "--root", str(root), "--out", str(tmp_path / "hf")])
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "hf" / "config.json").is_file()
