@@ -51,15 +51,18 @@ def free_port() -> int:
 
 @contextmanager
 def temporary_server(timeout_s: float = 180) -> Iterator[str]:
-    """The Prefect API for one command: ``PREFECT_API_URL`` when set, else a private API server on 127.0.0.1.
+    """The Prefect API for one command: ``PREFECT_API_URL`` when configured, else a private server on 127.0.0.1.
 
     Unlike Prefect's own temporary server, it runs in a session of its own, so Ctrl-C (SIGINT to the whole
     terminal process group) reaches the flow but not the server: the interrupted flow can still report its
     state, and the command exits in seconds instead of retrying a dead server for half a minute. On the way
     out Prefect's log and event queues are drained while the server still answers, then the server stops.
     """
-    if os.environ.get("PREFECT_API_URL"):
-        yield os.environ["PREFECT_API_URL"]
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    configured = PREFECT_API_URL.value()  # environment, profile (`prefect config set`) or a settings context
+    if configured:
+        yield configured
         return
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -84,7 +87,8 @@ def temporary_server(timeout_s: float = 180) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the temporary Prefect server did not answer within {timeout_s:.0f} s")
                 time.sleep(0.2)
-            yield url
+            with temporary_settings(updates={PREFECT_API_URL: url}):  # this process (settings are loaded once)
+                yield url
         finally:
             _drain_prefect_queues()
             os.environ.pop("PREFECT_API_URL", None)

@@ -13,7 +13,7 @@ from flows.pipeline import run_stages
 from flows.runners import parts_executor
 from storage.artifacts import ArtifactStore, Manifest
 from storage.lineage import LineageStore
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, validated
 from tasks.run_recorder import RunRecorder
 from tasks.stages import UPSTREAM, StageName
 
@@ -29,7 +29,7 @@ def recorded_inputs(lineage: LineageStore, run_id: str, name: str, root: str) ->
     """The configuration run ``run_id`` used and the upstream manifests ``name`` needs, as lineage recorded them."""
     recorded = json.loads(lineage.run(run_id)["config"])
     store = ArtifactStore(root)
-    cfg = PipelineConfig.model_validate(recorded | {"root": store.location})
+    cfg = validated(recorded | {"root": store.location}, f"the configuration run {run_id} recorded")
     artifacts = {a["stage"]: a for a in lineage.run_artifacts(run_id)}
     missing = [u for u in UPSTREAM[name] if u not in artifacts]
     if missing:
