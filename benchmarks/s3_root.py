@@ -6,6 +6,8 @@ dedup → tokenizer → tokenize through ``run_stage`` twice in this process: on
 ``s3://bench/root``. Reports per stage the wall seconds of both, the seconds spent uploading and the MB uploaded;
 then a fully cached rerun on the S3 root, and a "fresh machine" (empty mirror) downloading every artifact into
 verified local copies. moto is an in-process Python server, so the MB/s are a floor for real S3, not a forecast.
+Last, lineage questions on a third machine: looking documents up in the clean ledger after downloading its
+ledger files (what lineage does) against reading the ledger parts in place with ranged GETs (DuckDB over fsspec).
 
     PYTHONPATH=. python -m benchmarks.s3_root --mb 10 --json /tmp/s3_root.json
 """
@@ -17,10 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import duckdb
+
 from benchmarks.part_costs import DATA_STAGES, corpus_args, emit, write_unique_corpus
 from storage.artifacts import ArtifactStore, Manifest
 from storage.local_s3 import moto_server
-from storage.remote import RemoteRoot
+from storage.remote import RemoteRoot, register_object_fs
 from tasks.config import PipelineConfig
 from tasks.stages import UPSTREAM, run_stage
 
@@ -63,6 +67,40 @@ def run_data_stages(cfg: PipelineConfig) -> tuple[dict[str, Manifest], dict[str,
     return manifests, walls, reused_n
 
 
+def ledger_questions(cfg: PipelineConfig, manifest: Manifest, home: Path, n: int = 20) -> dict:
+    """Seconds to answer a lookup of ``n`` documents in ``manifest``'s ledger, twice each way, on an empty mirror:
+    download the ledger files (verified) then query locally, or query the objects in place (ranged reads)."""
+    os.environ["TOKENMILL_HOME"] = str(home)
+    store = ArtifactStore(cfg.root)
+    manifest = store.load(manifest.stage, manifest.fingerprint)
+    parts = [f"{manifest.uri}/{manifest.attempt}/{f.path}" for f in manifest.files if f.path.startswith("ledger/")]
+    con = duckdb.connect()
+    register_object_fs(con, parts)
+    ids = [r[0] for r in con.execute("SELECT doc_id FROM read_parquet(?) USING SAMPLE 20 ROWS", [parts]).fetchall()]
+    query = "SELECT doc_id, fate, reason FROM read_parquet(?) WHERE doc_id IN (SELECT unnest(?))"
+
+    def timed(files: list[str]) -> float:
+        started = time.perf_counter()
+        assert len(con.execute(query, [files, ids[:n]]).fetchall()) == len(ids[:n])
+        return round(time.perf_counter() - started, 3)
+
+    ranged = [timed(parts), timed(parts)]
+    started = time.perf_counter()
+    folder = store.materialize_ledger(manifest)
+    local = [str(folder / f.path) for f in manifest.files if f.path.startswith("ledger/")]
+    download_s = time.perf_counter() - started
+    downloaded = [round(download_s + timed(local), 3), timed(local)]
+    ledger_mb = sum(f.bytes for f in manifest.files if f.path.startswith(("ledger/", "ledger-index/"))) / 1e6
+    return {
+        "ledger_mb": round(ledger_mb, 2),
+        "ledger_parts": len(parts),
+        "ranged_first_s": ranged[0],
+        "ranged_repeat_s": ranged[1],
+        "download_then_local_first_s": downloaded[0],
+        "download_then_local_repeat_s": downloaded[1],
+    }
+
+
 def measure(mb: float, files: int, work: Path, endpoint: str) -> dict:
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
@@ -95,6 +133,7 @@ def measure(mb: float, files: int, work: Path, endpoint: str) -> dict:
     for name in DATA_STAGES:
         fresh.materialize(fresh.load(name, remote[name].fingerprint))
     download_s = time.perf_counter() - started
+    questions = ledger_questions(cfg, remote["clean"], work / "home3")
     total_bytes = sum(uploads.bytes.values())
     return {
         "corpus_docs": n_docs,
@@ -117,6 +156,7 @@ def measure(mb: float, files: int, work: Path, endpoint: str) -> dict:
         "fresh_mirror_download_s": round(download_s, 2),
         "download_verify_mb_per_s": round(total_bytes / 1e6 / max(download_s, 1e-9), 1),
         "content_hashes_equal": True,
+        "lineage_questions_clean_ledger": questions,
     }
 
 

@@ -14,7 +14,15 @@ are copied into the work folder at run time. The data preparation is ours (nanoG
 
 It also measures the loader alone (windows/s) against what training consumes.
 
+``--to-loss`` compares recipes rather than kernels: nanoGPT trains ``--iters`` steps with its own recipe
+(GPT-2 layout, AdamW, cosine, dropout 0.2) and reports its final val loss; at the same time tokenmill trains
+the same model size on the same data with the modern recipe (rotary, RMSNorm, QK-norm, ReLU², untied
+head, Muon, WSD, no dropout), evaluating every ``--skip`` steps, and the result is the training time
+tokenmill needed to reach nanoGPT's final val loss, as a fraction of nanoGPT's training time. Both
+estimate val loss over 240 windows (nanoGPT: 20 random batches of 12; tokenmill: its fixed first 240).
+
     python benchmarks/train_speed.py --nanogpt PATH/TO/nanoGPT
+    python benchmarks/train_speed.py --nanogpt PATH/TO/nanoGPT --to-loss --iters 600 --skip 50 --concurrent --threads 1
 """
 
 from __future__ import annotations
@@ -92,7 +100,10 @@ def extract_nanogpt(source: Path, work: Path) -> Path:
     return target
 
 
-def start_nanogpt(folder: Path, iters: int) -> subprocess.Popen:
+EVAL_BATCHES = 20  # val loss over 20 batches of 12 windows, in both
+
+
+def start_nanogpt(folder: Path, iters: int, evaluate: bool = False) -> subprocess.Popen:
     """Start nanoGPT's train.py; its steady-state tokens/s comes from its per-iteration log lines."""
     args = [
         sys.executable,
@@ -112,20 +123,28 @@ def start_nanogpt(folder: Path, iters: int) -> subprocess.Popen:
         f"--max_iters={iters}",
         f"--lr_decay_iters={iters}",
         "--warmup_iters=5",
-        "--eval_interval=1000000",
-        "--eval_iters=1",
+        f"--eval_interval={iters if evaluate else 1000000}",
+        f"--eval_iters={EVAL_BATCHES if evaluate else 1}",
         "--log_interval=1",
         "--out_dir=out",
     ]
     return subprocess.Popen(args, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def nanogpt_tokens_per_s(proc: subprocess.Popen, skip: int) -> float:
+def nanogpt_log(proc: subprocess.Popen) -> str:
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"nanoGPT failed:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    return stdout
+
+
+def nanogpt_iteration_seconds(stdout: str) -> dict[int, float]:
     pattern = r"iter (\d+): loss [\d.]+, time ([\d.]+)ms"
-    times = {int(m[1]): float(m[2]) / 1000 for m in re.finditer(pattern, stdout)}
+    return {int(m[1]): float(m[2]) / 1000 for m in re.finditer(pattern, stdout)}
+
+
+def nanogpt_tokens_per_s(proc: subprocess.Popen, skip: int) -> float:
+    times = nanogpt_iteration_seconds(nanogpt_log(proc))
     steady = [dt for i, dt in times.items() if i >= skip]
     return BATCH_SIZE * MODEL["block_size"] * len(steady) / sum(steady)
 
@@ -140,24 +159,33 @@ a = json.loads(sys.argv[1])
 work = Path(a["work"])
 (work / "out").mkdir(parents=True)
 ctx = StageContext(out_dir=work / "out", work_dir=work / "work", log=lambda m: None)
-cfg = TrainConfig(max_steps=a["iters"], batch_size=a["batch_size"], warmup_steps=5, learning_rate=1e-3,
-                  eval_interval=a["interval"], eval_batches=1, checkpoint_interval=10**6, device="cpu")
+cfg = TrainConfig(**{"max_steps": a["iters"], "batch_size": a["batch_size"], "warmup_steps": 5, "learning_rate": 1e-3,
+                     "eval_interval": a["interval"], "eval_batches": 1, "checkpoint_interval": 10**6,
+                     "device": "cpu"} | a["overrides"])
 counts = train([Path(a["train"])], [Path(a["val"])], a["vocab"], ModelConfig(**a["model"]), cfg, 1337, ctx)
 print("TELEMETRY", json.dumps(counts["telemetry"]))
 """
 
 
-def start_tokenmill(work: Path, data: dict, iters: int, skip: int) -> subprocess.Popen:
+# the modern recipe at nanoGPT's model size (--to-loss)
+MODERN_MODEL = MODEL | {"arch": "modern", "mlp": "relu2", "dropout": 0.0}
+MODERN_TRAIN = {"optimizer": "muon", "schedule": "wsd", "eval_batches": EVAL_BATCHES, "learning_rate": 3e-3}
+
+
+def start_tokenmill(
+    work: Path, data: dict, iters: int, skip: int, model: dict = MODEL, train: dict | None = None
+) -> subprocess.Popen:
     """Start tokenmill's train stage; its steady-state tokens/s comes from telemetry after ``skip`` steps."""
     args = {
         "work": str(work),
         "train": str(data["train"]),
         "val": str(data["val"]),
         "vocab": VOCAB,
-        "model": MODEL,
+        "model": model,
         "iters": iters,
         "batch_size": BATCH_SIZE,
         "interval": skip,
+        "overrides": train or {},
     }
     return subprocess.Popen(
         [sys.executable, "-c", OURS, json.dumps(args)],
@@ -168,11 +196,15 @@ def start_tokenmill(work: Path, data: dict, iters: int, skip: int) -> subprocess
     )
 
 
-def tokenmill_tokens_per_s(proc: subprocess.Popen, skip: int) -> float:
+def tokenmill_telemetry(proc: subprocess.Popen) -> list[dict]:
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"tokenmill failed:\n{stdout[-2000:]}\n{stderr[-3000:]}")
-    rows = json.loads(stdout.split("TELEMETRY ", 1)[1])
+    return json.loads(stdout.split("TELEMETRY ", 1)[1])
+
+
+def tokenmill_tokens_per_s(proc: subprocess.Popen, skip: int) -> float:
+    rows = tokenmill_telemetry(proc)
     steady = rows[1:]  # the first interval holds start-up
     seconds = sum(BATCH_SIZE * MODEL["block_size"] * skip / r["tokens_per_s"] for r in steady)
     return BATCH_SIZE * MODEL["block_size"] * skip * len(steady) / seconds
@@ -191,6 +223,30 @@ def loader_windows_per_s(data: dict, seconds: float = 2.0) -> float:
     return n / (time.perf_counter() - start)
 
 
+def time_to_nanogpt_loss(folder: Path, work: Path, data: dict, iters: int, skip: int, concurrent: bool) -> dict:
+    """nanoGPT's recipe for ``iters`` steps against tokenmill's modern recipe: time to reach its final val loss."""
+    theirs_proc = start_nanogpt(folder, iters, evaluate=True)
+    if not concurrent:
+        theirs_log = nanogpt_log(theirs_proc)
+    ours_proc = start_tokenmill(work / "tokenmill-to-loss", data, iters, skip, MODERN_MODEL, MODERN_TRAIN)
+    theirs_log = nanogpt_log(theirs_proc) if concurrent else theirs_log
+    ours = tokenmill_telemetry(ours_proc)
+    target = float(re.findall(r"step \d+: train loss [\d.]+, val loss ([\d.]+)", theirs_log)[-1])
+    seconds = nanogpt_iteration_seconds(theirs_log)
+    theirs_seconds = sum(dt for i, dt in seconds.items() if i > 0)  # iteration 0 holds start-up and the first eval
+    reached = next((r for r in ours if r["val_loss"] <= target), None)
+    return {
+        "steps": iters,
+        "nanogpt_final_val_loss": target,
+        "nanogpt_train_seconds": round(theirs_seconds, 1),
+        "tokenmill_val_loss_curve": [(r["step"], round(r["val_loss"], 4), r["train_seconds"]) for r in ours],
+        "tokenmill_steps_to_reach": reached["step"] if reached else None,
+        "tokenmill_seconds_to_reach": reached["train_seconds"] if reached else None,
+        "time_ratio": round(reached["train_seconds"] / theirs_seconds, 3) if reached else None,
+        "concurrent": concurrent,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nanogpt", type=Path, required=True, help="nanoGPT checkout or bare git directory")
@@ -203,6 +259,9 @@ def main() -> None:
         "--concurrent", action="store_true", help="run each pair at the same time (for a busy shared machine)"
     )
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: torch's)")
+    parser.add_argument(
+        "--to-loss", action="store_true", help="time for tokenmill's modern recipe to reach nanoGPT's final val loss"
+    )
     args = parser.parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -215,6 +274,9 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="tokenmill-train-speed-"))
     data = build_char_data(work, args.chars)
     folder = extract_nanogpt(args.nanogpt, work)
+    if args.to_loss:
+        print(json.dumps(time_to_nanogpt_loss(folder, work, data, args.iters, args.skip, args.concurrent), indent=2))
+        return
     ours, theirs = [], []
     for r in range(args.rounds):
         if args.concurrent:  # both at once: identical outside load, each gets about half the machine

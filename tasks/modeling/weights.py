@@ -1,4 +1,4 @@
-"""The trained model's file format: ``model.safetensors`` (tied head stored once) and ``model.json`` (sizes)."""
+"""The trained model's file format: ``model.safetensors`` (a tied head stored once) and ``model.json`` (sizes)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ def clean_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Clean weights with the tied output head stored once, contiguous on CPU (for safetensors)."""
+def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
+    """Clean weights with a tied output head stored once, contiguous on CPU (for safetensors)."""
     state = clean_state_dict(model)
-    state.pop("lm_head.weight", None)
+    if model.tied_head:
+        state.pop("lm_head.weight", None)
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
@@ -43,6 +44,6 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> GPT:
     model = GPT(cfg)
     state = load_file(str(folder / MODEL_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
+    if unexpected or set(missing) - ({"lm_head.weight"} if model.tied_head else set()):
         raise ValueError(f"{folder}: weights do not match model.json (missing {missing}, unexpected {unexpected})")
     return model.to(device).eval()

@@ -21,6 +21,7 @@ from markdown_it import MarkdownIt
 
 from storage.artifacts import ArtifactStore, Manifest
 from storage.lineage import LineageStore
+from tasks.reporting.verdicts import recipe_text, verdict_text
 
 DATA_STAGES = ("ingest", "clean", "dedup", "tokenize")
 SCORERS = ("model", "bigram", "unigram")
@@ -70,9 +71,14 @@ def split_table_rows(report: dict, lone_source: bool = True) -> list[dict]:
     return rows
 
 
-def metrics_markdown(report: dict, previous: dict[MetricKey, float] | None = None) -> str:
-    """Markdown tables of the split metrics (model vs baselines; Δ vs a previous run) and the probes."""
+def metrics_markdown(report: dict, previous: dict[MetricKey, float] | None = None, same_tokenizer: bool = True) -> str:
+    """Markdown tables of the split metrics (model vs baselines; Δ vs a previous run) and the probes.
+
+    When the previous run had another tokenizer, only bits/byte is compared: per-token loss and perplexity
+    of different vocabularies measure different things.
+    """
     previous = previous or {}
+    per_token = ("loss", "perplexity")
     lines = [
         "## Metrics (whole splits)",
         "",
@@ -81,13 +87,22 @@ def metrics_markdown(report: dict, previous: dict[MetricKey, float] | None = Non
     ]
     for row in split_table_rows(report, lone_source=False):
         key = ("evaluate", row["split"], row["source"], "model")
-        cells = [_fmt(row["model"][m], m) + _delta(row["model"][m], previous.get((*key, m)), m) for m in SPLIT_METRICS]
+        cells = [
+            _fmt(row["model"][m], m)
+            + ("" if m in per_token and not same_tokenizer else _delta(row["model"][m], previous.get((*key, m)), m))
+            for m in SPLIT_METRICS
+        ]
         lines.append(
             f"| {row['split']} | {row['source']} | {row['tokens']:,} | {' | '.join(cells)} "
             f"| {_fmt(row['bigram']['bits_per_byte'], 'b')} | {_fmt(row['unigram']['bits_per_byte'], 'b')} |"
         )
     if previous:
         lines += ["", "Numbers in parentheses: change against the previous run of this pipeline (lower is better)."]
+        if not same_tokenizer:
+            lines[-1] += (
+                " The previous run used another tokenizer, so only bits/byte is compared: loss and perplexity are "
+                "per token of different vocabularies."
+            )
     lines += ["", f"Baselines: bigram = {report['baselines']['bigram']}; unigram = {report['baselines']['unigram']}."]
     probes = report.get("probes") or {}
     if probes.get("last_word", {}).get("items") or probes.get("multiple_choice", {}).get("items"):
@@ -339,9 +354,17 @@ def data_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def curve_markdown(curve: list[dict], spikes: list[dict] | None = None) -> str:
+CURVE_FILE = "loss_curve.png"
+
+
+def curve_markdown(curve: list[dict], spikes: list[dict] | None = None, image: str | None = None) -> str:
+    """The training section: the loss-curve picture (``image``: a link or a data URI), the eval points and the
+    highest-loss steps."""
     evals = [p for p in curve if p.get("val_loss") is not None]
-    lines = ["## Training", "", "| step | train loss | val loss (fixed subset) |", "|---:|---:|---:|"]
+    lines = ["## Training", ""]
+    if image:
+        lines += [f"![training loss curve]({image})", ""]
+    lines += ["| step | train loss | val loss (fixed subset) |", "|---:|---:|---:|"]
     lines += [f"| {p['step']} | {p['loss']:.4f} | {p['val_loss']:.4f} |" for p in evals]
     if spikes:
         lines += ["", "Highest-loss steps after warm-up and what they held (`tokenmill lineage step MODEL STEP`):", ""]
@@ -353,17 +376,37 @@ def curve_markdown(curve: list[dict], spikes: list[dict] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_run_markdown(run: dict) -> str:
+def verdict_markdown(report: dict) -> str:
+    """The model against each baseline, per split, in bits per byte."""
+    lines = ["## Verdict (bits per byte, lower is better)", ""]
+    for split, m in report["splits"].items():
+        if m.get("tokens"):
+            flat = {"bits_per_byte": m["model"]["bits_per_byte"]}
+            flat |= {f"{b}_bits_per_byte": m[b]["bits_per_byte"] for b in ("unigram", "bigram") if b in m}
+            lines.append(f"- {verdict_text(split, flat)}")
+    return "\n".join(lines) + "\n"
+
+
+def curve_image(run: dict, embed: bool) -> str | None:
+    """The loss curve as a data URI (``embed``: for the Prefect UI and the HTML file) or the file next to report.md."""
+    if not run.get("curve_png"):
+        return None
+    return f"data:image/png;base64,{run['curve_png']}" if embed else CURVE_FILE
+
+
+def render_run_markdown(run: dict, embed_images: bool = False) -> str:
+    """The run report as Markdown; ``embed_images`` inlines the loss curve (the Prefect UI renders data URIs)."""
     prev = f"previous run of `{run['pipeline']}`: `{run['previous_run']}`" if run["previous_run"] else "first run"
     return "\n".join(
         [
             f"# tokenmill run `{run['run_id']}` ({run['pipeline']})",
             "",
-            f"Model: {run['report']['model']['params']:,} parameters, {prev}.",
+            f"Model: {run['report']['model']['params']:,} parameters, trained with {run.get('recipe', '?')}; {prev}.",
             "",
+            verdict_markdown(run["report"]),
             data_markdown(run["data"]),
-            curve_markdown(run["curve"], run.get("loss_spikes")),
-            metrics_markdown(run["report"], run["previous"]),
+            curve_markdown(run["curve"], run.get("loss_spikes"), curve_image(run, embed_images)),
+            metrics_markdown(run["report"], run["previous"], run.get("same_tokenizer", True)),
             samples_markdown(run["report"]["samples"]),
         ]
     )
@@ -379,18 +422,9 @@ STYLE = (
 )
 
 
-def curve_html(run: dict) -> str:
-    """The train stage's own ``loss_curve.png`` embedded as base64 (every train artifact has one)."""
-    png = run.get("curve_png")
-    if png:
-        return f'<img alt="training curve" src="data:image/png;base64,{png}">'
-    return "<p>(no loss curve in the train artifact)</p>"
-
-
 def render_run_html(run: dict) -> str:
     """One self-contained HTML page: the Markdown report with the training curve embedded."""
-    body = _MARKDOWN.render(render_run_markdown(run))
-    body = body.replace("<h2>Training</h2>", f"<h2>Training</h2>\n{curve_html(run)}", 1)
+    body = _MARKDOWN.render(render_run_markdown(run, embed_images=True))
     title = html.escape(f"tokenmill run {run['run_id']}")
     return f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head>' + (
         f"<body>{body}</body></html>\n"
@@ -398,9 +432,17 @@ def render_run_html(run: dict) -> str:
 
 
 def build_run_report(
-    run_id: str, pipeline: str, manifests: dict[str, Manifest], previous_run: str | None, previous_rows: list[dict]
+    run_id: str,
+    pipeline: str,
+    manifests: dict[str, Manifest],
+    previous_run: str | None,
+    previous_rows: list[dict],
+    previous_tokenizer: str | None = None,
 ) -> dict:
-    """Everything the run report shows, as plain data (also what goes into the lineage DB)."""
+    """Everything the run report shows, as plain data (also what goes into the lineage DB).
+
+    ``previous_tokenizer``: the content hash of the previous run's tokenizer (None: unknown, taken as the same).
+    """
     report = json.loads((Path(manifests["evaluate"].path) / "report.json").read_text())
     curve = training_curve(Path(manifests["train"].path)) if "train" in manifests else []
     png = Path(manifests["train"].path) / "loss_curve.png" if "train" in manifests else None
@@ -414,6 +456,10 @@ def build_run_report(
         "curve_png": base64.b64encode(png.read_bytes()).decode() if png is not None and png.is_file() else None,
         "previous_run": previous_run,
         "previous": previous_values(previous_rows),
+        "same_tokenizer": previous_tokenizer is None
+        or "tokenizer" not in manifests
+        or previous_tokenizer == manifests["tokenizer"].content_hash,
+        "recipe": recipe_text(report["model"], manifests["train"].params.get("train") if "train" in manifests else {}),
         "loss_spikes": loss_spikes(manifests),
         "rows": metric_rows(report, data, curve),
     }
@@ -424,6 +470,8 @@ def write_run_report(folder: Path, run: dict) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": folder / "report.md", "html": folder / "report.html"}
     paths["markdown"].write_text(render_run_markdown(run))
+    if run.get("curve_png"):
+        (folder / CURVE_FILE).write_bytes(base64.b64decode(run["curve_png"]))
     paths["html"].write_text(render_run_html(run))
     return paths
 
@@ -440,7 +488,10 @@ def publish_run_report(
             store.materialize(manifests[stage])
     previous_run = lineage.previous_evaluated_run(pipeline, run_id)
     previous_rows = lineage.metrics(previous_run) if previous_run else []
-    run = build_run_report(run_id, pipeline, manifests, previous_run, previous_rows)
+    previous_artifacts = {a["stage"]: a["content_hash"] for a in lineage.run_artifacts(previous_run or "")}
+    run = build_run_report(
+        run_id, pipeline, manifests, previous_run, previous_rows, previous_artifacts.get("tokenizer")
+    )
     paths = write_run_report(store.report_dir(run_id), run)
     lineage.record_report(run_id, run["rows"], run["report"]["samples"], paths)
     return run, paths

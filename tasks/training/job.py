@@ -40,6 +40,7 @@ class TrainJob:
     train: dict
     seed: int
     mixture: dict | None = None  # source weights for the loader (tasks.training.loader.Mixture fields)
+    eot_id: int | None = None  # the end-of-text token: where documents start, for train.align "bos"
 
     @classmethod
     def build(
@@ -51,6 +52,7 @@ class TrainJob:
         cfg: TrainConfig,
         seed: int,
         mixture: dict | None = None,
+        eot_id: int | None = None,
     ) -> TrainJob:
         return cls(
             [str(p) for p in train_shards],
@@ -60,11 +62,21 @@ class TrainJob:
             cfg.model_dump(),
             seed,
             mixture,
+            eot_id,
         )
 
     @property
     def cfg(self) -> TrainConfig:
         return TrainConfig.model_validate(self.train)
+
+    @property
+    def align_eot(self) -> int | None:
+        """The end-of-text id training windows align to (``train.align: bos``), or None for the fixed grid."""
+        if self.cfg.align == "none":
+            return None
+        if self.eot_id is None:
+            raise TrainingSetupError("train.align 'bos' needs the end-of-text token id; the tokenize stage gives it")
+        return self.eot_id
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

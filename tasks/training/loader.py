@@ -1,6 +1,8 @@
 """Training windows over memory-mapped token shards, in a seeded order with an exact, reshardable resume position.
 
 Each shard is cut into non-overlapping windows of ``block_size + 1`` tokens (inputs and shifted targets).
+With an end-of-text id (``train.align: bos``) the grid restarts at every document start, so each document's
+first window begins at the document (as nanochat's BOS-aligned rows do) and none straddles a document start.
 The sampler turns (seed, epoch) into a permutation of all windows and concatenates the epochs into one
 endless stream. Every optimizer micro-step consumes the next ``batch_size * world_size`` windows of the
 stream; rank ``r`` takes every ``world_size``-th of them starting at ``r``. The resume state is the one global
@@ -37,22 +39,43 @@ class LoaderState:
     consumed: list[int] | None = None  # mixtures: windows drawn so far from each source, in source order
 
 
+def document_aligned_starts(tokens: np.ndarray, block_size: int, eot: int) -> np.ndarray:
+    """Window starts every ``block_size`` tokens from each document's start (the token after an end-of-text)."""
+    doc_starts = np.concatenate([[0], np.flatnonzero(tokens[:-1] == eot) + 1]).astype(np.int64)
+    per_doc = -(-np.diff(np.append(doc_starts, len(tokens))) // block_size)  # ceil(document length / block_size)
+    first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+    starts = np.repeat(doc_starts, per_doc) + (np.arange(per_doc.sum()) - first) * block_size
+    return starts[starts + block_size + 1 <= len(tokens)]
+
+
 class TokenWindows:
     """All ``block_size + 1`` windows of a list of token shards, addressable by a global window index."""
 
-    def __init__(self, shard_paths: list[Path], block_size: int):
+    def __init__(self, shard_paths: list[Path], block_size: int, eot: int | None = None):
         self.block_size = block_size
         self.shards = [read_token_shard(p) for p in shard_paths]
-        counts = [max((len(s) - 1) // block_size, 0) for s in self.shards]
+        if eot is None:
+            counts = [max((len(s) - 1) // block_size, 0) for s in self.shards]
+            # a read-only (n_windows, block_size + 1) view of each memory-mapped shard: windows overlap by one token
+            self.views = [
+                as_strided(s, shape=(n, block_size + 1), strides=(block_size * s.itemsize, s.itemsize), writeable=False)
+                for s, n in zip(self.shards, counts, strict=True)
+            ]
+        else:
+            offsets = np.arange(block_size + 1)
+            self.views = [AlignedWindows(s, document_aligned_starts(s, block_size, eot), offsets) for s in self.shards]
+            counts = [len(v) for v in self.views]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        # a read-only (n_windows, block_size + 1) view of each memory-mapped shard: windows overlap by one token
-        self.views = [
-            as_strided(s, shape=(n, block_size + 1), strides=(block_size * s.itemsize, s.itemsize), writeable=False)
-            for s, n in zip(self.shards, counts, strict=True)
-        ]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    def first_tokens(self, shard: int) -> np.ndarray:
+        """Where each window of shard number ``shard`` starts, in tokens from the shard's start."""
+        view = self.views[shard]
+        if isinstance(view, AlignedWindows):
+            return view.window_starts
+        return np.arange(len(view), dtype=np.int64) * self.block_size
 
     def window(self, index: int) -> np.ndarray:
         shard = int(np.searchsorted(self.starts, index, side="right") - 1)
@@ -82,6 +105,19 @@ class TokenWindows:
         """Inputs and targets ``(B, block_size)`` for the windows at ``indices`` (views of one tensor)."""
         tensor = self.tensor(indices)
         return tensor[:, :-1], tensor[:, 1:]
+
+
+class AlignedWindows:
+    """Windows of one shard at explicit start offsets, indexed like the strided view of the fixed grid."""
+
+    def __init__(self, tokens: np.ndarray, starts: np.ndarray, offsets: np.ndarray):
+        self.tokens, self.window_starts, self.offsets = tokens, starts, offsets
+
+    def __len__(self) -> int:
+        return len(self.window_starts)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.tokens[self.window_starts[rows][..., None] + self.offsets]
 
 
 class WindowSampler:
@@ -134,7 +170,7 @@ def window_sources(
         order = np.argsort(rows["token_start"].to_numpy())
         starts = rows["token_start"].to_numpy()[order]
         owner = np.array([index.get(s, -1) for s in rows["source"].to_pylist()], dtype=np.int64)[order]
-        first_tokens = np.arange(windows.starts[k + 1] - windows.starts[k]) * windows.block_size
+        first_tokens = windows.first_tokens(k)
         if len(first_tokens):
             at = np.searchsorted(starts, first_tokens, side="right") - 1
             out[windows.starts[k] : windows.starts[k + 1]] = owner[np.maximum(at, 0)]

@@ -1,9 +1,10 @@
 """The training loop every training process runs: it reads top to bottom.
 
-Pick the device, build model and optimizer, resume from the newest checkpoint in the stage's work folder if
-any, then step → (eval) → (checkpoint) until the step or token budget is spent. A step accumulates gradients
-over ``grad_accum`` micro-batches (DDP syncs only on the last), clips the gradient norm, and steps the
-optimizer under the learning-rate schedule; bf16 autocast on CUDA, float32 on CPU. Only rank 0 writes files.
+Pick the device, build model and optimizer (``tasks.training.optim``), resume from the newest checkpoint in
+the stage's work folder if any, then step → (eval) → (checkpoint) until the step or token budget is spent.
+A step accumulates gradients over ``grad_accum`` micro-batches (DDP syncs only on the last), clips the
+gradient norm, and steps the optimizer under the learning-rate schedule; bf16 autocast on CUDA, float32 on
+CPU. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tasks.training.job import (
     pick_device,
 )
 from tasks.training.loader import LoaderState, TokenWindows, make_sampler
+from tasks.training.optim import build_optimizer
 from tasks.training.schedule import lr_at
 from tasks.training.telemetry import append_jsonl, device_name, mfu, peak_memory_mb, plot_loss_curve
 from tasks.training.validation import estimate_loss
@@ -41,6 +43,7 @@ from tasks.training.validation import estimate_loss
 LOG_FILE = "train_log.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 TELEMETRY_FILE = "telemetry.jsonl"
+PROGRESS_EVERY_S = 2.0  # seconds between progress reports from inside an eval interval
 
 
 def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
@@ -53,8 +56,8 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
     plan = StepPlan.of(cfg, gpt_cfg.block_size, env.world_size)
     torch.manual_seed(job.seed)
     model = GPT(gpt_cfg).to(device)
-    optimizer = model.optimizer(cfg.learning_rate, cfg.weight_decay, device.type)
-    train_windows = TokenWindows([Path(p) for p in job.train_shards], gpt_cfg.block_size)
+    optimizer = build_optimizer(model, cfg, device.type)
+    train_windows = TokenWindows([Path(p) for p in job.train_shards], gpt_cfg.block_size, job.align_eot)
     val_windows = TokenWindows([Path(p) for p in job.val_shards], gpt_cfg.block_size)
     if len(train_windows) < cfg.batch_size * env.world_size:
         raise TrainingSetupError(
@@ -110,11 +113,12 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
     model.train()
     x, y = next_batch()
     segment_start, segment_tokens = time.perf_counter(), 0
+    last_progress = segment_start
     while run.step < plan.total_steps:
         maybe_fail("train", f"step{run.step}")
         lr = lr_at(run.step, cfg, plan.total_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # Muon's peak differs from AdamW's; both follow the schedule
         loss_sum = torch.zeros((), device=device)
         try:
             for micro in range(plan.grad_accum):
@@ -142,6 +146,10 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
         segment_tokens += plan.tokens_per_step
         pending.append((run.step, lr, loss_sum / plan.grad_accum, grad_norm))
         at_eval = run.step % cfg.eval_interval == 0 or run.step == plan.total_steps
+        if env.is_main and not at_eval and time.perf_counter() - last_progress >= PROGRESS_EVERY_S:
+            last_progress = time.perf_counter()  # between evals too: the step and this process's latest loss
+            loss_now = (loss_sum / plan.grad_accum).item()
+            ctx.progress(run.step / plan.total_steps, f"step {run.step}/{plan.total_steps} loss {loss_now:.4f}")
         at_ckpt = run.step % cfg.checkpoint_interval == 0 and run.step < plan.total_steps
         if not (at_eval or at_ckpt):
             continue
@@ -173,7 +181,11 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
                     f"lr {lr:.2e} grad-norm {row['grad_norm']:.3f} {tokens_per_s:,.0f} tok/s MFU {mfu_text} "
                     f"peak mem {metrics['peak_mem_mb']:,.0f} MiB"
                 )
-                ctx.progress(run.step / plan.total_steps, f"step {run.step}: val loss {row['val_loss']:.4f}")
+                ctx.progress(
+                    run.step / plan.total_steps,
+                    f"step {run.step}/{plan.total_steps} loss {row['loss']:.4f} val {row['val_loss']:.4f} "
+                    f"{tokens_per_s:,.0f} tok/s",
+                )
             if ctx.should_stop(run.step, row["val_loss"]):
                 raise TrainingStopped(f"train: stopped at step {run.step} (val loss {row['val_loss']:.4f})")
         if at_ckpt:

@@ -41,7 +41,8 @@ def stream_windows(model: Manifest, tokens: Manifest, first: int, count: int) ->
     """The window indices at global stream positions ``[first, first + count)`` of this model's loader."""
     params, block = model.params, model.params["model"]["block_size"]
     shards = tokens.files_under("tokens/train-", ".arrow")
-    windows = TokenWindows(shards, block)
+    aligned = params["train"].get("align") == "bos"
+    windows = TokenWindows(shards, block, tokens.counts["eot_id"] if aligned else None)
     mixture = params.get("mixture")
     if mixture:
         mixture = mixture | {"ledger_files": [str(p) for p in tokens.files_under("ledger/")]}

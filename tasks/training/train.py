@@ -31,14 +31,16 @@ def train(
     seed: int,
     ctx: StageContext,
     mixture: dict | None = None,
+    eot_id: int | None = None,
 ) -> dict:
     """The train stage: in this process, or under ``torchrun`` when ``cfg.nproc > 1`` or ``cfg.nnodes > 1``.
 
     ``mixture`` (source weights, repeat caps, the tokenize ledger) makes the loader draw to target source shares;
-    the counts then say how many tokens each source contributed (``tokens_per_source``).
+    the counts then say how many tokens each source contributed (``tokens_per_source``). ``eot_id`` (the
+    end-of-text token) is needed only for document-aligned windows (``train.align: bos``).
     """
     require_val_windows(val_shards, model_cfg.block_size)  # before any process starts or any step runs
-    job = TrainJob.build(train_shards, val_shards, vocab_size, model_cfg, cfg, seed, mixture)
+    job = TrainJob.build(train_shards, val_shards, vocab_size, model_cfg, cfg, seed, mixture, eot_id)
     if cfg.nproc > 1 or cfg.nnodes > 1:
         from tasks.training.launch import launch_distributed
 
@@ -51,7 +53,7 @@ def train(
 def realized_mixture(job: TrainJob, counts: dict) -> dict:
     """Tokens each source contributed to the optimizer steps taken (the stream is replayed, not logged)."""
     block = job.model["block_size"]
-    windows = TokenWindows([Path(p) for p in job.train_shards], block)
+    windows = TokenWindows([Path(p) for p in job.train_shards], block, job.align_eot)
     sampler = make_sampler(windows, [Path(p) for p in job.train_shards], job.mixture, job.seed)
     drawn = sampler.drawn_after(counts["tokens_trained"] // block)
     total = sum(drawn.values()) or 1

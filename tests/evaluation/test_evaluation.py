@@ -19,7 +19,7 @@ from storage.shards import read_token_shard, write_token_shard
 from tasks.evaluation.baselines import KneserNeyBigram, Unigram
 from tasks.modeling.export import export_model, find_tokenizer, load_export
 from tasks.modeling.gpt import GPT, GPTConfig, KVCache, next_token
-from tasks.modeling.weights import load_model
+from tasks.modeling.weights import load_model, save_model
 from tasks.reporting.report import publish_run_report
 from tasks.stages import run_all
 from tests.support.corpus import tiny_config, write_corpus
@@ -46,16 +46,25 @@ def _report(manifests) -> dict:
     return json.loads(Path(manifests["evaluate"].path, "report.json").read_text())
 
 
-def _tiny_gpt(block_size: int = 16) -> GPT:
+def _tiny_gpt(block_size: int = 16, arch: str = "gpt2", mlp: str = "relu2") -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=97, block_size=block_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    cfg = GPTConfig(vocab_size=97, block_size=block_size, n_layer=2, n_head=2, n_embd=32, arch=arch, mlp=mlp)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # the modern layout starts with zero residual projections: give every block a say
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+ARCHS = pytest.mark.parametrize("arch,mlp", [("gpt2", "relu2"), ("modern", "relu2"), ("modern", "swiglu")])
 
 
 # --- generation ---------------------------------------------------------------------------------------------
 
 
-def test_kv_cached_greedy_generation_matches_the_uncached_path():
-    model = _tiny_gpt(block_size=16)
+@ARCHS
+def test_kv_cached_greedy_generation_matches_the_uncached_path(arch, mlp):
+    model = _tiny_gpt(block_size=16, arch=arch, mlp=mlp)
     prompt = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(1))
     cached = model.generate(prompt, 30, temperature=0, use_cache=True)  # runs past block_size (5 + 30 > 16)
     uncached = model.generate(prompt, 30, temperature=0, use_cache=False)
@@ -75,8 +84,9 @@ def test_seeded_sampling_is_reproducible_and_path_independent():
     assert torch.equal(sample(True, 7), sample(True, 7))
 
 
-def test_incremental_forward_matches_the_full_forward():
-    model = _tiny_gpt()
+@ARCHS
+def test_incremental_forward_matches_the_full_forward(arch, mlp):
+    model = _tiny_gpt(arch=arch, mlp=mlp)
     idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2))
     full, _ = model(idx)
     cache = KVCache(model.cfg.n_layer)
@@ -210,6 +220,8 @@ def test_run_report_is_self_contained_compares_runs_and_lands_in_lineage(built, 
     text = paths["markdown"].read_text()
     for needle in ("## Data", "exact_duplicate", "## Training", "bigram", "## Probes", "## Samples", "(+0.0000)"):
         assert needle in text, needle
+    assert "## Verdict" in text and "the model" in text and "Kneser-Ney bigram by" in text
+    assert "trained with GPT-2 + AdamW + cosine schedule" in text and "another tokenizer" not in text
     rows = lineage.metrics("run-b")
     values = {(r["stage"], r["split"], r["source"], r["scorer"], r["metric"]): r["value"] for r in rows}
     test = _report(m)["splits"]["test"]
@@ -226,6 +238,32 @@ def test_run_report_is_self_contained_compares_runs_and_lands_in_lineage(built, 
         "markdown",
         "html",
     }
+
+
+def test_verdicts_say_when_the_model_loses_to_a_baseline():
+    from tasks.reporting.verdicts import recipe_text, verdict_text
+
+    losing = {"bits_per_byte": 2.145, "bigram_bits_per_byte": 2.028, "unigram_bits_per_byte": 3.9}
+    text = verdict_text("val", losing)
+    assert "beats the unigram by 1.7550 bits/byte" in text
+    assert "LOSES to the Kneser-Ney bigram by 0.1170 bits/byte (2.1450 vs 2.0280)" in text
+    assert text.endswith("not a good model yet: it loses to the Kneser-Ney bigram")
+    assert "not a good model" not in verdict_text("val", losing | {"bits_per_byte": 1.9})
+    modern = recipe_text({"arch": "modern", "mlp": "relu2"}, {"optimizer": "muon", "schedule": "wsd", "align": "bos"})
+    assert modern == "modern (ReLU² MLP) + Muon + AdamW + WSD schedule, document-aligned windows"
+
+
+def test_previous_run_with_another_tokenizer_is_compared_in_bits_per_byte_only(built):
+    from tasks.reporting.report import build_run_report, previous_values, render_run_markdown
+
+    cfg, m = built
+    now = build_run_report("run-a", cfg.name, m, None, [])
+    before = [r | {"value": r["value"] + 0.5} for r in now["rows"] if isinstance(r["value"], float)]
+    same = render_run_markdown(build_run_report("run-b", cfg.name, m, "run-a", before, m["tokenizer"].content_hash))
+    other = render_run_markdown(build_run_report("run-b", cfg.name, m, "run-a", before, "another-tokenizer"))
+    assert same.count("(-0.5000)") > other.count("(-0.5000)") > 0  # loss and bits/byte, then bits/byte alone
+    assert "another tokenizer, so only bits/byte is compared" in other and "another tokenizer" not in same
+    assert previous_values(before)
 
 
 # --- export -------------------------------------------------------------------------------------------------------
@@ -262,6 +300,37 @@ def test_export_loads_in_transformers_with_matching_logits(built, monkeypatch):
     assert torch.equal(greedy, ours.generate(ids, 8, temperature=0))
 
 
+@pytest.mark.parametrize("mlp", ["relu2", "swiglu"])
+def test_modern_export_loads_in_transformers_as_qwen3_with_matching_logits_and_greedy_tokens(
+    built, tmp_path: Path, monkeypatch, mlp
+):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg, m = built
+    trained = load_model(m["train"].file(""))
+    sizes = {k: getattr(trained.cfg, k) for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")}
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(**sizes, arch="modern", mlp=mlp)).eval()
+    with torch.no_grad():  # zero-initialised projections would hide the blocks: perturb every weight
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(ours, ours.cfg, tmp_path)
+    tokenizer_path = m["tokenizer"].file("tokenizer.json")
+    counts = export_model(tmp_path, tokenizer_path, cfg.tokenizer.special_tokens, tmp_path / "hf")
+    assert counts["format"] == "transformers/Qwen3ForCausalLM"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == "Qwen3ForCausalLM" and hf.config.hidden_act == ("relu" if mlp == "relu2" else "silu")
+    ids = tokenizer("The quick brown fox jumps over lazy dogs while", return_tensors="pt").input_ids
+    ids = ids[:, : hf.config.max_position_embeddings - 8]
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    assert torch.allclose(theirs, ours(ids)[0], atol=1e-4), (theirs - ours(ids)[0]).abs().max()
+    greedy = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=hf.config.eos_token_id)
+    assert torch.equal(greedy, ours.generate(ids, 8, temperature=0))
+    assert torch.equal(load_export(tmp_path / "hf")(ids)[0], ours(ids)[0])  # and back into tokenmill
+
+
 def find_tokenizer_ids(m, text: str) -> list[int]:
     from tokenizers import Tokenizer
 
@@ -288,7 +357,7 @@ def test_cli_generate_from_train_artifact_and_export_and_cli_export(built, tmp_p
         assert (out / name).is_file()
     assert (out / "model.safetensors").read_bytes() == m["export"].file("model.safetensors").read_bytes()
     missing = runner.invoke(app, ["generate", "x", "--model", str(tmp_path)])
-    assert missing.exit_code == 1 and "is neither a train artifact" in " ".join(missing.output.split())  # rich wraps
+    assert missing.exit_code == 2 and "is neither a train artifact" in " ".join(missing.output.split())  # rich wraps
 
 
 def test_export_refuses_a_tokenizer_of_another_size(built, tmp_path: Path):

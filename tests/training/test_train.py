@@ -22,8 +22,9 @@ from tasks.modeling.weights import MODEL_FILE, load_model
 from tasks.training.checkpoints import load_latest_checkpoint
 from tasks.training.distributed import DistEnv
 from tasks.training.job import StepPlan, TrainingSetupError, TrainJob, UnrecoverableTrainingError
-from tasks.training.loader import LoaderState, TokenWindows, WindowSampler
+from tasks.training.loader import LoaderState, TokenWindows, WindowSampler, document_aligned_starts
 from tasks.training.loop import LOG_FILE, LOSS_CURVE_FILE, run_training
+from tasks.training.schedule import lr_at
 from tasks.training.train import train
 from tasks.training.validation import estimate_loss
 
@@ -73,20 +74,36 @@ def _ctx(tmp: Path, name: str, work: str = "work") -> StageContext:
 
 
 def _run(shards, cfg: TrainConfig, ctx: StageContext, model: ModelConfig = MODEL) -> dict:
-    return train(shards["train"], shards["val"], VOCAB, model, cfg, 7, ctx)
+    return train(shards["train"], shards["val"], VOCAB, model, cfg, 7, ctx, eot_id=EOT)
+
+
+EOT = 0  # the ramps pass through token 0 every few dozen tokens: the test corpus's "documents"
+# (model overrides, train overrides): the GPT-2 recipe, and the modern one with every new option switched on
+RECIPES = {
+    "gpt2-adamw-cosine": ({"arch": "gpt2"}, {"optimizer": "adamw", "schedule": "cosine", "align": "none"}),
+    "modern-muon-wsd-bos": ({"arch": "modern"}, {"optimizer": "muon", "schedule": "wsd", "align": "bos"}),
+}
+BOTH_RECIPES = pytest.mark.parametrize("recipe", list(RECIPES))
+
+
+def _recipe(name: str, **train_overrides) -> tuple[ModelConfig, TrainConfig]:
+    model, train_cfg = RECIPES[name]
+    return MODEL.model_copy(update=model), _cfg(**(train_cfg | train_overrides))
 
 
 def _bytes(folder: Path) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in (MODEL_FILE, LOG_FILE, LOSS_CURVE_FILE)}
 
 
-def test_killed_and_resumed_training_is_bit_identical_to_a_straight_run(shards, tmp_path, monkeypatch):
-    straight = _run(shards, _cfg(), _ctx(tmp_path, "straight", "work-straight"))
+@BOTH_RECIPES
+def test_killed_and_resumed_training_is_bit_identical_to_a_straight_run(shards, tmp_path, monkeypatch, recipe):
+    model, cfg = _recipe(recipe)
+    straight = _run(shards, cfg, _ctx(tmp_path, "straight", "work-straight"), model)
     monkeypatch.setenv("TOKENMILL_FAULT", "train:step5")
     monkeypatch.setenv("TOKENMILL_FAULT_DIR", str(tmp_path / "faults"))
     with pytest.raises(InjectedFault):
-        _run(shards, _cfg(), _ctx(tmp_path, "attempt1"))
-    resumed = _run(shards, _cfg(), _ctx(tmp_path, "attempt2"))
+        _run(shards, cfg, _ctx(tmp_path, "attempt1"), model)
+    resumed = _run(shards, cfg, _ctx(tmp_path, "attempt2"), model)
     assert resumed["resumed_from_step"] == 4 and straight["resumed_from_step"] == 0
     assert _bytes(tmp_path / "attempt2") == _bytes(tmp_path / "straight")  # losses, val losses, weights, plot
     rows = [json.loads(line) for line in (tmp_path / "straight" / LOG_FILE).read_text().splitlines()]
@@ -140,16 +157,44 @@ def test_out_of_memory_on_the_first_step_is_not_retryable(shards, tmp_path, monk
 
 
 def test_model_presets_fill_sizes_and_explicit_fields_override():
-    assert ModelConfig(preset="gpt2-124M").sizes() == {
+    assert ModelConfig(preset="gpt2-124M", arch="gpt2").sizes() == {
         "n_layer": 12,
         "n_head": 12,
         "n_embd": 768,
         "block_size": 1024,
         "dropout": 0.0,
+        "arch": "gpt2",
+        "mlp": "relu2",
     }
     assert ModelConfig(preset="gpt2-124M", block_size=256).block_size == 256
     with pytest.raises(ValueError, match="preset"):
         ModelConfig(preset="gpt5")
+
+
+def test_schedules_warm_up_then_cosine_or_hold_and_decay_linearly():
+    cosine = _cfg(max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1, schedule="cosine")
+    wsd = cosine.model_copy(update={"schedule": "wsd", "decay_fraction": 0.2})
+    for cfg in (cosine, wsd):
+        assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(99, wsd) == pytest.approx(0.1) and lr_at(100, cosine) == pytest.approx(0.1)  # the floor
+    assert [lr_at(s, wsd) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]  # stable until the last 20 steps
+    assert lr_at(89, wsd) == pytest.approx(0.1 + 0.9 * 10 / 20)  # then a straight line down
+    assert lr_at(50, cosine) < 1.0
+
+
+def test_muon_moves_the_hidden_matrices_and_adamw_the_rest():
+    from tasks.modeling.gpt import GPT, GPTConfig
+    from tasks.training.optim import MuonAdamW, build_optimizer
+
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32, arch="modern"))
+    optimizer = build_optimizer(model, _cfg(optimizer="muon", learning_rate=1e-3, muon_learning_rate=0.02), "cpu")
+    assert isinstance(optimizer, MuonAdamW)
+    muon = {id(p) for g in optimizer.muon.param_groups for p in g["params"]}
+    adam = {id(p) for g in optimizer.adam.param_groups for p in g["params"]}
+    assert muon == {id(p) for p in model.hidden_matrices()} and len(muon) == 2 * 6  # q k v o up down per block
+    assert id(model.wte.weight) in adam and id(model.lm_head.weight) in adam and not muon & adam
+    assert len(muon | adam) == len(list(model.parameters()))
+    assert {g["lr_scale"] for g in optimizer.param_groups} == {20.0, 1.0}
 
 
 # --- loader ----------------------------------------------------------------------------------------------------
@@ -169,6 +214,17 @@ def test_loader_gathers_the_same_windows_as_indexing_one_by_one(shards):
         windows.gather(np.array([len(windows)]))
     x, y = windows.batch(indices)
     assert torch.equal(x[:, 1:], y[:, :-1]) and x.dtype == torch.int64
+
+
+def test_document_aligned_windows_start_at_document_starts(tmp_path):
+    tokens = np.array([5, 6, 0, 7, 8, 9, 10, 11, 12, 13, 14, 0, 1, 2, 3, 4, 5, 6, 0], dtype=np.uint16)
+    write_token_shard(tmp_path / "t.arrow", tokens)
+    # documents start at 0, 3 and 12; the 9-token one also gets windows at 7 and 11; 16 would run past the end
+    assert document_aligned_starts(tokens, 4, eot=0).tolist() == [0, 3, 7, 11, 12]
+    windows = TokenWindows([tmp_path / "t.arrow"], 4, eot=0)
+    assert len(windows) == 5
+    assert windows.gather(np.array([1, 4])).tolist() == [[7, 8, 9, 10, 11], [1, 2, 3, 4, 5]]
+    assert windows.gather(np.array([2])).tolist() == [[11, 12, 13, 14, 0]]  # a long document's next block
 
 
 def test_sampler_position_reshards_exactly_across_world_sizes():
@@ -191,22 +247,23 @@ def _job_dir(tmp: Path, shards, cfg: TrainConfig, model: ModelConfig) -> Path:
     job_dir = tmp / "job"
     job_dir.mkdir(parents=True)
     (tmp / "out").mkdir()
-    job = TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7)
+    job = TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7, eot_id=EOT)
     (job_dir / "job.json").write_text(job.to_json())
     (job_dir / "paths.json").write_text(json.dumps({"out_dir": str(tmp / "out"), "work_dir": str(tmp / "work")}))
     return job_dir
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_at_the_same_global_batch(shards, tmp_path, monkeypatch):
+@BOTH_RECIPES
+def test_two_gloo_processes_match_one_process_at_the_same_global_batch(shards, tmp_path, monkeypatch, recipe):
     import torch.multiprocessing as mp
 
     from tasks.training.worker import spawn_entry
 
-    model = MODEL.model_copy(update={"dropout": 0.0})
-    cfg = _cfg(max_steps=4, batch_size=2, grad_accum=1, batch_tokens=2 * 2 * 16 * 2, eval_interval=2)
+    model, cfg = _recipe(recipe, max_steps=4, batch_size=2, grad_accum=1, batch_tokens=2 * 2 * 16 * 2, eval_interval=2)
+    model = model.model_copy(update={"dropout": 0.0})
     single = run_training(
-        TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7),
+        TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7, eot_id=EOT),
         _ctx(tmp_path, "single", "single-work"),
         DistEnv(),
     )
@@ -223,7 +280,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(shards, t
     for (name, p), q in zip(ref.named_parameters(), got.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     # the 2-process checkpoint (step 2) resumes on 1 process: same windows, same global batch, same losses
-    job = TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7)
+    job = TrainJob.build(shards["train"], shards["val"], VOCAB, model, cfg, 7, eot_id=EOT)
     (tmp_path / "resumed").mkdir()
     resumed = run_training(job, StageContext(tmp_path / "resumed", tmp_path / "ddp" / "work"), DistEnv())
     assert resumed["resumed_from_step"] == 2
@@ -274,7 +331,8 @@ print("RESULT", json.dumps({{"world": counts["world_size"], "steps": counts["ste
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(done.stdout.split("RESULT ", 1)[1])
-    assert result == {"world": 2, "steps": 2, "progress": [1.0]}
+    assert (result["world"], result["steps"], result["progress"][-1]) == (2, 2, 1.0)
+    assert all(0 < f <= 1 for f in result["progress"])  # progress between evals depends on time, the end does not
     assert (tmp_path / "out" / MODEL_FILE).exists()
 
 
