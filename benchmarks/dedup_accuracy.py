@@ -2,6 +2,7 @@
 
     python -m benchmarks.dedup_accuracy --originals 4000
     python -m benchmarks.dedup_accuracy --originals 4000 --compare   # also other LSH settings, side by side
+    python -m benchmarks.dedup_accuracy --originals 4000 --star      # defaults vs star edges (bucket_partners 1)
 
 A planted variant is *found* when the stage puts it in the same cluster as its parent (``cluster_id`` in the
 ledger: the kept representative). Precision: of the removed documents, the share whose representative is
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--compare", action="store_true", help="also run other LSH settings on the same corpus")
+    ap.add_argument("--star", action="store_true", help="defaults vs star edges only (bucket_partners: 1)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
 
@@ -99,6 +101,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dedup-accuracy-") as tmp:
         paths = write_clean_shards(docs, Path(tmp) / "docs")
         settings = SETTINGS if args.compare else dict(list(SETTINGS.items())[:1])
+        if args.star:
+            settings = settings | {"20x5, star edges only (bucket_partners 1)": {"bucket_partners": 1}}
         for i, (name, overrides) in enumerate(settings.items()):
             cfg = DedupConfig(workers=args.workers, **overrides)
             t0 = time.perf_counter()

@@ -2,42 +2,182 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 import flows  # noqa: F401 - sets Prefect environment defaults before Prefect is imported
-from tasks.config import PipelineConfig
+from flows.console_progress import stage_progress
+from storage.lineage import LineageDBError
+from storage.stage_graph import STAGES
+from tasks.config import PipelineConfig, validated
+from tasks.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="tokenmill: raw text to a trained, evaluated GPT.")
+
+class UserErrorsAsOneLine(TyperGroup):
+    """A ``UserError`` (bad input or settings) or an unusable lineage file: one line on stderr, exit code 2.
+
+    Anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        try:
+            return super().invoke(ctx)
+        except (UserError, LineageDBError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=UserErrorsAsOneLine,
+    add_completion=False,
+    no_args_is_help=True,
+    help="tokenmill: raw text to a trained, evaluated GPT.",
+)
 lineage_app = typer.Typer(no_args_is_help=True, help="Ask the lineage DB where documents went.")
 app.add_typer(lineage_app, name="lineage")
 clean_app = typer.Typer(no_args_is_help=True, help="Inspect the clean stage's filters.")
 app.add_typer(clean_app, name="clean")
 console = Console()
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="Pipeline YAML (default: configs/quickstart.yaml settings).")
+ConfigOpt = typer.Option(
+    None,
+    "--config",
+    "-c",
+    help="Pipeline YAML. Without it, a root that holds runs reuses its latest run's recorded configuration; an "
+    "empty root gets the built-in default (configs/quickstart.yaml settings).",
+)
 RootOpt = typer.Option(None, "--root", "-r", help="Data root (overrides the config's root).")
+AlertsOpt = typer.Option(
+    None,
+    "--alerts",
+    envvar="TOKENMILL_ALERTS",
+    help="Notification block <type>/<name> (e.g. slack-webhook/ops) or webhook URL told when a run fails or crashes.",
+)
+FromRunOpt = typer.Option(
+    None, "--from-run", help="Reuse the configuration this lineage run recorded (instead of --config)."
+)
 
 
-def load_config(config: Path | None, root: str | None) -> PipelineConfig:
-    try:
-        if config is None:
-            return PipelineConfig(**({"root": root} if root else {}))
+def load_config(
+    config: Path | None, root: str | None, from_run: str | None = None, reuse_recorded: bool = False
+) -> PipelineConfig:
+    """The run's configuration: ``--config``, else a recorded run's (``--from-run``, or with ``reuse_recorded``
+    the latest run in the root), else the built-in default. Problems are one-line ``UserError``s."""
+    if config is not None:
+        if from_run:
+            raise UserError("--config and --from-run both name a configuration; give one of them")
         if not config.is_file():
-            raise typer.BadParameter(f"{config} is not a file", param_hint="--config")
+            raise UserError(f"--config {config}: no such file")
         return PipelineConfig.from_yaml(config, root=root)
-    except ValidationError as err:
-        console.print(f"[red]invalid configuration[/red] {config or ''}:\n{err}")
-        raise typer.Exit(2) from None
+    default = validated({"root": root} if root else {}, "the built-in default configuration")
+    if from_run or reuse_recorded:
+        recorded = recorded_config(default.root, from_run)
+        if recorded is not None:
+            return recorded
+    return default
 
 
-def _lineage(root: str):
+@contextmanager
+def prefect_api():
+    """Use a running local Prefect server (``tokenmill server``) when one answers; else Prefect starts its own."""
+    from deployments.server import use_running_server
+
+    if api := use_running_server():
+        console.print(f"using the Prefect server at {api}", highlight=False)
+    yield
+
+
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else "" if value is None else str(value)
+
+
+def recorded_config(root: str, run_id: str | None) -> PipelineConfig | None:
+    """The configuration ``run_id`` (default: the latest run) recorded in ``root``'s lineage, with ``root`` as
+    its root; None when the root holds no run and none was named. Says on stderr which run it reuses."""
+    from storage.artifacts import ArtifactStore
+
+    store = ArtifactStore(root)
+    if not store.lineage_path.exists():
+        if run_id:
+            raise UserError(f"--from-run {run_id}: no lineage DB at {store.lineage_path}; check --root")
+        return None
+    lineage = _lineage(root)
+    run_id = run_id or lineage.latest_run_id()
+    if run_id is None:
+        return None
+    try:
+        run = lineage.run(run_id)
+    except LookupError as err:
+        raise UserError(str(err)) from None
+    cfg = validated(json.loads(run["config"]) | {"root": store.location}, f"the configuration run {run_id} recorded")
+    typer.echo(
+        f"no --config: reusing the configuration run {run_id} recorded in {store.lineage_path} "
+        f"(pipeline {cfg.name!r}); pass --config to change it",
+        err=True,
+    )
+    return cfg
+
+
+@contextmanager
+def interruptible(root: str) -> Iterator[None]:
+    """Run a flow so that Ctrl-C or SIGTERM ends the command within seconds: the flow records the run as
+    cancelled in lineage, the Prefect server (private to this command unless PREFECT_API_URL is set) outlives
+    the interrupt long enough to hear about it, and the exit code is 128 + the signal's number."""
+    from deployments.server import temporary_server
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(temporary_server())
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # Prefect's flow engine keeps it while a flow runs
+        try:
+            yield
+        except BaseException as err:
+            signum = _interrupt_signal(err)
+            if signum is None:
+                raise
+            stack.close()
+            typer.echo(
+                f"interrupted by {signal.Signals(signum).name}: the run is recorded as cancelled in "
+                f"{root}/lineage.duckdb; rerun the same command to resume (finished stages are reused, training "
+                "continues from its last checkpoint)",
+                err=True,
+            )
+            # Everything is committed (lineage rows, atomic checkpoints, Prefect's queues drained): skip the
+            # interpreter's finalization, which spends seconds tearing down torch and thread pools.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signum)
+
+
+def _interrupt_signal(err: BaseException) -> int | None:
+    """The signal behind an interrupt (SIGINT for Ctrl-C, SIGTERM), or None for any other error."""
+    if isinstance(err, KeyboardInterrupt):
+        return err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
+    signum = getattr(err, "signal", None)  # prefect.exceptions.TerminationSignal
+    return signum if type(err).__name__ == "TerminationSignal" and isinstance(signum, int) else None
+
+
+def check_stage_names(names: list[str], option: str) -> None:
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise UserError(f"{option} {unknown[0]!r} is not a stage; stages are {', '.join(STAGES)}")
+
+
+def _lineage(root: str, writable: bool = False):
+    """The root's lineage DB, opened read-only unless the command writes (a read-only root can be queried)."""
     from storage.artifacts import ArtifactStore
     from storage.lineage import LineageStore
 
@@ -45,7 +185,16 @@ def _lineage(root: str):
     if not store.lineage_path.exists():
         console.print(f"[red]no lineage DB at {store.lineage_path}[/red]: run `tokenmill run` first")
         raise typer.Exit(1)
-    return LineageStore(store.lineage_path)
+    return LineageStore(store.lineage_path, read_only=not writable)
+
+
+def _known_run(lineage, run_id: str) -> None:
+    """Exit 1 with lineage's message when the run is not recorded (instead of an empty summary)."""
+    try:
+        lineage.run(run_id)
+    except LookupError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
 
 
 def _size(counts: dict, reason: str) -> str:
@@ -58,9 +207,11 @@ def print_run_summary(root: str, run_id: str) -> None:
     from tasks.reporting.verdicts import verdict_text
 
     lineage = _lineage(root)
+    _known_run(lineage, run_id)
     table = Table(title=f"run {run_id}")
     for col in ("stage", "status", "time (s)", "docs in", "kept", "dropped", "tokens"):
-        table.add_column(col, justify="right" if col not in ("stage", "status") else "left")
+        table.add_column(col, justify="right" if col not in ("stage", "status") else "left", no_wrap=True)
+    reasons = []
     for row in lineage.stage_runs(run_id):
         counts = json.loads(row["counts"]) if row["counts"] else {}
         dropped = counts.get("dropped") or {}
@@ -68,12 +219,17 @@ def print_run_summary(root: str, run_id: str) -> None:
             row["stage"],
             row["status"],
             f"{row['elapsed_s']:.1f}",
-            str(counts.get("docs_in", "")),
-            str(counts.get("kept", "")),
-            ", ".join(f"{k}={v}" + _size(counts, k) for k, v in dropped.items()),
-            f"{counts['tokens']:,}" if "tokens" in counts else str(counts.get("tokens_trained", "")),
+            _count(counts.get("docs_in")),
+            _count(counts.get("kept")),
+            _count(sum(dropped.values())) if dropped else "",
+            _count(counts.get("tokens", counts.get("tokens_trained"))),
         )
+        if dropped:  # reasons below the table, in full: a column of them cannot stay readable at 80 columns
+            by_count = sorted(dropped.items(), key=lambda kv: -kv[1])
+            reasons.append(f"{row['stage']} dropped: " + ", ".join(f"{k} {v:,}{_size(counts, k)}" for k, v in by_count))
     console.print(table)
+    for line in reasons:
+        console.print(line, highlight=False)
     for row in lineage.stage_runs(run_id):
         for warning in (json.loads(row["counts"]) if row["counts"] else {}).get("warnings") or []:
             console.print(f"[yellow]warning[/yellow] {row['stage']}: {warning}")
@@ -101,13 +257,19 @@ def print_run_summary(root: str, run_id: str) -> None:
 def run(
     config: Path | None = ConfigOpt,
     root: str | None = RootOpt,
+    from_run: str | None = FromRunOpt,
     force: list[str] = typer.Option([], "--force", help="Recompute this stage even if cached (repeatable)."),
 ) -> None:
     """Run the whole pipeline as a Prefect flow and print a summary."""
-    cfg = load_config(config, root)
-    from flows.pipeline import pipeline
+    check_stage_names(force, "--force")
+    cfg = load_config(config, root, from_run, reuse_recorded=True)
+    from tasks.preflight import preflight
 
-    result = pipeline(config=cfg, force=force)
+    preflight(cfg)  # paths and sources, before the Prefect server starts
+    with prefect_api(), interruptible(cfg.root), stage_progress(console):
+        from flows.pipeline import pipeline
+
+        result = pipeline(config=cfg, force=force)
     print_run_summary(cfg.root, result["run_id"])
 
 
@@ -119,10 +281,7 @@ def stage(
     force: bool = typer.Option(False, "--force", help="Recompute even if the stage's artifact exists."),
 ) -> None:
     """Rerun one stage of a recorded run from the configuration and upstream artifacts lineage kept for it."""
-    from tasks.stages import STAGES
-
-    if name not in STAGES:
-        raise typer.BadParameter(f"{name!r} is not a stage; stages are {', '.join(STAGES)}", param_hint="NAME")
+    check_stage_names([name], "stage")
     from flows.stage import stage as stage_flow
 
     try:
@@ -141,10 +300,11 @@ def refresh(
     train_steps: int | None = typer.Option(None, min=1, help="Training budget for this refresh (optimizer steps)."),
 ) -> None:
     """Run the nightly refresh now: the pipeline on the current sources, plus the per-source document diff."""
-    cfg = load_config(config, root)
-    from flows.refresh import nightly_refresh
+    cfg = load_config(config, root, reuse_recorded=True)
+    with prefect_api(), interruptible(cfg.root), stage_progress(console):
+        from flows.refresh import nightly_refresh
 
-    result = nightly_refresh(config=cfg, train_steps=train_steps)
+        result = nightly_refresh(config=cfg, train_steps=train_steps)
     print_run_summary(cfg.root, result["run_id"])
     table = Table(title=f"documents vs run {result['previous_run_id']}")
     for col in ("source", "added", "removed", "changed", "unchanged"):
@@ -174,11 +334,14 @@ def serve(
     ),
     limit: int = typer.Option(4, min=1, help="Flow runs executed at once."),
     wait_for_api: float = typer.Option(0, help="Seconds to wait for the server to come up (0: expect it running)."),
+    alerts: str | None = AlertsOpt,
 ) -> None:
     """Serve every deployment (pipeline, nightly refresh, one per stage) from this process; needs PREFECT_API_URL."""
-    from deployments.serve import serve_all
+    from deployments.serve import default_parameters, serve_all
 
-    serve_all(load_config(config, root), cron=cron, timezone=timezone, limit=limit, wait_s=wait_for_api)
+    cfg = load_config(config, root, reuse_recorded=True)
+    params = default_parameters(cfg, config, root)
+    serve_all(cfg, parameters=params, cron=cron, timezone=timezone, limit=limit, wait_s=wait_for_api, alerts=alerts)
 
 
 @app.command()
@@ -191,11 +354,14 @@ def deploy(
     timezone: str = typer.Option(
         "UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", callback=_check_timezone, help="IANA time zone of --cron."
     ),
+    alerts: str | None = AlertsOpt,
 ) -> None:
     """Register the same deployments with a work pool; its workers run them (`prefect worker start --pool P`)."""
-    from deployments.serve import deploy_all
+    from deployments.serve import default_parameters, deploy_all
 
-    ids = deploy_all(load_config(config, root), work_pool, image=image, cron=cron, timezone=timezone)
+    cfg = load_config(config, root, reuse_recorded=True)
+    params = default_parameters(cfg, config, root)
+    ids = deploy_all(cfg, work_pool, parameters=params, image=image, cron=cron, timezone=timezone, alerts=alerts)
     console.print(f"{len(ids)} deployments registered with work pool {work_pool!r}")
 
 
@@ -258,8 +424,11 @@ def server(
     raise typer.Exit(subprocess.call(server_command(host, port), env=server_env(host, port)))
 
 
+LimitOpt = typer.Option(20, "--limit", min=1, help="How many runs to list (at least 1).")
+
+
 @app.command()
-def runs(root: str = typer.Option("./data", "--root", "-r"), limit: int = 20) -> None:
+def runs(root: str = typer.Option("./data", "--root", "-r"), limit: int = LimitOpt) -> None:
     """List recorded runs, newest first."""
     _print_runs(_lineage(root).runs(limit))
 
@@ -281,10 +450,15 @@ def show(run_id: str, root: str = typer.Option("./data", "--root", "-r")) -> Non
     print_run_summary(root, run_id)
 
 
-def _queries(root: str):
+def _queries(root: str, writable: bool = False):
     from storage.lineage_queries import LineageQueries
 
-    return LineageQueries(_lineage(root))
+    return LineageQueries(_lineage(root, writable))
+
+
+def rebuild_command(root: str, run_id: str) -> str:
+    """The command that reruns the pipeline with the configuration ``run_id`` recorded (lineage keeps it)."""
+    return f"tokenmill run --root {root} --from-run {run_id}"
 
 
 def _answer(fn, as_json: bool, render) -> None:
@@ -323,8 +497,31 @@ def _fields(row: dict) -> str:
     return " ".join(shown) + (f" scores: {scores}" if scores else "")
 
 
+def resolve_doc(root: str, ref: str, run_id: str | None) -> str:
+    """The doc id a user's reference names: a doc id, a file path or locator, or a source's own ``id_field`` value."""
+    from tasks.data.ingest import doc_id_of
+    from tasks.data.readers import Record
+
+    queries = _queries(root)
+    run = _lineage(root).run(run_id or _lineage(root).latest_run_id())
+    sources = [s["name"] for s in json.loads(run["config"]).get("sources", [])]
+    candidates = [doc_id_of(name, Record(locator="", text=None, key=ref)) for name in sources]
+    found = queries.find_docs(ref, run["run_id"], candidates)
+    if not found:
+        raise LookupError(f"no document {ref!r} in run {run['run_id']}: give a doc id, file path or id-field value")
+    if len(found) > 1:
+        names = ", ".join(f"{d['doc_id']} ({d['locator']})" for d in found[:5])
+        raise LookupError(f"{ref!r} names {len(found)} documents: {names}{' …' if len(found) > 5 else ''}; give one")
+    return found[0]["doc_id"]
+
+
 @lineage_app.command("doc")
-def lineage_doc(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_json: bool = LJson) -> None:
+def lineage_doc(
+    doc_id: str = typer.Argument(..., help="A doc id, a file path or locator, or the source's own id_field value."),
+    root: str = LRoot,
+    run_id: str | None = LRun,
+    as_json: bool = LJson,
+) -> None:
     """Where a document went: every stage's decision, its split, shard and token span, the models using it."""
 
     def render(r: dict) -> None:
@@ -337,7 +534,7 @@ def lineage_doc(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_js
             )
         _print_models(r["models"])
 
-    _answer(lambda: _queries(root).doc(doc_id, run_id), as_json, render)
+    _answer(lambda: _queries(root).doc(resolve_doc(root, doc_id, run_id), run_id), as_json, render)
 
 
 @lineage_app.command("why")
@@ -464,6 +661,13 @@ def lineage_diff(run_a: str, run_b: str, root: str = LRoot, as_json: bool = LJso
         for row in r["sources"]:
             table.add_row(*(str(row[c]) for c in ("source", "added", "removed", "changed", "unchanged")))
         console.print(table)
+        if r.get("training"):
+            trained = Table(title="documents in the train split (what reached training)")
+            for col in ("source", "added", "removed", "unchanged"):
+                trained.add_column(col)
+            for row in r["training"]:
+                trained.add_row(*(str(row[c]) for c in ("source", "added", "removed", "unchanged")))
+            console.print(trained)
 
     _answer(lambda: _queries(root).diff(run_a, run_b), as_json, render)
 
@@ -481,7 +685,7 @@ def lineage_takedown(
     """Every copy of a document, the shards and models holding it, and a rebuild plan."""
 
     def compute() -> dict:
-        queries = _queries(root)
+        queries = _queries(root, writable=apply)
         result = queries.takedown(target, run_id, by="content_hash" if content_hash else "auto")
         if apply:
             result["tombstones_recorded"] = queries.apply_takedown(result, reason)
@@ -497,7 +701,10 @@ def lineage_takedown(
         for i, step in enumerate(r["plan"], 1):
             console.print(f"  plan {i}. {step['step']}")
         if "tombstones_recorded" in r:
-            console.print(f"  recorded {r['tombstones_recorded']} tombstones; rerun `tokenmill run` to rebuild")
+            console.print(
+                f"  recorded {r['tombstones_recorded']} tombstones; rebuild with the run's own configuration: "
+                f"{rebuild_command(root, r['run_id'])}"
+            )
 
     _answer(compute, as_json, render)
 
@@ -511,7 +718,7 @@ def lineage_graph(
 
 
 @lineage_app.command("runs")
-def lineage_runs(root: str = LRoot, limit: int = 20, as_json: bool = LJson) -> None:
+def lineage_runs(root: str = LRoot, limit: int = LimitOpt, as_json: bool = LJson) -> None:
     """Runs, newest first."""
     _answer(lambda: _lineage(root).runs(limit), as_json, _print_runs)
 
@@ -546,6 +753,15 @@ def lineage_openlineage(
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
     console.print(f"sent {n} OpenLineage events to {to}")
+
+
+@lineage_app.command("migrate")
+def lineage_migrate(root: str = LRoot) -> None:
+    """Bring the lineage DB's schema up to this tokenmill's version (questions open it read-only and never do)."""
+    from storage.lineage import SCHEMA_VERSION
+
+    store = _lineage(root, writable=True)
+    console.print(f"lineage DB {store.path} is at schema version {SCHEMA_VERSION}")
 
 
 @lineage_app.command("sweep")
@@ -588,6 +804,17 @@ def lineage_check(run_id: str | None = typer.Argument(None), root: str = LRoot, 
     _answer(compute, as_json, render)
     if result is not None and not result["ok"]:
         raise typer.Exit(1)
+
+
+def tokenizer_file(model: Path, given: Path | None) -> Path:
+    """``--tokenizer`` (a tokenizer.json or its folder), or the model's own through its lineage."""
+    from tasks.modeling.export import find_tokenizer
+
+    path = find_tokenizer(model) if given is None else given
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"--tokenizer {given}: no tokenizer.json there")
+    return path
 
 
 @clean_app.command("audit")
@@ -667,15 +894,10 @@ def generate(
     import torch
     from tokenizers import Tokenizer
 
-    from tasks.modeling.export import find_tokenizer, load_any_model
+    from tasks.modeling.export import load_any_model
 
-    try:
-        gpt = load_any_model(model)
-        path = find_tokenizer(model) if tokenizer is None else tokenizer
-        tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
-    except (FileNotFoundError, ValueError) as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(1) from None
+    gpt = load_any_model(model)
+    tok = Tokenizer.from_file(str(tokenizer_file(model, tokenizer)))
     eot = tok.token_to_id("<|endoftext|>")
     ids = tok.encode(prompt, add_special_tokens=False).ids[-gpt.cfg.block_size :] or [eot or 0]
     generator = torch.Generator().manual_seed(seed)
@@ -698,21 +920,17 @@ def evaluate(
     cfg = load_config(config, None)
     from flows.evaluate import evaluate_flow
 
-    try:
-        result = evaluate_flow(
-            model=str(model),
-            tokens=str(tokens),
-            tokenizer=str(tokenizer) if tokenizer else None,
-            root=root,
-            evaluate=cfg.evaluate,
-            seed=cfg.seed,
-            name=name,
-            export=export,
-            force=force,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(1) from None
+    result = evaluate_flow(
+        model=str(model),
+        tokens=str(tokens),
+        tokenizer=str(tokenizer) if tokenizer else None,
+        root=root,
+        evaluate=cfg.evaluate,
+        seed=cfg.seed,
+        name=name,
+        export=export,
+        force=force,
+    )
     print_run_summary(result["root"], result["run_id"])
 
 
@@ -726,18 +944,13 @@ def export_command(
     root: str = typer.Option("./data", "--root", "-r", help="Data root of --sweep."),
 ) -> None:
     """Write MODEL (or a sweep's winner) as safetensors + config + tokenizer for transformers' AutoModelForCausalLM."""
-    from tasks.modeling.export import export_model, find_tokenizer
+    from tasks.modeling.export import export_model
 
     if (model is None) == (sweep is None):
         raise typer.BadParameter("give --model or --sweep (one of them)")
     if sweep is not None:
         model = _sweep_winner_model(root, sweep)
-    try:
-        path = find_tokenizer(model) if tokenizer is None else tokenizer
-        counts = export_model(model, path / "tokenizer.json" if path.is_dir() else path, special_tokens, out)
-    except (FileNotFoundError, ValueError) as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(1) from None
+    counts = export_model(model, tokenizer_file(model, tokenizer), special_tokens, out)
     console.print(f"exported {counts['params']:,} parameters to {out} ({counts['format']})")
 
 

@@ -17,26 +17,34 @@ from prefect.runtime import flow_run
 from storage.artifacts import ArtifactStore, Manifest
 from storage.lineage import LineageStore
 from tasks.config import EvaluateConfig, PipelineConfig, TokenizerConfig
+from tasks.errors import UserError
 from tasks.run_recorder import RunRecorder
 
 
 def resolve_inputs(model: str | Path, tokens: str | Path, tokenizer: str | Path | None) -> dict[str, Manifest]:
-    """Manifests of the train, tokenize and tokenizer artifacts an evaluation reads, with clear errors."""
-    _, train = ArtifactStore.of_artifact(model)
-    store, tokenize = ArtifactStore.of_artifact(tokens)
+    """Manifests of the train, tokenize and tokenizer artifacts an evaluation reads; bad ones are ``UserError``."""
+    _, train = _artifact(model, "--model")
+    store, tokenize = _artifact(tokens, "--tokens")
     if train.stage != "train":
-        raise ValueError(f"--model {model} is a {train.stage!r} artifact; pass a train artifact folder")
+        raise UserError(f"--model {model} is a {train.stage!r} artifact; pass a train artifact folder")
     if tokenize.stage != "tokenize":
-        raise ValueError(f"--tokens {tokens} is a {tokenize.stage!r} artifact; pass a tokenize artifact folder")
+        raise UserError(f"--tokens {tokens} is a {tokenize.stage!r} artifact; pass a tokenize artifact folder")
     if tokenizer is not None:
-        _, tok = ArtifactStore.of_artifact(tokenizer)
+        _, tok = _artifact(tokenizer, "--tokenizer")
     else:
         tok = store.ancestors(tokenize).get("tokenizer")
         if tok is None:
-            raise FileNotFoundError(f"cannot find the tokenizer {tokens} was made with; pass --tokenizer")
+            raise UserError(f"cannot find the tokenizer {tokens} was made with; pass --tokenizer")
     if tok.stage != "tokenizer":
-        raise ValueError(f"--tokenizer {tokenizer} is a {tok.stage!r} artifact; pass a tokenizer artifact folder")
+        raise UserError(f"--tokenizer {tokenizer} is a {tok.stage!r} artifact; pass a tokenizer artifact folder")
     return {"train": train, "tokenize": tokenize, "tokenizer": tok}
+
+
+def _artifact(folder: str | Path, option: str) -> tuple[ArtifactStore, Manifest]:
+    try:
+        return ArtifactStore.of_artifact(folder)
+    except FileNotFoundError as err:
+        raise UserError(f"{option}: {err}") from None
 
 
 def _flow_run_name() -> str:

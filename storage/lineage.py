@@ -25,6 +25,7 @@ from typing import Any
 import duckdb
 
 from storage.artifacts import Manifest, ledger_folder, located_under, pid_alive
+from storage.redaction import redact_config
 
 # Each migration moves the schema from version i to i + 1; never edit one that has shipped, append a new one.
 MIGRATIONS: list[str] = [
@@ -179,6 +180,50 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class LineageDBError(RuntimeError):
+    """The lineage file cannot be used as it is (unreadable, or a read-only open finds it needs a migration).
+
+    Its message is one line that says what to do; the CLI prints it without a traceback."""
+
+
+def unreadable(path: Path, err: BaseException) -> LineageDBError:
+    """The error for a lineage file DuckDB cannot open or read, with the documented recovery."""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return LineageDBError(
+        f"lineage DB {path} is unreadable ({reason}). Recovery (docs/reliability.md): restore it from a backup, "
+        f"or move it aside (mv {path} {path}.corrupt) — the next run starts a new one and reuses every artifact, "
+        "but the old runs' history and takedown tombstones stay only in the moved file"
+    )
+
+
+def _is_lock_error(err: BaseException) -> bool:
+    return isinstance(err, duckdb.IOException) and "lock" in str(err).lower()
+
+
+def _is_damage(err: BaseException, path: Path) -> bool:
+    """Whether a DuckDB error says the lineage file itself is bad (truncated, checksum, not a database) — not the
+    query, a lock, or a ledger Parquet file it read."""
+    message = str(err)
+    return not _is_lock_error(err) and (str(path) in message or "database file" in message.lower())
+
+
+@contextmanager
+def _explained(path: Path) -> Iterator[None]:
+    """Turn DuckDB's error for a damaged lineage file into ``LineageDBError`` with the recovery; others pass."""
+    try:
+        yield
+    except duckdb.Error as err:
+        if _is_damage(err, path):
+            raise unreadable(path, err) from err
+        raise
+
+
+def _open_or_explain(path: Path, open_fn: Any) -> Any:
+    """``open_fn()`` (retried while another process holds the write lock); a damaged file as ``LineageDBError``."""
+    with _explained(path):
+        return retry_while_locked(open_fn)
+
+
 # Open read connections per database file in this process: a writer in the same process must close them first
 # (DuckDB refuses a read-write and a read-only connection to one file in one process at the same time).
 _READERS: dict[Path, weakref.WeakSet[LineageStore]] = {}
@@ -210,7 +255,7 @@ class _Attachments:
                 alias = f"lineage_{self._serial}"
                 mode = " (READ_ONLY)" if path.exists() else ""
                 quoted = str(path).replace("'", "''")
-                retry_while_locked(lambda: self._db.execute(f"ATTACH '{quoted}' AS {alias}{mode}"))
+                _open_or_explain(path, lambda: self._db.execute(f"ATTACH '{quoted}' AS {alias}{mode}"))
             self._attached[path] = (alias, users + 1)
             cursor = self._db.cursor()
         cursor.execute(f"USE {alias}")
@@ -237,7 +282,7 @@ def retry_while_locked(open_fn: Any, timeout_s: float = 60) -> Any:
         try:
             return open_fn()
         except duckdb.IOException as err:
-            if "lock" not in str(err).lower() or time.monotonic() > deadline:
+            if not _is_lock_error(err) or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 
@@ -248,6 +293,10 @@ class LineageStore:
     Each read opens a read-only connection and closes it again, so no process holds DuckDB's file lock
     between questions; inside ``with store.reading():`` the queries of one question share one connection
     (and DuckDB's Parquet metadata cache). A write from this process closes open readers first.
+
+    ``read_only=True`` (every lineage question) never opens the file for writing, so a root on read-only
+    storage can be queried; a file whose schema is older than this code then raises ``LineageDBError`` saying
+    how to migrate it (``tokenmill lineage migrate``), instead of migrating it.
     """
 
     def __init__(self, path: str | Path, read_only: bool = False):
@@ -257,9 +306,29 @@ class LineageStore:
         if read_only:
             if not self.path.exists():
                 raise FileNotFoundError(f"no lineage DB at {self.path}: run the pipeline first")
+            self._check_schema()
             return
         with self._connect() as con:
             self._migrate(con)
+
+    def _check_schema(self) -> None:
+        """Refuse (read-only) a file whose schema this code cannot read as it is."""
+        try:
+            rows = self.query("SELECT max(version) AS v FROM schema_version")
+        except duckdb.CatalogException:
+            rows = [{"v": 0}]
+        current = rows[0]["v"] or 0
+        if current > SCHEMA_VERSION:
+            raise LineageDBError(
+                f"lineage DB {self.path} has schema version {current}, this tokenmill knows {SCHEMA_VERSION}: "
+                "upgrade tokenmill"
+            )
+        if current < SCHEMA_VERSION:
+            raise LineageDBError(
+                f"lineage DB {self.path} has schema version {current}, this tokenmill needs {SCHEMA_VERSION}: "
+                f"migrate it once with `tokenmill lineage migrate --root {self.path.parent}` (needs write access; "
+                "a copy works too), then ask again"
+            )
 
     @staticmethod
     def _migrate(con: duckdb.DuckDBPyConnection) -> None:
@@ -267,7 +336,7 @@ class LineageStore:
         row = con.execute("SELECT max(version) FROM schema_version").fetchone()
         current = row[0] or 0
         if current > SCHEMA_VERSION:
-            raise RuntimeError(
+            raise LineageDBError(
                 f"lineage DB schema is version {current}, this tokenmill knows {SCHEMA_VERSION}: upgrade tokenmill"
             )
         for version in range(current, SCHEMA_VERSION):
@@ -304,9 +373,10 @@ class LineageStore:
         """A short-lived read-write connection for one write transaction (this process's readers close first)."""
         for reader in list(_READERS.get(self.path, ())):
             reader.close()
-        con = retry_while_locked(lambda: duckdb.connect(str(self.path)))
+        con = _open_or_explain(self.path, lambda: duckdb.connect(str(self.path)))
         try:
-            yield con
+            with _explained(self.path):
+                yield con
         finally:
             con.close()
 
@@ -331,7 +401,7 @@ class LineageStore:
                     run_id,
                     pipeline,
                     flow_run_id,
-                    json.dumps(config),
+                    json.dumps(redact_config(config)),  # credentials never reach the file
                     code_version(),
                     package_version(),
                     seed,
@@ -562,7 +632,7 @@ class LineageStore:
         return rows
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict]:
-        with self.reading():
+        with self.reading(), _explained(self.path):
             cursor = self._read_connection().execute(sql, params or [])
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -21,6 +21,7 @@ from storage.artifacts import ArtifactStore, CorruptArtifactError, ledger_folder
 from storage.leaderboard import leaderboard_rows
 from storage.ledger import LedgerIndex
 from storage.lineage import LineageStore
+from storage.redaction import redact_config
 from storage.stage_graph import DOWNSTREAM, LEDGER_STAGES
 
 
@@ -143,6 +144,20 @@ class LineageQueries:
         return None
 
     # --- questions --------------------------------------------------------------------------------------
+
+    @_one_connection
+    def find_docs(self, ref: str, run_id: str | None = None, candidate_ids: list[str] | None = None) -> list[dict]:
+        """The run's documents ``ref`` names: a doc id, one of ``candidate_ids`` (what a source's own id field
+        value maps to), a locator, or a file path ending in one (``/corpus/docs/a.txt`` finds ``docs/a.txt``)."""
+        run_id = self._run(run_id)
+        files = self._ledger(run_id, ("ingest",))
+        if not files:
+            return []
+        return self.store.query(
+            "SELECT doc_id, source, locator FROM read_parquet(?) WHERE doc_id = ? OR list_contains(?, doc_id) "
+            "OR locator = ? OR ? LIKE '%/' || locator ORDER BY doc_id LIMIT 20",
+            [files, ref, list(candidate_ids or []), ref, ref],
+        )
 
     @_one_connection
     def doc(self, doc_id: str, run_id: str | None = None) -> dict:
@@ -345,17 +360,47 @@ class LineageQueries:
         """
         self.store.run(run_a)
         self.store.run(run_b)
+        pair = {"run_a": run_a, "run_b": run_b, "training": self.training_diff(run_a, run_b)}
         recorded = self.store.query(
             "SELECT source, added, removed, changed, unchanged FROM refresh_diffs "
             "WHERE run_id = ? AND previous_run_id = ? ORDER BY source",
             [run_b, run_a],
         )
         if recorded:
-            return {"run_a": run_a, "run_b": run_b, "sources": recorded, "method": "recorded by the refresh"}
+            return pair | {"sources": recorded, "method": "recorded by the refresh"}
         same = [self._artifact_fp(run_a, st) for st in ("ingest", "clean")]
         if None not in same and same == [self._artifact_fp(run_b, st) for st in ("ingest", "clean")]:
-            return {"run_a": run_a, "run_b": run_b, "sources": self._same_corpus(run_b), "method": "same artifacts"}
-        return {"run_a": run_a, "run_b": run_b, "sources": self._diff_scan(run_a, run_b), "method": "ledger scan"}
+            return pair | {"sources": self._same_corpus(run_b), "method": "same artifacts"}
+        return pair | {"sources": self._diff_scan(run_a, run_b), "method": "ledger scan"}
+
+    def training_diff(self, run_a: str, run_b: str) -> list[dict]:
+        """Per source, documents of the train split added, removed or unchanged between the runs: what reached
+        training (a takedown or a filter change shows here even when the sources are unchanged)."""
+        fp_a, fp_b = self._artifact_fp(run_a, "tokenize"), self._artifact_fp(run_b, "tokenize")
+        if fp_a is None or fp_b is None:
+            return []
+        if fp_a == fp_b:
+            per_source: dict[str, int] = {}
+            for index in self._indexes(run_b, ("tokenize",)):
+                for r in index.rollup().select(["source", "split", "docs"]).to_pylist():
+                    if r["split"] == "train":
+                        per_source[r["source"]] = per_source.get(r["source"], 0) + r["docs"]
+            return [{"source": k, "added": 0, "removed": 0, "unchanged": v} for k, v in sorted(per_source.items())]
+
+        def train(run_id: str) -> str:
+            files = self._ledger(run_id, ("tokenize",))
+            return f"(SELECT doc_id, source FROM read_parquet({files!r}) WHERE split = 'train')"
+
+        return self.store.query(
+            f"""
+            SELECT coalesce(a.source, b.source) AS source,
+                   count(*) FILTER (WHERE a.doc_id IS NULL) AS added,
+                   count(*) FILTER (WHERE b.doc_id IS NULL) AS removed,
+                   count(*) FILTER (WHERE a.doc_id IS NOT NULL AND b.doc_id IS NOT NULL) AS unchanged
+            FROM {train(run_a)} a FULL OUTER JOIN {train(run_b)} b USING (doc_id)
+            GROUP BY ALL ORDER BY source
+            """
+        )
 
     def _same_corpus(self, run_id: str) -> list[dict]:
         """The diff of a run against one with the same ingest and clean artifacts: every hashed doc unchanged."""
@@ -415,6 +460,12 @@ class LineageQueries:
             )
             seeds, hashes = {r["doc_id"] for r in found}, set()
         copies, hashes, locators = self._close_over_copies(run_id, seeds, hashes)
+        if not locators:  # nothing of that id, hash or source in the run: a typo must not become a tombstone
+            kind = {"doc": "document", "content_hash": "content hash", "source": "source"}[by]
+            raise LookupError(
+                f"no {kind} {target!r} in run {run_id}: check the spelling, or pass --run for an older run "
+                "(`tokenmill lineage runs` lists them); nothing was recorded"
+            )
         placed = self._rows(run_id, copies, ("tokenize",), ["doc_id", "split", "shard", "token_start", "token_end"])
         fp = self._artifact_fp(run_id, "tokenize")
         models = self._models_for_shards(fp, {p["shard"] for p in placed}) if fp and placed else []
@@ -505,7 +556,7 @@ class LineageQueries:
     def show(self, run_id: str) -> dict:
         """Everything needed to reproduce a run: config, code version, input hashes, outcomes per stage."""
         run = self.store.run(run_id)
-        run["config"] = json.loads(run["config"])
+        run["config"] = redact_config(json.loads(run["config"]))  # runs recorded before redaction existed, too
         stages = self.store.stage_runs(run_id)
         for s in stages:
             s["counts"] = json.loads(s["counts"]) if s["counts"] else None

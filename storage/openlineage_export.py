@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.lineage import LineageStore
+from storage.redaction import redact_config
 from storage.stage_graph import STAGE_MODULES
 
 PRODUCER = "https://github.com/tokenmill/tokenmill"
@@ -93,7 +94,7 @@ def run_events(store: LineageStore, run_id: str) -> list[Any]:
             if fp and e["dst_stage"] == stage and e["dst_fingerprint"] == fp
         ]
         if stage == "ingest":
-            config = json.loads(run["config"])
+            config = redact_config(json.loads(run["config"]))
             inputs += [InputDataset(namespace="file", name=s["path"]) for s in config.get("sources", [])]
         outputs = [dataset(stage, fp, OutputDataset, statistics=True)] if fp and (stage, fp) in arts else []
         job = Job(

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import sysconfig
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+
+from storage.redaction import redact, without_placeholders
+from tasks.errors import UserError
 
 STDLIB = "stdlib"
+# The largest seed every consumer takes (numpy, torch, DuckDB's BIGINT column in lineage).
+MAX_SEED = 2**63 - 1
+
+# --- secrets ---------------------------------------------------------------------------------------------
 
 
 class Section(BaseModel):
@@ -22,14 +30,15 @@ class SourceConfig(Section):
 
     name: str = Field(description="Short source name, used in document ids and lineage.", pattern=r"^[A-Za-z0-9_.-]+$")
     path: str = Field(
-        description="Folder, file or URI (file://, s3://, memory://) to read; 'stdlib' means this Python's stdlib."
+        description="Folder, file or URI (file://, s3://, memory://) to read; 'stdlib' means this Python's stdlib.",
     )
     kind: Literal["auto", "text", "jsonl", "parquet"] = Field(
         "auto", description="How to read files; 'auto' uses the extension (.jsonl[.gz|.zst], .parquet, else text)."
     )
     include_ext: list[str] = Field(
         default=[".py", ".txt", ".md", ".rst", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"],
-        description="File extensions to read from a folder.",
+        description="File-name endings to read from a folder (case-insensitive suffix match: '.rst' does not "
+        "match 'x.rst.txt'; list '.rst.txt' or '.txt' for those).",
     )
     exclude: list[str] = Field(default=[], description="Glob patterns (relative paths) to skip.")
     text_field: str = Field("text", description="JSONL field / Parquet column holding the document text.")
@@ -49,7 +58,12 @@ class SourceConfig(Section):
     max_record_bytes: int = Field(
         16 * 2**20, ge=1, description="JSONL lines longer than this are skipped in bounded memory and recorded."
     )
-    storage_options: dict[str, Any] = Field(default={}, description="fsspec options (e.g. S3 endpoint, keys).")
+    storage_options: dict[str, Any] = Field(
+        default={},
+        description="fsspec options (e.g. S3 endpoint). Secret-looking keys (key, secret, token, password) are "
+        "never persisted or printed: lineage, manifests and Prefect parameters hold '<redacted>', so a run "
+        "started from them (a deployment, `tokenmill stage`) takes credentials from the environment instead.",
+    )
     weight: float | None = Field(
         None, gt=0, description="Target share of training tokens (relative to the other sources' weights)."
     )
@@ -60,22 +74,72 @@ class SourceConfig(Section):
     # What the train loader does with the source, not what ingest reads: not part of ingest's fingerprint.
     MIXTURE: ClassVar[frozenset[str]] = frozenset({"weight", "max_repeats"})
 
+    @field_validator("path")
+    @classmethod
+    def _path_not_blank(cls, path: str) -> str:
+        if not path.strip():
+            raise ValueError("must name a folder, file or URI (an empty path would read the current directory)")
+        return path
+
+    @field_validator("include_ext")
+    @classmethod
+    def _extensions(cls, extensions: list[str]) -> list[str]:
+        if not extensions:
+            raise ValueError("is empty, so no file would be read; list endings such as '.txt' or '.jsonl.gz'")
+        if any(not e.strip() for e in extensions):
+            raise ValueError("an empty extension would match every file; list endings such as '.txt'")
+        return [e.lower() for e in extensions]
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _drop_redacted(cls, options: object) -> object:
+        """A configuration read back from lineage holds ``<redacted>``: leave those out (credentials then come
+        from the environment) rather than pass the placeholder to the filesystem as a key."""
+        return without_placeholders(options)
+
+    @field_serializer("storage_options")
+    def _serialize_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return redact(options)
+
+    @field_serializer("path")
+    def _serialize_path(self, path: str) -> str:
+        return redact(path)
+
+    def __repr_args__(self):  # noqa: ANN204 - pydantic's own signature
+        return [(k, redact(v, "") if k in ("storage_options", "path") else v) for k, v in super().__repr_args__()]
+
     @model_validator(mode="after")
     def _split_pattern(self) -> SourceConfig:
         if self.split == "regex":
             if not self.split_pattern:
                 raise ValueError(f"source {self.name!r}: split 'regex' needs split_pattern")
             try:
-                re.compile(self.split_pattern)
+                pattern = re.compile(self.split_pattern)
             except re.error as err:
                 raise ValueError(f"source {self.name!r}: split_pattern is not a valid regex: {err}") from err
+            if _matches_empty(pattern):
+                raise ValueError(
+                    f"source {self.name!r}: split_pattern {self.split_pattern!r} can match the empty string, which "
+                    "would split a file between every character; make it match at least one character"
+                )
         return self
+
+    def is_local(self) -> bool:
+        return "://" not in self.path or self.path.startswith("file://")
 
     def resolved_path(self) -> str:
         """The path or URI to read: 'stdlib' resolves to this Python's standard library folder."""
         if self.path == STDLIB:
             return sysconfig.get_paths()["stdlib"]
         return self.path if "://" in self.path else str(Path(self.path).expanduser())
+
+
+_EMPTY_MATCH_PROBE = "a b\n\nc.\td-e_1\r\n\n\n#x"
+
+
+def _matches_empty(pattern: re.Pattern[str]) -> bool:
+    """Whether a split pattern can match zero characters (at the start, or anywhere in a varied probe text)."""
+    return pattern.match("") is not None or any(m.end() == m.start() for m in pattern.finditer(_EMPTY_MATCH_PROBE))
 
 
 class GopherQualityConfig(Section):
@@ -317,6 +381,7 @@ class DedupConfig(Section):
     minhash_seed: int = Field(
         0,
         ge=0,
+        le=MAX_SEED,
         title="Seed of the MinHash permutations",
         description="Distinct from the run seed: changing it re-signs.",
     )
@@ -350,6 +415,17 @@ class TokenizerConfig(Section):
     )
     special_tokens: list[str] = Field(default=["<|endoftext|>", "<|pad|>"], description="First is end-of-text.")
     pretrained: str | None = Field(None, description="Path of an existing tokenizer.json to use instead of training.")
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _specials(cls, tokens: list[str]) -> list[str]:
+        if not tokens:
+            raise ValueError("needs at least the end-of-text token (the first one), e.g. ['<|endoftext|>']")
+        if any(not t for t in tokens):
+            raise ValueError("a special token cannot be the empty string")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"special tokens must be distinct, got {tokens}")
+        return tokens
 
 
 class TokenizeConfig(Section):
@@ -532,7 +608,9 @@ class PipelineConfig(Section):
 
     name: str = Field("quickstart", description="Pipeline name, used in run names and lineage.")
     root: str = Field("./data", description="Data root: artifacts, checkpoints and the lineage DuckDB file.")
-    seed: int = Field(1337, title="Pipeline seed", description="Seed for sampling, initialization and data order.")
+    seed: int = Field(
+        1337, ge=0, le=MAX_SEED, title="Pipeline seed", description="Seed for sampling, initialization and data order."
+    )
     workers: int | None = Field(
         None, ge=1, description="Processes for the data stages (default: all cores); outputs do not depend on it."
     )
@@ -560,14 +638,17 @@ class PipelineConfig(Section):
         min_length=1,
         description="Inputs to ingest; at least one, with unique names.",
     )
-    clean: CleanConfig = CleanConfig()
-    dedup: DedupConfig = DedupConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    tokenize: TokenizeConfig = TokenizeConfig()
-    decontaminate: DecontaminateConfig = DecontaminateConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
+    # titles and descriptions: what the Prefect UI shows for each section of the full configuration form
+    clean: CleanConfig = Field(CleanConfig(), title="Cleaning", description="Filters, PII masking, size limits.")
+    dedup: DedupConfig = Field(DedupConfig(), title="Deduplication", description="Exact and near-duplicate removal.")
+    tokenizer: TokenizerConfig = Field(TokenizerConfig(), title="Tokenizer", description="The BPE tokenizer.")
+    tokenize: TokenizeConfig = Field(TokenizeConfig(), title="Token shards", description="Splits and shard sizes.")
+    decontaminate: DecontaminateConfig = Field(
+        DecontaminateConfig(), title="Decontamination", description="Training text overlapping held-out or eval sets."
+    )
+    model: ModelConfig = Field(ModelConfig(), title="Model", description="The GPT's size (a preset or explicit).")
+    train: TrainConfig = Field(TrainConfig(), title="Training", description="Budget, optimizer, schedule, checkpoints.")
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), title="Evaluation", description="Metrics, probes, samples.")
 
     @field_validator("sources")
     @classmethod
@@ -583,6 +664,27 @@ class PipelineConfig(Section):
             raise ValueError("sources[].max_repeats applies to weighted sources: set sources[].weight too")
         return sources
 
+    @model_validator(mode="after")
+    def _root_outside_sources(self) -> PipelineConfig:
+        """A source folder holding the data root would ingest the pipeline's own outputs on the next run."""
+        if "://" in self.root:
+            return self
+        root = Path(self.root).expanduser().resolve()
+        for i, source in enumerate(self.sources):
+            if not source.is_local() or source.path == STDLIB:
+                continue
+            folder = Path(source.resolved_path().removeprefix("file://")).resolve()
+            if root == folder or folder in root.parents:
+                rel = root.relative_to(folder).as_posix()
+                if rel != "." and any(fnmatch.fnmatch(rel + "/", p) for p in source.exclude):
+                    continue
+                raise ValueError(
+                    f"sources[{i}] ({source.name!r}) path {source.path!r} contains the data root {self.root!r}: "
+                    f"it would ingest the pipeline's own outputs; put the root elsewhere"
+                    + (f" or add '{rel}/**' to its exclude" if rel != "." else "")
+                )
+        return self
+
     def mixture(self) -> dict[str, Any] | None:
         """Source weights and repeat caps for the train loader, or None when the sources are not weighted."""
         if self.sources[0].weight is None:
@@ -595,8 +697,54 @@ class PipelineConfig(Section):
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: object) -> PipelineConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of settings at the top level")
+        """Load a YAML file; any problem (unreadable, not UTF-8, bad YAML, not a mapping, invalid settings) is a
+        one-line ``UserError`` naming the file."""
+        data = read_yaml_mapping(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(data)
+        return validated(data, str(path))
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML settings file, or a ``UserError`` naming the file and what is wrong."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the configuration: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: the configuration is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        kind = {list: "list", str: "string", bool: "true/false", int: "number", float: "number"}.get(type(data))
+        raise UserError(
+            f"{path}: expected a mapping of settings at the top level (name:, sources:, ...), got a "
+            f"{kind or type(data).__name__}"
+        )
+    return data
+
+
+def validation_message(err: ValidationError) -> str:
+    """A pydantic error as one line, ``field: reason; ...``, without echoing input values (they can be secrets)."""
+    parts = []
+    for e in err.errors(include_url=False, include_input=False, include_context=False):
+        field = ".".join(str(p) for p in e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {message}" if field else message)
+    return "; ".join(parts)
+
+
+def validated(data: dict[str, Any], origin: str = "configuration") -> PipelineConfig:
+    """``PipelineConfig`` from a mapping, or a one-line ``UserError`` naming ``origin`` and each bad field."""
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(f"{origin}: invalid configuration: {validation_message(err)}") from None

@@ -6,6 +6,7 @@ whichever ran it, and the configuration snapshot is taken in one place.
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,6 +21,17 @@ from tasks.config import PipelineConfig
 def error_text(err: BaseException) -> str:
     """The one-line form of a stage's error that lineage records (type and message, no traceback)."""
     return "".join(traceback.format_exception_only(err)).strip()
+
+
+def interruption(err: BaseException) -> str:
+    """How a run was interrupted, for lineage: the signal's name when one is known."""
+    signum = getattr(err, "signal", None) or (err.args[0] if err.args and isinstance(err.args[0], int) else None)
+    if isinstance(err, KeyboardInterrupt):
+        return "SIGINT"
+    try:
+        return signal.Signals(signum).name if signum else type(err).__name__
+    except ValueError:
+        return type(err).__name__
 
 
 @dataclass
@@ -40,16 +52,19 @@ class RunRecorder:
             print(f"warning: lineage snapshot not uploaded ({error_text(err)}); the next run retries", file=sys.stderr)
 
     def start(self, cfg: PipelineConfig, flow_run_id: str | None = None) -> None:
-        self.lineage.start_run(self.run_id, cfg.name, cfg.model_dump(), cfg.seed, flow_run_id)
+        """Record the run as started, with its configuration snapshot — credentials redacted (``tasks.config``)."""
+        self.lineage.start_run(self.run_id, cfg.name, cfg.model_dump(mode="json"), cfg.seed, flow_run_id)
 
     def stage_done(self, stage: str, started: datetime, manifest: Manifest, reused: bool) -> None:
         self.lineage.record_stage(self.run_id, stage, "cached" if reused else "completed", started, manifest=manifest)
 
     def stage_failed(self, stage: str, started: datetime, err: BaseException) -> None:
-        """Record the failed stage and end the run as failed with the stage's error."""
-        error = error_text(err)
-        self.lineage.record_stage(self.run_id, stage, "failed", started, error=error)
-        self.lineage.finish_run(self.run_id, "failed", f"{stage}: {error}")
+        """Record the failed stage and end the run with the stage's error: ``failed``, or ``cancelled`` when it
+        was interrupted (Ctrl-C, SIGTERM: not an ``Exception``). Artifacts and checkpoints stay for a rerun."""
+        status = "failed" if isinstance(err, Exception) else "cancelled"
+        error = error_text(err) if status == "failed" else f"interrupted ({interruption(err)})"
+        self.lineage.record_stage(self.run_id, stage, status, started, error=error)
+        self.lineage.finish_run(self.run_id, status, f"{stage}: {error}")
         self._backup()
 
     def finish(self) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,21 +49,9 @@ def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
     return snapshot
 
 
-_SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
-
-
-def _redacted(options: Any) -> Any:
-    """fsspec options without credentials (access keys, tokens): they must not reach manifests or lineage."""
-    if isinstance(options, dict):
-        return {k: "<redacted>" if _SECRET_OPTION.search(str(k)) else _redacted(v) for k, v in options.items()}
-    return options
-
-
 def _ingest_params(cfg: PipelineConfig) -> dict[str, Any]:
-    sources = [
-        s.model_dump(exclude=set(s.MIXTURE)) | {"storage_options": _redacted(s.storage_options)} for s in cfg.sources
-    ]
-    return {"sources": sources, "snapshot": _source_snapshot(cfg)}
+    # model_dump redacts credentials (SourceConfig's serializers): they never reach manifests or lineage
+    return {"sources": [s.model_dump(exclude=set(s.MIXTURE)) for s in cfg.sources], "snapshot": _source_snapshot(cfg)}
 
 
 def data_version(cfg: PipelineConfig) -> str:
@@ -120,6 +107,23 @@ def _produce_dedup(run: StageRun) -> StageResult:
     return dedup.dedup(
         clean.files_under("docs/"), run.cfg.dedup, run.ctx, previous=previous, sources=clean.sources_under("docs/")
     )
+
+
+def require_documents(name: str, inputs: dict[str, Manifest]) -> None:
+    """A ``UserError`` when a document stage feeding ``name`` kept no document: every one was dropped upstream.
+
+    Without it the next stages run on nothing (a tokenizer trained on no text) and training fails minutes later
+    with an unrelated message."""
+    for upstream, manifest in inputs.items():
+        counts = manifest.counts
+        if "docs_in" not in counts or counts.get("kept") != 0:
+            continue
+        dropped = ", ".join(f"{reason} {n}" for reason, n in (counts.get("dropped") or {}).items())
+        raise UserError(
+            f"{upstream} kept none of its {counts['docs_in']} documents ({dropped or 'no input'}), so {name} has "
+            "nothing to work on; `tokenmill lineage source NAME` shows why per source — loosen the settings that "
+            "drop them or add sources"
+        )
 
 
 def _produce_tokenizer(run: StageRun) -> StageResult:
@@ -265,6 +269,7 @@ def run_stage(
     store = ArtifactStore(cfg.root)
     for upstream in UPSTREAM[name]:
         store.verify(inputs[upstream], deep=False)
+    require_documents(name, inputs)
 
     def produce(ctx: StageContext) -> dict[str, Any]:
         if should_stop is not None:
@@ -290,8 +295,10 @@ def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print, run_id: str
     from datetime import UTC, datetime
 
     from storage.lineage import LineageStore
+    from tasks.preflight import preflight
     from tasks.run_recorder import RunRecorder
 
+    preflight(cfg)
     run_id = run_id or f"local-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
     store = ArtifactStore(cfg.root)
     record = RunRecorder(LineageStore(store.lineage_path), run_id, backup=store.backup_lineage)
@@ -303,7 +310,7 @@ def run_all(cfg: PipelineConfig, log: Callable[[str], None] = print, run_id: str
             manifests[name], reused = run_stage(
                 name, cfg, {u: manifests[u] for u in UPSTREAM[name]}, run_id=run_id, log=log
             )
-        except Exception as err:
+        except BaseException as err:  # an interrupt too: the run is recorded as cancelled
             record.stage_failed(name, started, err)
             raise
         record.stage_done(name, started, manifests[name], reused)

@@ -40,7 +40,7 @@ from tasks.data.streams import open_hashed
 from tasks.parts import balanced_groups, default_workers, map_parts
 from tasks.stage_contract import DocCounts, StageResult
 
-VERSION = "4"  # 4: ledger in sorted parts with an index (storage/ledger.py)
+VERSION = "5"  # 5: repeated id_field values get ids of their own; 4: ledger in sorted parts with an index
 FLUSH_ROWS = 1024
 FLUSH_BYTES = 2 * 2**20  # also the row-group size of the merged shards: clean maps over row groups
 FRAGMENT_SCHEMA = pa.schema(
@@ -369,6 +369,33 @@ class _RowGroupBuffer:
         self.batches, self.rows, self.bytes = [], 0, 0
 
 
+class RepeatedIds:
+    """Keeps ``id_field`` ids unique: a record whose id repeats an earlier record's (same source, any file) gets
+    an id of its own, derived from the first's id and its occurrence number, so two documents are never merged
+    under one id. Deterministic (files and records merge in a fixed order); holds every id of the sources
+    that name an ``id_field`` in memory."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+        self.repeats: Counter[str] = Counter()
+
+    def apply(self, source: SourceConfig, batch: pa.RecordBatch) -> pa.RecordBatch:
+        if source.id_field is None:
+            return batch
+        ids = batch.column("doc_id").to_pylist()
+        repeated = 0
+        for i, doc_id in enumerate(ids):
+            n = self.seen.get(doc_id, 0)
+            self.seen[doc_id] = n + 1
+            if n:
+                ids[i] = f"{source.name}:{stable_id(doc_id, 'repeat', str(n))}"
+                repeated += 1
+        if not repeated:
+            return batch
+        self.repeats[source.name] += repeated
+        return batch.set_column(batch.schema.get_field_index("doc_id"), "doc_id", pa.array(ids, pa.string()))
+
+
 def merge_fragments(
     jobs: list[FileJob], problems: list[SourceFile], out_dir: Path, sources: Sequence[SourceConfig] = ()
 ) -> StageResult:
@@ -382,6 +409,7 @@ def merge_fragments(
     file_rows: list[dict] = []
     ordinal = 0
     bytes_kept = 0
+    unique_ids = RepeatedIds()
     for job in jobs:
         name = job.source.name
         records = kept = 0
@@ -389,7 +417,7 @@ def merge_fragments(
         with pa.OSFile(job.fragment) as source:  # not a memory map: batches outlive the file in the buffer
             reader = pa.ipc.open_file(source)
             for i in range(reader.num_record_batches):
-                batch = reader.get_batch(i)
+                batch = unique_ids.apply(job.source, reader.get_batch(i))
                 n = batch.num_rows
                 names = pa.array([name] * n, pa.string())
                 is_kept = pc.is_null(batch.column("reason"))
@@ -454,7 +482,8 @@ def merge_fragments(
             "per_source": dict(per_source),
             "bytes_kept": bytes_kept,
             "source_errors": dict(Counter(p.error for p in problems if p.error)),
-        },
+        }
+        | ({"repeated_ids": dict(unique_ids.repeats)} if unique_ids.repeats else {}),
     )
 
 
@@ -505,7 +534,12 @@ def ingest(
     )
     done = [
         job
-        for part in map_parts(ingest_part, parts, n_workers if sum(sizes) >= parallel_min_bytes else 1)
+        for part in map_parts(
+            ingest_part,
+            parts,
+            n_workers if sum(sizes) >= parallel_min_bytes else 1,
+            lambda finished, n: ctx.progress(finished / n, f"{finished}/{n} parts"),
+        )
         for job in part
     ]
     merged = merge_fragments(done, plan.problems, ctx.out_dir, sources)
@@ -528,4 +562,9 @@ def ingest(
     extra = dict(merged.extra) | {"files": files, "removed_files": plan.removed[:1000]}
     for name, n in extra["per_source"].items():
         ctx.log(f"ingest: source {name!r}: {n} records")
+    for name, n in extra.get("repeated_ids", {}).items():
+        ctx.log(
+            f"ingest: source {name!r}: {n} records repeat an earlier record's id_field value; each got an id of "
+            "its own (counts: repeated_ids)"
+        )
     return StageResult(merged.docs, extra)

@@ -164,6 +164,15 @@ def list_files(source: SourceConfig) -> list[SourceFile]:
     return files
 
 
+def has_files(source: SourceConfig) -> bool:
+    """Whether the source lists at least one file to read; stops at the first one in a local folder."""
+    fs, root = source_filesystem(source)
+    if not fs.exists(root):
+        return False
+    local_folder = isinstance(fs, LocalFileSystem) and not fs.isfile(root)
+    return any(f.error is None for f in (_walk_local(source, root) if local_folder else list_files(source)))
+
+
 # --- decoding ----------------------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from storage.artifacts import StageContext
 from storage.hashing import unit_interval
 from storage.shards import iter_batches
 from tasks.config import TokenizerConfig
+from tasks.errors import UserError
 
 VERSION = "1"
 TOKENIZER_FILE = "tokenizer.json"
@@ -68,7 +69,7 @@ def train_tokenizer(doc_paths: list[Path], cfg: TokenizerConfig, ctx: StageConte
     if cfg.pretrained:
         source = Path(cfg.pretrained).expanduser()
         if not source.is_file():
-            raise FileNotFoundError(f"tokenizer.pretrained: {source} is not a file")
+            raise UserError(f"tokenizer.pretrained: {source} is not a file")
         shutil.copyfile(source, out)
     else:
         tokenizer, trainer = new_bpe(cfg)
@@ -77,7 +78,7 @@ def train_tokenizer(doc_paths: list[Path], cfg: TokenizerConfig, ctx: StageConte
     tokenizer = Tokenizer.from_file(str(out))
     missing = [t for t in cfg.special_tokens if tokenizer.token_to_id(t) is None]
     if missing:
-        raise ValueError(f"tokenizer lacks special tokens {missing}; add them or change tokenizer.special_tokens")
+        raise UserError(f"tokenizer lacks special tokens {missing}; add them or change tokenizer.special_tokens")
     return {
         "vocab_size": tokenizer.get_vocab_size(),
         "eot_id": tokenizer.token_to_id(cfg.special_tokens[0]),

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from storage.artifacts import ArtifactStore, StageContext
+from tasks.errors import UserError
 from tasks.modeling.gpt import GPT, RMS_EPS, ROPE_THETA, GPTConfig
 from tasks.modeling.weights import MODEL_CONFIG_FILE, MODEL_FILE, load_model, state_dict_for_saving
 
@@ -176,13 +177,13 @@ def export_model(model_dir: Path, tokenizer_path: Path, special_tokens: list[str
     model = load_model(model_dir)
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     if tokenizer.get_vocab_size() != model.cfg.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"tokenizer {tokenizer_path} has {tokenizer.get_vocab_size()} tokens, model {model_dir} expects "
             f"{model.cfg.vocab_size}: export the model with the tokenizer it was trained with"
         )
     ids = [tokenizer.token_to_id(t) for t in special_tokens]
     if ids[0] is None:
-        raise ValueError(f"tokenizer {tokenizer_path} lacks the end-of-text token {special_tokens[0]!r}")
+        raise UserError(f"tokenizer {tokenizer_path} lacks the end-of-text token {special_tokens[0]!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = hf_config(model.cfg, ids[0], ids[1] if len(ids) > 1 else None)
@@ -228,7 +229,7 @@ def load_export(folder: Path, device: torch.device | str = "cpu") -> GPT:
         )
         state = from_hf_state_dict(weights)
     else:
-        raise ValueError(f"{folder}: not a tokenmill GPT-2 or Qwen3 export (model_type {config.get('model_type')!r})")
+        raise UserError(f"{folder}: not a tokenmill GPT-2 or Qwen3 export (model_type {config.get('model_type')!r})")
     model = GPT(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - ({"lm_head.weight"} if model.tied_head else set()):
@@ -242,7 +243,7 @@ def load_any_model(folder: Path, device: torch.device | str = "cpu") -> GPT:
         return load_model(folder, device)
     if is_export(folder):
         return load_export(folder, device)
-    raise FileNotFoundError(f"{folder} is neither a train artifact (model.json) nor an export (config.json)")
+    raise UserError(f"{folder} is neither a train artifact (model.json) nor an export (config.json)")
 
 
 def find_tokenizer(model_folder: Path) -> Path:
@@ -255,7 +256,5 @@ def find_tokenizer(model_folder: Path) -> Path:
     except FileNotFoundError:
         tokenizer = None
     if tokenizer is None or not tokenizer.file(TOKENIZER_FILE).is_file():
-        raise FileNotFoundError(
-            f"cannot find the tokenizer of {model_folder} through its manifest inputs; pass --tokenizer"
-        )
+        raise UserError(f"cannot find the tokenizer of {model_folder} through its manifest inputs; pass --tokenizer")
     return tokenizer.file(TOKENIZER_FILE)

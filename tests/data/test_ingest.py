@@ -46,12 +46,14 @@ def test_reads_jsonl_gz_zst_and_parquet_with_ids_and_metadata(tmp_path: Path):
     pq.write_table(
         pa.Table.from_pylist([{"body": r["text"], "key": r["id"], "score": 0.5} for r in rows]), src / "d.parquet"
     )
-    _, ledger = _run([_source("j", src, id_field="id", include_ext=[".jsonl", ".gz", ".zst"])], tmp_path / "out1")
+    counts, ledger = _run([_source("j", src, id_field="id", include_ext=[".jsonl", ".gz", ".zst"])], tmp_path / "out1")
     docs = _docs(tmp_path / "out1")
     assert len(docs) == 9 and all(r["fate"] == "kept" for r in ledger)
     assert {d["locator"] for d in docs} >= {"a.jsonl:1", "b.jsonl.gz:2", "c.jsonl.zst:3"}
     assert json.loads(docs[0]["metadata"]) == {"id": "doc-0", "lang": "en"}
-    assert docs[0]["doc_id"] == docs[3]["doc_id"]  # the same id field gives the same document id
+    # the same id in another record (here: file) is another record: it gets an id of its own; dedup finds the copy
+    assert docs[0]["doc_id"] != docs[3]["doc_id"] and counts["repeated_ids"] == {"j": 6}
+    assert len({r["doc_id"] for r in ledger}) == len(ledger)
     _run([_source("p", src / "d.parquet", text_field="body", id_field="key")], tmp_path / "out2")
     docs = _docs(tmp_path / "out2")
     assert [d["text"] for d in docs] == [r["text"] for r in rows]

@@ -357,7 +357,7 @@ def test_cli_generate_from_train_artifact_and_export_and_cli_export(built, tmp_p
         assert (out / name).is_file()
     assert (out / "model.safetensors").read_bytes() == m["export"].file("model.safetensors").read_bytes()
     missing = runner.invoke(app, ["generate", "x", "--model", str(tmp_path)])
-    assert missing.exit_code == 1 and "is neither a train artifact" in " ".join(missing.output.split())  # rich wraps
+    assert missing.exit_code == 2 and "is neither a train artifact" in " ".join(missing.output.split())  # rich wraps
 
 
 def test_export_refuses_a_tokenizer_of_another_size(built, tmp_path: Path):

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from storage.artifacts import ArtifactStore
 from storage.lineage import LineageStore
+from tasks.errors import UserError
 from tasks.stages import run_all
 from tests.support.corpus import tiny_config
 
@@ -53,7 +54,7 @@ def test_evaluate_rejects_the_wrong_kind_of_artifact(corpus: Path, tmp_path: Pat
     from flows.evaluate import resolve_inputs
 
     built = run_all(tiny_config(corpus, tmp_path / "root"), log=lambda m: None)
-    with pytest.raises(ValueError, match="pass a train artifact folder"):
+    with pytest.raises(UserError, match="pass a train artifact folder"):
         resolve_inputs(built["tokenize"].path, built["tokenize"].path, None)
-    with pytest.raises(FileNotFoundError, match="not a tokenmill artifact"):
+    with pytest.raises(UserError, match="--model: .*not a tokenmill artifact"):
         resolve_inputs(tmp_path, built["tokenize"].path, None)

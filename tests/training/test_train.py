@@ -331,7 +331,8 @@ print("RESULT", json.dumps({{"world": counts["world_size"], "steps": counts["ste
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(done.stdout.split("RESULT ", 1)[1])
-    assert result == {"world": 2, "steps": 2, "progress": [1.0]}
+    assert (result["world"], result["steps"], result["progress"][-1]) == (2, 2, 1.0)
+    assert all(0 < f <= 1 for f in result["progress"])  # progress between evals depends on time, the end does not
     assert (tmp_path / "out" / MODEL_FILE).exists()
 
 

@@ -12,6 +12,7 @@ from tasks.data.minhash import (
     NORMALIZATION_VERSION,
     MinHashParams,
 )
+from tasks.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def resolve_previous(against: str | None, root: str | Path) -> Manifest | None:
     except FileNotFoundError:
         manifest = None
     if manifest is None or manifest.stage != "dedup" or not has_index(manifest):
-        raise ValueError(f"dedup.against: {against} is not a dedup artifact with an index (no manifest.json/index/)")
+        raise UserError(f"dedup.against: {against} is not a dedup artifact with an index (no manifest.json/index/)")
     return manifest
 
 
