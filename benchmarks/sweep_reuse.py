@@ -8,10 +8,10 @@ warm-up flow first so no row pays for it):
    own, so nothing is shared (every data stage, the training and the scoring run again);
 
 and prints the wall times, each trial's objective in both (they must match: same fingerprints), and what was
-built. ``--max-steps N`` sets ``train.max_steps`` (and ``eval_interval`` to N / 4) for every trial: a shorter run of the
-same search.
+built. ``--set PATH=VALUE`` fixes a setting in every trial; ``--max-steps N`` sets ``train.max_steps`` (and
+``eval_interval`` to N / 4): a shorter run of the same search.
 
-    python benchmarks/sweep_reuse.py --spec configs/sweep-quickstart.yaml --max-steps 200
+    python benchmarks/sweep_reuse.py --spec configs/sweep-quickstart.yaml --max-steps 40 --set model.n_layer=2
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=Path("configs/sweep-quickstart.yaml"))
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="Fix a setting, every trial")
     args = parser.parse_args()
 
     from prefect import flow
@@ -64,6 +65,9 @@ def main() -> None:
     fixed = {}
     if args.max_steps:  # a shorter run of the same search, still validated four times for the curves
         fixed = {"train.max_steps": [args.max_steps], "train.eval_interval": [max(args.max_steps // 4, 1)]}
+    for item in args.set:  # e.g. model.n_layer=2: a smaller model for a loaded machine
+        path, value = item.split("=", 1)
+        fixed[path] = [yaml.safe_load(value)]
     raw = spec.model_dump(mode="json", exclude_none=True)
     work = Path(tempfile.mkdtemp(prefix="tokenmill-sweep-bench-"))
 

@@ -128,3 +128,28 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+LOCAL_SERVER = "http://127.0.0.1:4200"
+
+
+def running_server_api(url: str | None = None) -> str | None:
+    """The API URL of a Prefect server answering at ``url`` (default ``TOKENMILL_SERVER``, else the address
+    ``tokenmill server`` listens on), or None."""
+    api = f"{(url or os.environ.get('TOKENMILL_SERVER') or LOCAL_SERVER).rstrip('/')}/api"
+    return api if api_healthy(api) else None
+
+
+def use_running_server() -> str | None:
+    """Point this process at a running local server unless an API URL is configured already, so a command-line
+    run skips starting a temporary server (``temporary_server``); ``TOKENMILL_REUSE_SERVER=0`` turns this off."""
+    if os.environ.get("TOKENMILL_REUSE_SERVER", "1") == "0":
+        return None
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    api = running_server_api()
+    if api:
+        os.environ["PREFECT_API_URL"] = api
+    return api

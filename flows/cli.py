@@ -17,6 +17,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 import flows  # noqa: F401 - sets Prefect environment defaults before Prefect is imported
+from flows.console_progress import stage_progress
 from storage.lineage import LineageDBError
 from storage.stage_graph import STAGES
 from tasks.config import PipelineConfig, validated
@@ -56,6 +57,12 @@ ConfigOpt = typer.Option(
     "empty root gets the built-in default (configs/quickstart.yaml settings).",
 )
 RootOpt = typer.Option(None, "--root", "-r", help="Data root (overrides the config's root).")
+AlertsOpt = typer.Option(
+    None,
+    "--alerts",
+    envvar="TOKENMILL_ALERTS",
+    help="Notification block <type>/<name> (e.g. slack-webhook/ops) or webhook URL told when a run fails or crashes.",
+)
 FromRunOpt = typer.Option(
     None, "--from-run", help="Reuse the configuration this lineage run recorded (instead of --config)."
 )
@@ -78,6 +85,20 @@ def load_config(
         if recorded is not None:
             return recorded
     return default
+
+
+@contextmanager
+def prefect_api():
+    """Use a running local Prefect server (``tokenmill server``) when one answers; else Prefect starts its own."""
+    from deployments.server import use_running_server
+
+    if api := use_running_server():
+        console.print(f"using the Prefect server at {api}", highlight=False)
+    yield
+
+
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else "" if value is None else str(value)
 
 
 def recorded_config(root: str, run_id: str | None) -> PipelineConfig | None:
@@ -189,7 +210,8 @@ def print_run_summary(root: str, run_id: str) -> None:
     _known_run(lineage, run_id)
     table = Table(title=f"run {run_id}")
     for col in ("stage", "status", "time (s)", "docs in", "kept", "dropped", "tokens"):
-        table.add_column(col, justify="right" if col not in ("stage", "status") else "left")
+        table.add_column(col, justify="right" if col not in ("stage", "status") else "left", no_wrap=True)
+    reasons = []
     for row in lineage.stage_runs(run_id):
         counts = json.loads(row["counts"]) if row["counts"] else {}
         dropped = counts.get("dropped") or {}
@@ -197,12 +219,17 @@ def print_run_summary(root: str, run_id: str) -> None:
             row["stage"],
             row["status"],
             f"{row['elapsed_s']:.1f}",
-            str(counts.get("docs_in", "")),
-            str(counts.get("kept", "")),
-            ", ".join(f"{k}={v}" + _size(counts, k) for k, v in dropped.items()),
-            f"{counts['tokens']:,}" if "tokens" in counts else str(counts.get("tokens_trained", "")),
+            _count(counts.get("docs_in")),
+            _count(counts.get("kept")),
+            _count(sum(dropped.values())) if dropped else "",
+            _count(counts.get("tokens", counts.get("tokens_trained"))),
         )
+        if dropped:  # reasons below the table, in full: a column of them cannot stay readable at 80 columns
+            by_count = sorted(dropped.items(), key=lambda kv: -kv[1])
+            reasons.append(f"{row['stage']} dropped: " + ", ".join(f"{k} {v:,}{_size(counts, k)}" for k, v in by_count))
     console.print(table)
+    for line in reasons:
+        console.print(line, highlight=False)
     for row in lineage.stage_runs(run_id):
         for warning in (json.loads(row["counts"]) if row["counts"] else {}).get("warnings") or []:
             console.print(f"[yellow]warning[/yellow] {row['stage']}: {warning}")
@@ -239,7 +266,7 @@ def run(
     from tasks.preflight import preflight
 
     preflight(cfg)  # paths and sources, before the Prefect server starts
-    with interruptible(cfg.root):
+    with prefect_api(), interruptible(cfg.root), stage_progress(console):
         from flows.pipeline import pipeline
 
         result = pipeline(config=cfg, force=force)
@@ -274,7 +301,7 @@ def refresh(
 ) -> None:
     """Run the nightly refresh now: the pipeline on the current sources, plus the per-source document diff."""
     cfg = load_config(config, root, reuse_recorded=True)
-    with interruptible(cfg.root):
+    with prefect_api(), interruptible(cfg.root), stage_progress(console):
         from flows.refresh import nightly_refresh
 
         result = nightly_refresh(config=cfg, train_steps=train_steps)
@@ -307,13 +334,14 @@ def serve(
     ),
     limit: int = typer.Option(4, min=1, help="Flow runs executed at once."),
     wait_for_api: float = typer.Option(0, help="Seconds to wait for the server to come up (0: expect it running)."),
+    alerts: str | None = AlertsOpt,
 ) -> None:
     """Serve every deployment (pipeline, nightly refresh, one per stage) from this process; needs PREFECT_API_URL."""
-    from deployments.serve import serve_all
+    from deployments.serve import default_parameters, serve_all
 
-    serve_all(
-        load_config(config, root, reuse_recorded=True), cron=cron, timezone=timezone, limit=limit, wait_s=wait_for_api
-    )
+    cfg = load_config(config, root, reuse_recorded=True)
+    params = default_parameters(cfg, config, root)
+    serve_all(cfg, parameters=params, cron=cron, timezone=timezone, limit=limit, wait_s=wait_for_api, alerts=alerts)
 
 
 @app.command()
@@ -326,13 +354,14 @@ def deploy(
     timezone: str = typer.Option(
         "UTC", "--timezone", envvar="TOKENMILL_TIMEZONE", callback=_check_timezone, help="IANA time zone of --cron."
     ),
+    alerts: str | None = AlertsOpt,
 ) -> None:
     """Register the same deployments with a work pool; its workers run them (`prefect worker start --pool P`)."""
-    from deployments.serve import deploy_all
+    from deployments.serve import default_parameters, deploy_all
 
-    ids = deploy_all(
-        load_config(config, root, reuse_recorded=True), work_pool, image=image, cron=cron, timezone=timezone
-    )
+    cfg = load_config(config, root, reuse_recorded=True)
+    params = default_parameters(cfg, config, root)
+    ids = deploy_all(cfg, work_pool, parameters=params, image=image, cron=cron, timezone=timezone, alerts=alerts)
     console.print(f"{len(ids)} deployments registered with work pool {work_pool!r}")
 
 
@@ -468,8 +497,31 @@ def _fields(row: dict) -> str:
     return " ".join(shown) + (f" scores: {scores}" if scores else "")
 
 
+def resolve_doc(root: str, ref: str, run_id: str | None) -> str:
+    """The doc id a user's reference names: a doc id, a file path or locator, or a source's own ``id_field`` value."""
+    from tasks.data.ingest import doc_id_of
+    from tasks.data.readers import Record
+
+    queries = _queries(root)
+    run = _lineage(root).run(run_id or _lineage(root).latest_run_id())
+    sources = [s["name"] for s in json.loads(run["config"]).get("sources", [])]
+    candidates = [doc_id_of(name, Record(locator="", text=None, key=ref)) for name in sources]
+    found = queries.find_docs(ref, run["run_id"], candidates)
+    if not found:
+        raise LookupError(f"no document {ref!r} in run {run['run_id']}: give a doc id, file path or id-field value")
+    if len(found) > 1:
+        names = ", ".join(f"{d['doc_id']} ({d['locator']})" for d in found[:5])
+        raise LookupError(f"{ref!r} names {len(found)} documents: {names}{' …' if len(found) > 5 else ''}; give one")
+    return found[0]["doc_id"]
+
+
 @lineage_app.command("doc")
-def lineage_doc(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_json: bool = LJson) -> None:
+def lineage_doc(
+    doc_id: str = typer.Argument(..., help="A doc id, a file path or locator, or the source's own id_field value."),
+    root: str = LRoot,
+    run_id: str | None = LRun,
+    as_json: bool = LJson,
+) -> None:
     """Where a document went: every stage's decision, its split, shard and token span, the models using it."""
 
     def render(r: dict) -> None:
@@ -482,7 +534,7 @@ def lineage_doc(doc_id: str, root: str = LRoot, run_id: str | None = LRun, as_js
             )
         _print_models(r["models"])
 
-    _answer(lambda: _queries(root).doc(doc_id, run_id), as_json, render)
+    _answer(lambda: _queries(root).doc(resolve_doc(root, doc_id, run_id), run_id), as_json, render)
 
 
 @lineage_app.command("why")
@@ -609,6 +661,13 @@ def lineage_diff(run_a: str, run_b: str, root: str = LRoot, as_json: bool = LJso
         for row in r["sources"]:
             table.add_row(*(str(row[c]) for c in ("source", "added", "removed", "changed", "unchanged")))
         console.print(table)
+        if r.get("training"):
+            trained = Table(title="documents in the train split (what reached training)")
+            for col in ("source", "added", "removed", "unchanged"):
+                trained.add_column(col)
+            for row in r["training"]:
+                trained.add_row(*(str(row[c]) for c in ("source", "added", "removed", "unchanged")))
+            console.print(trained)
 
     _answer(lambda: _queries(root).diff(run_a, run_b), as_json, render)
 

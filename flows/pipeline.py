@@ -8,11 +8,14 @@ The flow process alone writes the lineage DuckDB file.
 from __future__ import annotations
 
 import json
+import os
+import re
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -27,13 +30,25 @@ from prefect.exceptions import ExternalSignal
 from prefect.runtime import flow_run
 from prefect.states import State
 
+from flows.parameters import (
+    ConfigParam,
+    RootParam,
+    SeedParam,
+    SourcesParam,
+    TrainStepsParam,
+    UiValue,
+    form_field,
+    hydrate_ui_value,
+    resolve_run_config,
+)
+from flows.progress import StageEvent, publish
 from flows.runners import parts_executor
 from storage.artifacts import ArtifactStore, CorruptArtifactError, Manifest, StageKey
 from storage.lineage import LineageStore
 from tasks.config import PipelineConfig
 from tasks.errors import UserError, is_retryable
 from tasks.preflight import preflight
-from tasks.reporting.report import publish_run_report
+from tasks.reporting.report import publish_run_report, render_run_markdown
 from tasks.run_recorder import RunRecorder
 from tasks.stages import STAGES, UPSTREAM, StageName, cache_key, data_version, run_stage, stage_key
 
@@ -49,19 +64,48 @@ def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str
     return cache_key(StageKey.model_validate(parameters["key"]), root)
 
 
+ForceParam = Annotated[
+    list[StageName] | None,
+    UiValue,
+    form_field(
+        "Recompute stages",
+        "Stages to rebuild even when their artifact is cached; later stages rebuild only if its output changes.",
+    ),
+]
+
+
 def stage_summary_markdown(manifest: Manifest, reused: bool) -> str:
-    rows = "\n".join(f"| {k} | {v} |" for k, v in manifest.counts.items() if not isinstance(v, dict | list))
-    dropped = manifest.counts.get("dropped") or {}
-    drops = "\n".join(f"| {reason} | {n} |" for reason, n in dropped.items()) or "| (none) | 0 |"
-    return (
-        f"# {manifest.stage} {'(reused)' if reused else ''}\n\n`{manifest.location}`\n\n"
+    """A stage's Prefect summary: where its artifact is, its counts and (for data stages) its drop reasons."""
+    rows = "\n".join(f"| {r['count']} | {r['value']} |" for r in counts_table(manifest.counts))
+    text = (
+        f"# {manifest.stage}{' (cached)' if reused else ''}\n\n`{manifest.location}`\n\n"
         f"fingerprint `{manifest.fingerprint}`, content hash `{manifest.content_hash[:16]}…`, "
-        f"{len(manifest.files)} files, {manifest.elapsed_s:.1f} s\n\n| count | value |\n|---|---|\n{rows}\n\n"
-        f"| drop reason | documents |\n|---|---|\n{drops}\n"
+        f"{len(manifest.files)} files, {manifest.elapsed_s:.1f} s\n\n| count | value |\n|---|---|\n{rows}\n"
     )
+    return text
+
+
+def counts_line(name: str, counts: dict[str, Any]) -> str:
+    """One log line a person reads: documents in / kept / dropped per reason, or a stage's headline numbers."""
+    if "docs_in" in counts:
+        dropped = counts.get("dropped") or {}
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1]))
+        return (
+            f"{name}: {counts['docs_in']:,} documents in, {counts.get('kept', 0):,} kept, "
+            f"{sum(dropped.values()):,} dropped{f' ({reasons})' if reasons else ''}"
+        )
+    splits = [(k, v) for k, v in counts.items() if isinstance(v, dict) and "loss" in v and v.get("tokens")]
+    if splits:
+        return f"{name}: " + "; ".join(
+            f"{split} loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, bits/byte {m['bits_per_byte']:.4f}"
+            for split, m in splits
+        )
+    return f"{name}: " + ", ".join(f"{r['count']} {r['value']}" for r in counts_table(counts)[:6])
 
 
 GPU_CONCURRENCY_LIMIT = "gpu"
+CPU_TRAIN_LIMIT = "cpu-train"
+ARTIFACT_UPDATE_EVERY_S = 2.0
 
 
 def retry_unless_unrecoverable(task, task_run, state: State) -> bool:
@@ -82,11 +126,22 @@ def uses_gpu(name: str, cfg: PipelineConfig) -> bool:
     return cfg.train.device == "cuda" or torch.cuda.is_available()
 
 
-def _gpu_slot(name: str, cfg: PipelineConfig):
-    """One GPU job at a time: hold a slot of the ``gpu`` global concurrency limit (created with limit 1 if absent)."""
-    if not uses_gpu(name, cfg):
-        return nullcontext()
-    return concurrency_slot(GPU_CONCURRENCY_LIMIT, 1)
+def train_concurrency() -> int:
+    """Training jobs at once on CPU (``TOKENMILL_TRAIN_CONCURRENCY``, default 1) when the ``cpu-train`` limit is
+    created: training takes every core, so two at once only slow each other down."""
+    return int(os.environ.get("TOKENMILL_TRAIN_CONCURRENCY", "1"))
+
+
+def training_slot(cfg: PipelineConfig, cpu_slots: int | None = None):
+    """A slot of the ``gpu`` limit when training on CUDA, else of the ``cpu-train`` limit (``cpu_slots`` wide,
+    default ``train_concurrency()``, when absent); an operator may change either in the UI."""
+    if uses_gpu("train", cfg):
+        return concurrency_slot(GPU_CONCURRENCY_LIMIT, 1)
+    return concurrency_slot(CPU_TRAIN_LIMIT, cpu_slots or train_concurrency())
+
+
+def _training_slot(name: str, cfg: PipelineConfig):
+    return training_slot(cfg) if name == "train" else nullcontext()
 
 
 def concurrency_slot(limit_name: str, limit: int):
@@ -104,11 +159,17 @@ def concurrency_slot(limit_name: str, limit: int):
 
 
 def progress_reporter(name: str) -> Callable[[float, str], None]:
-    """A ``ctx.progress`` callback that keeps one Prefect progress artifact per stage run up to date."""
+    """A ``ctx.progress`` callback that keeps one Prefect progress artifact per stage run up to date and tells
+    this process's listeners (``tokenmill run``'s progress bars)."""
     artifact_id = None
+    last_update = 0.0
 
     def report(fraction: float, message: str) -> None:
-        nonlocal artifact_id
+        nonlocal artifact_id, last_update
+        publish(StageEvent(name, "progress", fraction, message))
+        if time.monotonic() - last_update < ARTIFACT_UPDATE_EVERY_S and fraction < 1:
+            return  # the server sees at most one update per interval; the listeners see every one
+        last_update = time.monotonic()
         percent = round(100 * min(max(fraction, 0.0), 1.0), 1)
         try:
             if artifact_id is None:
@@ -136,7 +197,7 @@ def stage_task(
 
     ``key`` is the stage's ``StageKey`` (parameters and inputs), computed once by the flow for the cache key."""
     logger = get_run_logger()
-    with _gpu_slot(name, cfg):
+    with _training_slot(name, cfg):
         manifest, reused = run_stage(
             name,
             cfg,
@@ -148,6 +209,7 @@ def stage_task(
             progress=progress_reporter(name),
         )
     logger.info(f"{name}: {'reused' if reused else 'built'} {manifest.location}")
+    logger.info(counts_line(name, manifest.counts))
     create_markdown_artifact(
         key=f"{name}-summary", markdown=stage_summary_markdown(manifest, reused), description=f"{name} stage"
     )
@@ -155,10 +217,14 @@ def stage_task(
     return manifest.model_dump()
 
 
-def counts_table(counts: dict[str, Any]) -> list[dict[str, Any]]:
-    """A stage's counts as table rows: scalar counts, then one row per drop reason."""
-    rows = [{"count": k, "value": v} for k, v in counts.items() if not isinstance(v, dict | list)]
-    rows += [{"count": f"dropped: {reason}", "value": n} for reason, n in (counts.get("dropped") or {}).items()]
+def counts_table(counts: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    """A stage's counts as table rows, nested counts (drop reasons, evaluation metrics per split) as dotted names."""
+    rows: list[dict[str, Any]] = []
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            rows += counts_table(value, f"{prefix}{key}.")
+        elif isinstance(value, bool | int | float | str) or value is None:
+            rows.append({"count": f"{prefix}{key}", "value": round(value, 6) if isinstance(value, float) else value})
     return rows
 
 
@@ -171,14 +237,42 @@ def lineage_run_id(lineage: LineageStore) -> str:
 
 
 def flow_run_name_for(kind: str = "") -> str:
-    """``<config name>[-kind]-data-<data version>-<UTC time>``: what ran, on which data, when."""
-    config = flow_run.get_parameters().get("config") or {}
+    """``<config name>[-kind]-data-<data version>-<UTC time>``: what ran, on which data, when; a retried flow run
+    keeps the name it started with."""
+    if flow_run.name and RUN_NAME.search(flow_run.name):  # named by an earlier attempt of this flow run
+        return flow_run.name
     try:
-        cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
+        cfg = run_config(flow_run.get_parameters())
         name, version = cfg.name, data_version(cfg)
     except Exception:  # noqa: BLE001 - naming must never fail a run; validation reports bad parameters
         name, version = "pipeline", "unknown"
     return f"{name}{'-' + kind if kind else ''}-data-{version}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+
+
+RUN_NAME = re.compile(r"-data-([0-9a-f]+|unknown)-\d{8}-\d{6}$")
+RUN_FORM = ("config", "root", "seed", "train_steps", "sources")
+
+
+def deployment_defaults() -> dict[str, Any]:
+    """The default parameters of the deployment this flow run belongs to ({} outside a deployment).
+
+    (``prefect.runtime.deployment.parameters`` gives the flow run's own parameters, not these.)"""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment
+
+    if not deployment.id:
+        return {}
+    with get_client(sync_client=True) as client:
+        return client.read_deployment(deployment.id).parameters or {}
+
+
+def run_config(parameters: dict[str, Any]) -> PipelineConfig:
+    """The configuration a flow run's short-form parameters describe; an unset one takes the deployment's default
+    (a schedule made in the UI may leave fields unset that the deployment sets)."""
+    values = {k: hydrate_ui_value(parameters.get(k)) for k in RUN_FORM}
+    defaults = deployment_defaults() if None in values.values() else {}
+    values = {k: v if v is not None else hydrate_ui_value(defaults.get(k)) for k, v in values.items()}
+    return resolve_run_config(values.pop("config"), **values)
 
 
 def _flow_run_name() -> str:
@@ -196,8 +290,10 @@ def run_stages(
     """Run ``stages`` in order as Prefect tasks, recording each outcome in lineage."""
     manifests = dict(manifests or {})
     store = ArtifactStore(cfg.root)
+    logger = get_run_logger()
     for name in stages:
         started = datetime.now(UTC)
+        publish(StageEvent(name, "start"))
         inputs = {u: manifests[u] for u in UPSTREAM[name]}
         key = stage_key(name, cfg, _manifests(inputs)).model_dump()
         state = _run_stage_task(name, cfg, inputs, key, run_id, name in force, store, record, started)
@@ -206,11 +302,13 @@ def run_stages(
         if cached:
             try:  # a cache hit skips the stage body, so check here that its files are still what was published
                 store.verify(manifest, deep=cfg.verify_cached)
+                logger.info(f"{name}: cached, {manifest.location}")
             except CorruptArtifactError as err:
-                get_run_logger().warning(f"{err}: rebuilding {name} by rerunning it")
+                logger.warning(f"{err}: rebuilding {name} by rerunning it")
                 state = _run_stage_task(name, cfg, inputs, key, run_id, True, store, record, started)
                 manifest, cached = Manifest.model_validate(state.result()), False
         record.stage_done(name, started, manifest, cached)
+        publish(StageEvent(name, "done", 1.0, "cached" if cached else f"built in {manifest.elapsed_s:.1f} s"))
         manifests[name] = manifest.model_dump()
     return manifests
 
@@ -236,6 +334,7 @@ def _run_stage_task(
         record.stage_failed(name, started, err)  # recorded as cancelled; the checkpoints stay for a rerun
         raise
     if state.is_failed() or state.is_crashed():
+        publish(StageEvent(name, "done", 0.0, "failed"))
         record.stage_failed(name, started, _exception_of(state))
         state.result()  # re-raises the stage's exception and fails the flow
     return state
@@ -245,9 +344,11 @@ def publish_report(
     store: ArtifactStore, lineage: LineageStore, run_id: str, pipeline_name: str, manifests: dict[str, dict]
 ) -> dict[str, Path]:
     """Write the run report (Markdown + self-contained HTML), record it in lineage, publish it to Prefect."""
-    _, paths = publish_run_report(store, lineage, run_id, pipeline_name, _manifests(manifests))
+    run, paths = publish_run_report(store, lineage, run_id, pipeline_name, _manifests(manifests))
     create_markdown_artifact(
-        key="evaluation-report", markdown=paths["markdown"].read_text(), description=f"run report: {paths['html']}"
+        key="evaluation-report",
+        markdown=render_run_markdown(run, embed_images=True),
+        description=f"run report (also as one HTML file: {paths['html']})",
     )
     return paths
 
@@ -279,9 +380,40 @@ def _exception_of(state: State) -> BaseException:
     return RuntimeError(f"stage ended in state {state.name}")
 
 
-@flow(name="pipeline", flow_run_name=_flow_run_name, persist_result=True, log_prints=True)
-def pipeline(config: PipelineConfig = PipelineConfig(), force: list[StageName] | None = None) -> dict[str, Any]:
-    """Raw text → cleaned, deduplicated corpus → tokenizer → token shards → trained and evaluated model."""
+def close_crashed_attempts(record: RunRecorder) -> None:
+    """On a retried flow run: task runs an ended process left "Running" are set Crashed, and lineage gets the
+    crashed attempt it never recorded (the process died before it could)."""
+    if flow_run.run_count <= 1:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        leftovers = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.get_id()])),
+            task_run_filter=TaskRunFilter(
+                state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))
+            ),
+        )
+        for task_run in leftovers:
+            message = "the process running this attempt ended before it finished (crash or kill)"
+            client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+            if task_run.name in STAGES:
+                started = task_run.start_time or task_run.expected_start_time or datetime.now(UTC)
+                record.lineage.record_stage(record.run_id, task_run.name, "crashed", started, error=message)
+            get_run_logger().warning(f"{task_run.name}: the previous attempt's task run is marked Crashed")
+
+
+def run_pipeline(config: PipelineConfig, force: list[str] | None = None) -> dict[str, Any]:
+    """Every stage of ``config`` as tasks of the current flow run, then the run report (pipeline and refresh)."""
     force = force or []
     unknown = sorted(set(force) - set(STAGES))
     if unknown:
@@ -293,6 +425,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[StageName] |
     get_run_logger().info(f"lineage run {run_id} in {store.lineage_path}")
     record = RunRecorder(lineage, run_id, backup=store.backup_lineage)
     record.start(config, str(flow_run.get_id()))
+    close_crashed_attempts(record)
     with parts_executor(config):  # one task runner / Dask / Ray client (or private cluster) for the whole run
         manifests = run_stages(config, STAGES, run_id, force, record)
     report = publish_report(store, lineage, run_id, config.name, manifests)
@@ -305,3 +438,17 @@ def pipeline(config: PipelineConfig = PipelineConfig(), force: list[StageName] |
         "artifacts": {k: v.get("uri") or v["path"] for k, v in manifests.items()},
         "report": str(report["html"]),
     }
+
+
+@flow(name="pipeline", flow_run_name=_flow_run_name, persist_result=True, log_prints=True)
+def pipeline(
+    config: ConfigParam = None,
+    root: RootParam = None,
+    seed: SeedParam = None,
+    train_steps: TrainStepsParam = None,
+    sources: SourcesParam = None,
+    force: ForceParam = None,
+) -> dict[str, Any]:
+    """Raw text → cleaned, deduplicated corpus → tokenizer → token shards → trained and evaluated model."""
+    cfg = run_config({"config": config, "root": root, "seed": seed, "train_steps": train_steps, "sources": sources})
+    return run_pipeline(cfg, force)

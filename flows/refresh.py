@@ -7,17 +7,16 @@ A changed source reruns ingest and whatever its output change reaches downstream
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
-from pydantic import Field
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.pipeline import flow_run_name_for, pipeline
+from flows.parameters import ConfigParam, RootParam, TrainStepsParam
+from flows.pipeline import flow_run_name_for, run_config, run_pipeline
 from storage.artifacts import ArtifactStore
 from storage.lineage import LineageStore
 from storage.lineage_queries import LineageQueries
-from tasks.config import PipelineConfig
 
 
 def refresh_diff(lineage: LineageStore, previous: str | None, run_id: str) -> list[dict]:
@@ -35,26 +34,44 @@ def _refresh_run_name() -> str:
     return flow_run_name_for("refresh")
 
 
+def refresh_markdown(run_id: str, previous: str | None, diff: list[dict], rebuilt: list[str]) -> str:
+    """The refresh report shown in the Prefect UI: documents per source against the previous run, stages rebuilt."""
+    lines = [
+        f"# Refresh `{run_id}`",
+        "",
+        f"Compared with run `{previous}`." if previous else "First run of this pipeline: every document is new.",
+        "",
+        f"Stages rebuilt: {', '.join(rebuilt) if rebuilt else 'none (every stage cached)'}.",
+        "",
+        "| source | added | removed | changed | unchanged |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['source']} | {r['added']:,} | {r['removed']:,} | {r['changed']:,} | {r['unchanged']:,} |" for r in diff
+    ]
+    return "\n".join(lines) + "\n"
+
+
 @flow(name="nightly-refresh", flow_run_name=_refresh_run_name, persist_result=True, log_prints=True)
 def nightly_refresh(
-    config: PipelineConfig = PipelineConfig(),
-    train_steps: Annotated[
-        int | None,
-        Field(ge=1, description="Training budget (optimizer steps) for this refresh; default: config.train.max_steps."),
-    ] = None,
+    config: ConfigParam = None, root: RootParam = None, train_steps: TrainStepsParam = None
 ) -> dict[str, Any]:
-    """Refresh the corpus and model from the current sources; record per-source documents added/removed/changed."""
+    """Refresh the corpus and model from the current sources; record per-source documents added/removed/changed.
+
+    The stages run as tasks of this flow run (their logs and artifacts are the refresh's own)."""
     logger = get_run_logger()
-    lineage = LineageStore(ArtifactStore(config.root).lineage_path)
-    previous = lineage.latest_completed_run(config.name)
-    if train_steps is not None:
-        config = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": train_steps})})
-    result = pipeline(config=config)
+    cfg = run_config({"config": config, "root": root, "train_steps": train_steps})
+    lineage = LineageStore(ArtifactStore(cfg.root).lineage_path)
+    previous = lineage.latest_completed_run(cfg.name)
+    result = run_pipeline(cfg)
     run_id = result["run_id"]
     diff = refresh_diff(lineage, previous, run_id)
     lineage.record_refresh_diff(run_id, previous, diff)
     rebuilt = [r["stage"] for r in lineage.stage_runs(run_id) if r["status"] == "completed"]
     create_table_artifact(key="refresh-diff", table=diff, description=f"documents per source vs run {previous}")
+    create_markdown_artifact(
+        key="refresh-report", markdown=refresh_markdown(run_id, previous, diff, rebuilt), description="refresh"
+    )
     changes = sum(r["added"] + r["removed"] + r["changed"] for r in diff)
     logger.info(f"refresh {run_id} vs {previous}: {changes} documents changed; rebuilt stages: {rebuilt or 'none'}")
     return result | {"previous_run_id": previous, "diff": diff, "rebuilt": rebuilt}

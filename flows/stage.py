@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from pydantic import Field
 
+from flows.parameters import UiValue, form_field
 from flows.pipeline import run_stages
 from flows.runners import parts_executor
 from storage.artifacts import ArtifactStore, Manifest
@@ -58,10 +58,14 @@ def _stage_run_name() -> str:
 
 @flow(name="stage", flow_run_name=_stage_run_name, persist_result=True, log_prints=True)
 def stage(
-    name: StageName,
-    run_id: Annotated[str, Field(description="The lineage run whose inputs to use (see `tokenmill runs`).")],
-    root: Annotated[str, Field(description="Data root holding lineage.duckdb.")] = "./data",
-    force: Annotated[bool, Field(description="Recompute even if the stage's artifact exists.")] = False,
+    name: Annotated[StageName, form_field("Stage", "The stage to rerun.")],
+    run_id: Annotated[
+        str, form_field("Lineage run", "The lineage run whose inputs to use (see `tokenmill runs`).", min_length=1)
+    ],
+    root: Annotated[
+        str, UiValue, form_field("Data root", "Data root holding lineage.duckdb.", min_length=1)
+    ] = "./data",
+    force: Annotated[bool, UiValue, form_field("Recompute", "Recompute even if the stage's artifact exists.")] = False,
 ) -> dict[str, Any]:
     """Rerun one stage of a recorded run from the inputs recorded in lineage; the attempt is added to that run."""
     lineage = open_lineage(root)

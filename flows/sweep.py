@@ -25,7 +25,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.runtime import task_run as task_runtime
 
-from flows.pipeline import GPU_CONCURRENCY_LIMIT, concurrency_slot, retry_unless_unrecoverable, uses_gpu
+from flows.pipeline import retry_unless_unrecoverable, training_slot
 from storage.artifacts import ArtifactStore, Manifest
 from storage.leaderboard import best, leaderboard_rows
 from storage.lineage import LineageStore
@@ -41,17 +41,9 @@ from tasks.sweep.spec import SweepSpec, apply_params, load_spec, resolve_spec, s
 from tasks.sweep.study import objective_from_val_loss, open_study, plan, suggest
 from tasks.sweep.trainer import train_in_child
 
-CPU_TRAIN_LIMIT = "cpu-train"
 SPEC_OBJECTIVE_KEYS = {"val_bpb": "bits_per_byte", "val_loss": "loss"}
 _LINEAGE = threading.RLock()  # trials run in threads of this process: one lineage writer at a time
 POLL_S = 0.5
-
-
-def training_slot(cfg: PipelineConfig, cpu_slots: int):
-    """A slot of the ``gpu`` limit when training on CUDA, else of the ``cpu-train`` limit (``cpu_slots`` wide)."""
-    if uses_gpu("train", cfg):
-        return concurrency_slot(GPU_CONCURRENCY_LIMIT, 1)
-    return concurrency_slot(CPU_TRAIN_LIMIT, cpu_slots)
 
 
 def _tokens_per_byte(tokenize: Manifest) -> float | None:
@@ -217,6 +209,7 @@ def _run_trials(sweep: dict, spec: SweepSpec, study, lineage: LineageStore) -> N
 
     logger = get_run_logger()
     finished, to_ask = plan(study, spec)
+    attempts = {t["trial"]: t["attempts"] for t in lineage.trials(sweep["sweep_id"])}
     pending: list[tuple[Any, dict, PrefectFuture, bool]] = []
     for t in (t for t in finished if t.state == TrialState.COMPLETE):  # pruned trials keep their recorded row
         pending.append((t.number, t.params, trial_task.submit(sweep, t.number, t.params, replay=True), True))
@@ -252,7 +245,9 @@ def _run_trials(sweep: dict, spec: SweepSpec, study, lineage: LineageStore) -> N
             pending.remove(entry)
             number, params, future, replay = entry
             row = future.result() if future.state.is_completed() else _failed_row(number, params, future, sweep)
-            if not replay:
+            if replay:  # a replay reads its stages from cache; the attempts that built them stay recorded
+                row["attempts"] = attempts.get(number) or row.get("attempts")
+            else:
                 if row["status"] == "completed":
                     study.tell(number, row["objective"])
                 elif row["status"] == "pruned":

@@ -146,6 +146,20 @@ class LineageQueries:
     # --- questions --------------------------------------------------------------------------------------
 
     @_one_connection
+    def find_docs(self, ref: str, run_id: str | None = None, candidate_ids: list[str] | None = None) -> list[dict]:
+        """The run's documents ``ref`` names: a doc id, one of ``candidate_ids`` (what a source's own id field
+        value maps to), a locator, or a file path ending in one (``/corpus/docs/a.txt`` finds ``docs/a.txt``)."""
+        run_id = self._run(run_id)
+        files = self._ledger(run_id, ("ingest",))
+        if not files:
+            return []
+        return self.store.query(
+            "SELECT doc_id, source, locator FROM read_parquet(?) WHERE doc_id = ? OR list_contains(?, doc_id) "
+            "OR locator = ? OR ? LIKE '%/' || locator ORDER BY doc_id LIMIT 20",
+            [files, ref, list(candidate_ids or []), ref, ref],
+        )
+
+    @_one_connection
     def doc(self, doc_id: str, run_id: str | None = None) -> dict:
         """A document's path through a run: each stage's decision, its split/shard/span, the models using it."""
         run_id = self._run(run_id)
@@ -346,17 +360,47 @@ class LineageQueries:
         """
         self.store.run(run_a)
         self.store.run(run_b)
+        pair = {"run_a": run_a, "run_b": run_b, "training": self.training_diff(run_a, run_b)}
         recorded = self.store.query(
             "SELECT source, added, removed, changed, unchanged FROM refresh_diffs "
             "WHERE run_id = ? AND previous_run_id = ? ORDER BY source",
             [run_b, run_a],
         )
         if recorded:
-            return {"run_a": run_a, "run_b": run_b, "sources": recorded, "method": "recorded by the refresh"}
+            return pair | {"sources": recorded, "method": "recorded by the refresh"}
         same = [self._artifact_fp(run_a, st) for st in ("ingest", "clean")]
         if None not in same and same == [self._artifact_fp(run_b, st) for st in ("ingest", "clean")]:
-            return {"run_a": run_a, "run_b": run_b, "sources": self._same_corpus(run_b), "method": "same artifacts"}
-        return {"run_a": run_a, "run_b": run_b, "sources": self._diff_scan(run_a, run_b), "method": "ledger scan"}
+            return pair | {"sources": self._same_corpus(run_b), "method": "same artifacts"}
+        return pair | {"sources": self._diff_scan(run_a, run_b), "method": "ledger scan"}
+
+    def training_diff(self, run_a: str, run_b: str) -> list[dict]:
+        """Per source, documents of the train split added, removed or unchanged between the runs: what reached
+        training (a takedown or a filter change shows here even when the sources are unchanged)."""
+        fp_a, fp_b = self._artifact_fp(run_a, "tokenize"), self._artifact_fp(run_b, "tokenize")
+        if fp_a is None or fp_b is None:
+            return []
+        if fp_a == fp_b:
+            per_source: dict[str, int] = {}
+            for index in self._indexes(run_b, ("tokenize",)):
+                for r in index.rollup().select(["source", "split", "docs"]).to_pylist():
+                    if r["split"] == "train":
+                        per_source[r["source"]] = per_source.get(r["source"], 0) + r["docs"]
+            return [{"source": k, "added": 0, "removed": 0, "unchanged": v} for k, v in sorted(per_source.items())]
+
+        def train(run_id: str) -> str:
+            files = self._ledger(run_id, ("tokenize",))
+            return f"(SELECT doc_id, source FROM read_parquet({files!r}) WHERE split = 'train')"
+
+        return self.store.query(
+            f"""
+            SELECT coalesce(a.source, b.source) AS source,
+                   count(*) FILTER (WHERE a.doc_id IS NULL) AS added,
+                   count(*) FILTER (WHERE b.doc_id IS NULL) AS removed,
+                   count(*) FILTER (WHERE a.doc_id IS NOT NULL AND b.doc_id IS NOT NULL) AS unchanged
+            FROM {train(run_a)} a FULL OUTER JOIN {train(run_b)} b USING (doc_id)
+            GROUP BY ALL ORDER BY source
+            """
+        )
 
     def _same_corpus(self, run_id: str) -> list[dict]:
         """The diff of a run against one with the same ingest and clean artifacts: every hashed doc unchanged."""

@@ -495,7 +495,7 @@ class ModelConfig(Section):
         description="gpt2: learned positions, LayerNorm, GELU, tied head. modern: rotary positions, RMSNorm, "
         "QK-norm, untied head, zero-initialised residual projections (docs/training.md).",
     )
-    mlp: Literal["relu2", "swiglu"] = Field("relu2", description="MLP of the modern arch: ReLU² or SwiGLU.")
+    mlp: Literal["relu2", "swiglu"] = Field("swiglu", description="MLP of the modern arch: SwiGLU or ReLU².")
 
     @model_validator(mode="before")
     @classmethod
@@ -638,14 +638,17 @@ class PipelineConfig(Section):
         min_length=1,
         description="Inputs to ingest; at least one, with unique names.",
     )
-    clean: CleanConfig = CleanConfig()
-    dedup: DedupConfig = DedupConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    tokenize: TokenizeConfig = TokenizeConfig()
-    decontaminate: DecontaminateConfig = DecontaminateConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
+    # titles and descriptions: what the Prefect UI shows for each section of the full configuration form
+    clean: CleanConfig = Field(CleanConfig(), title="Cleaning", description="Filters, PII masking, size limits.")
+    dedup: DedupConfig = Field(DedupConfig(), title="Deduplication", description="Exact and near-duplicate removal.")
+    tokenizer: TokenizerConfig = Field(TokenizerConfig(), title="Tokenizer", description="The BPE tokenizer.")
+    tokenize: TokenizeConfig = Field(TokenizeConfig(), title="Token shards", description="Splits and shard sizes.")
+    decontaminate: DecontaminateConfig = Field(
+        DecontaminateConfig(), title="Decontamination", description="Training text overlapping held-out or eval sets."
+    )
+    model: ModelConfig = Field(ModelConfig(), title="Model", description="The GPT's size (a preset or explicit).")
+    train: TrainConfig = Field(TrainConfig(), title="Training", description="Budget, optimizer, schedule, checkpoints.")
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), title="Evaluation", description="Metrics, probes, samples.")
 
     @field_validator("sources")
     @classmethod

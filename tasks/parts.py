@@ -191,12 +191,24 @@ def default_workers(workers: int | None) -> int:
     return max(1, workers or len(os.sched_getaffinity(0)))
 
 
-def map_parts(fn: Callable[[P], R], parts: Sequence[P], workers: int | None) -> list[R]:
+def map_parts(
+    fn: Callable[[P], R],
+    parts: Sequence[P],
+    workers: int | None,
+    on_done: Callable[[int, int], None] | None = None,
+) -> list[R]:
     """``[fn(p) for p in parts]``, on a process pool when there are several parts and workers.
 
     ``fn`` and the parts must be picklable. Inside ``use_executor``
     the parts run on that cluster instead (``workers`` then only matters for how callers size parts).
+    ``on_done(done, total)`` is called as results arrive (in part order), for progress displays.
     """
+    if on_done is not None:
+        results: list[R] = []
+        for result in imap_parts(fn, parts, min(default_workers(workers), max(len(parts), 1)), len(parts) or None):
+            results.append(result)
+            on_done(len(results), len(parts))
+        return results
     executor = active_executor()
     if executor is not None and parts:
         return executor.map(fn, parts)

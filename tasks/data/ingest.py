@@ -534,7 +534,12 @@ def ingest(
     )
     done = [
         job
-        for part in map_parts(ingest_part, parts, n_workers if sum(sizes) >= parallel_min_bytes else 1)
+        for part in map_parts(
+            ingest_part,
+            parts,
+            n_workers if sum(sizes) >= parallel_min_bytes else 1,
+            lambda finished, n: ctx.progress(finished / n, f"{finished}/{n} parts"),
+        )
         for job in part
     ]
     merged = merge_fragments(done, plan.problems, ctx.out_dir, sources)

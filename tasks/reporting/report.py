@@ -354,9 +354,17 @@ def data_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def curve_markdown(curve: list[dict], spikes: list[dict] | None = None) -> str:
+CURVE_FILE = "loss_curve.png"
+
+
+def curve_markdown(curve: list[dict], spikes: list[dict] | None = None, image: str | None = None) -> str:
+    """The training section: the loss-curve picture (``image``: a link or a data URI), the eval points and the
+    highest-loss steps."""
     evals = [p for p in curve if p.get("val_loss") is not None]
-    lines = ["## Training", "", "| step | train loss | val loss (fixed subset) |", "|---:|---:|---:|"]
+    lines = ["## Training", ""]
+    if image:
+        lines += [f"![training loss curve]({image})", ""]
+    lines += ["| step | train loss | val loss (fixed subset) |", "|---:|---:|---:|"]
     lines += [f"| {p['step']} | {p['loss']:.4f} | {p['val_loss']:.4f} |" for p in evals]
     if spikes:
         lines += ["", "Highest-loss steps after warm-up and what they held (`tokenmill lineage step MODEL STEP`):", ""]
@@ -379,7 +387,15 @@ def verdict_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_run_markdown(run: dict) -> str:
+def curve_image(run: dict, embed: bool) -> str | None:
+    """The loss curve as a data URI (``embed``: for the Prefect UI and the HTML file) or the file next to report.md."""
+    if not run.get("curve_png"):
+        return None
+    return f"data:image/png;base64,{run['curve_png']}" if embed else CURVE_FILE
+
+
+def render_run_markdown(run: dict, embed_images: bool = False) -> str:
+    """The run report as Markdown; ``embed_images`` inlines the loss curve (the Prefect UI renders data URIs)."""
     prev = f"previous run of `{run['pipeline']}`: `{run['previous_run']}`" if run["previous_run"] else "first run"
     return "\n".join(
         [
@@ -389,7 +405,7 @@ def render_run_markdown(run: dict) -> str:
             "",
             verdict_markdown(run["report"]),
             data_markdown(run["data"]),
-            curve_markdown(run["curve"], run.get("loss_spikes")),
+            curve_markdown(run["curve"], run.get("loss_spikes"), curve_image(run, embed_images)),
             metrics_markdown(run["report"], run["previous"], run.get("same_tokenizer", True)),
             samples_markdown(run["report"]["samples"]),
         ]
@@ -406,18 +422,9 @@ STYLE = (
 )
 
 
-def curve_html(run: dict) -> str:
-    """The train stage's own ``loss_curve.png`` embedded as base64 (every train artifact has one)."""
-    png = run.get("curve_png")
-    if png:
-        return f'<img alt="training curve" src="data:image/png;base64,{png}">'
-    return "<p>(no loss curve in the train artifact)</p>"
-
-
 def render_run_html(run: dict) -> str:
     """One self-contained HTML page: the Markdown report with the training curve embedded."""
-    body = _MARKDOWN.render(render_run_markdown(run))
-    body = body.replace("<h2>Training</h2>", f"<h2>Training</h2>\n{curve_html(run)}", 1)
+    body = _MARKDOWN.render(render_run_markdown(run, embed_images=True))
     title = html.escape(f"tokenmill run {run['run_id']}")
     return f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head>' + (
         f"<body>{body}</body></html>\n"
@@ -463,6 +470,8 @@ def write_run_report(folder: Path, run: dict) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": folder / "report.md", "html": folder / "report.html"}
     paths["markdown"].write_text(render_run_markdown(run))
+    if run.get("curve_png"):
+        (folder / CURVE_FILE).write_bytes(base64.b64decode(run["curve_png"]))
     paths["html"].write_text(render_run_html(run))
     return paths
 

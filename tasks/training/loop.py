@@ -43,6 +43,7 @@ from tasks.training.validation import estimate_loss
 LOG_FILE = "train_log.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 TELEMETRY_FILE = "telemetry.jsonl"
+PROGRESS_EVERY_S = 2.0  # seconds between progress reports from inside an eval interval
 
 
 def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
@@ -112,6 +113,7 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
     model.train()
     x, y = next_batch()
     segment_start, segment_tokens = time.perf_counter(), 0
+    last_progress = segment_start
     while run.step < plan.total_steps:
         maybe_fail("train", f"step{run.step}")
         lr = lr_at(run.step, cfg, plan.total_steps)
@@ -144,6 +146,10 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
         segment_tokens += plan.tokens_per_step
         pending.append((run.step, lr, loss_sum / plan.grad_accum, grad_norm))
         at_eval = run.step % cfg.eval_interval == 0 or run.step == plan.total_steps
+        if env.is_main and not at_eval and time.perf_counter() - last_progress >= PROGRESS_EVERY_S:
+            last_progress = time.perf_counter()  # between evals too: the step and this process's latest loss
+            loss_now = (loss_sum / plan.grad_accum).item()
+            ctx.progress(run.step / plan.total_steps, f"step {run.step}/{plan.total_steps} loss {loss_now:.4f}")
         at_ckpt = run.step % cfg.checkpoint_interval == 0 and run.step < plan.total_steps
         if not (at_eval or at_ckpt):
             continue
@@ -175,7 +181,11 @@ def run_training(job: TrainJob, ctx: StageContext, env: DistEnv) -> dict:
                     f"lr {lr:.2e} grad-norm {row['grad_norm']:.3f} {tokens_per_s:,.0f} tok/s MFU {mfu_text} "
                     f"peak mem {metrics['peak_mem_mb']:,.0f} MiB"
                 )
-                ctx.progress(run.step / plan.total_steps, f"step {run.step}: val loss {row['val_loss']:.4f}")
+                ctx.progress(
+                    run.step / plan.total_steps,
+                    f"step {run.step}/{plan.total_steps} loss {row['loss']:.4f} val {row['val_loss']:.4f} "
+                    f"{tokens_per_s:,.0f} tok/s",
+                )
             if ctx.should_stop(run.step, row["val_loss"]):
                 raise TrainingStopped(f"train: stopped at step {run.step} (val loss {row['val_loss']:.4f})")
         if at_ckpt:

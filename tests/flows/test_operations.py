@@ -6,11 +6,14 @@ REST exactly as the UI's buttons do, and the browser test drives the UI itself i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -30,16 +33,57 @@ pytestmark = [pytest.mark.integration, pytest.mark.prefect, pytest.mark.slow]
 
 TIMEZONE = "Europe/Berlin"
 # Server services these tests never need: fewer writers on the server's SQLite file on a busy 2-core machine.
+# (TRIGGERS stays on: it runs the failure-alert automation.)
 IDLE_SERVICES = (
     "LATE_RUNS",
     "FOREMAN",
     "PAUSE_EXPIRATIONS",
     "CANCELLATION_CLEANUP",
     "REPOSSESSOR",
-    "TRIGGERS",
     "EVENT_LOGGER",
 )
 OUTPUT = Path(os.environ.get("TOKENMILL_TEST_OUTPUT", Path(__file__).resolve().parents[2] / "test-output"))
+
+
+@dataclass
+class WebhookReceiver:
+    """An HTTP endpoint on 127.0.0.1 that records the JSON bodies posted to it (the alert's destination)."""
+
+    url: str
+    received: list[dict] = field(default_factory=list)
+
+    def wait_for(self, needle: str, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for body in list(self.received):
+                if needle in json.dumps(body):
+                    return body
+            time.sleep(0.5)
+        raise AssertionError(f"no notification mentioning {needle!r} within {timeout} s; got {self.received}")
+
+
+@pytest.fixture(scope="module")
+def alert_receiver():
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server hook's name
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            received.append(json.loads(body or b"{}"))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield WebhookReceiver(f"http://127.0.0.1:{httpd.server_address[1]}/alerts", received)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @dataclass
@@ -50,6 +94,7 @@ class Served:
     config: PipelineConfig
     fault_file: Path
     log: Path
+    config_path: Path
 
     def config_for(self, root: str, **overrides: dict) -> dict:
         """The tiny config as the UI would send it, with ``overrides`` merged into sections unvalidated."""
@@ -76,8 +121,9 @@ def prefect_server(tmp_path_factory) -> LiveServer:
 
 
 @pytest.fixture(scope="module")
-def served(prefect_server: LiveServer, tmp_path_factory) -> Served:
-    """``tokenmill serve`` with the tiny corpus as default parameters, armed for faults through a spec file."""
+def served(prefect_server: LiveServer, alert_receiver: WebhookReceiver, tmp_path_factory) -> Served:
+    """``tokenmill serve`` with the tiny corpus as default parameters, armed for faults through a spec file, and
+    failure alerts sent to the local webhook receiver."""
     work = tmp_path_factory.mktemp("served")
     corpus = work / "corpus"
     write_corpus(corpus)
@@ -96,7 +142,17 @@ def served(prefect_server: LiveServer, tmp_path_factory) -> Served:
     }
     log = work / "serve.log"
     cmd = python_command(
-        "-m", "flows.cli", "serve", "--config", str(config_path), "--timezone", TIMEZONE, "--wait-for-api", "180"
+        "-m",
+        "flows.cli",
+        "serve",
+        "--config",
+        str(config_path),
+        "--timezone",
+        TIMEZONE,
+        "--wait-for-api",
+        "180",
+        "--alerts",
+        alert_receiver.url,
     )
     started = time.monotonic()
     proc = start_group(cmd, env, log)
@@ -109,7 +165,7 @@ def served(prefect_server: LiveServer, tmp_path_factory) -> Served:
             time.sleep(0.5)
         _wait_for_deployments(prefect_server, deadline)
         print(f"tokenmill serve ready after {time.monotonic() - started:.1f} s (both started together)")
-        yield Served(prefect_server, work, corpus, config, fault_file, log)
+        yield Served(prefect_server, work, corpus, config, fault_file, log, config_path)
     finally:
         stop_group(proc)
 
@@ -161,6 +217,7 @@ def failed_then_retried(served: Served) -> dict:
     try:
         flow_run_id = server.run(PIPELINE_DEPLOYMENT, {"config": served.config_for("root")})
         failed = server.wait(flow_run_id, serve_log=served.log)
+        failed_name = failed["name"]
         failed_lineage = _lineage(root).stage_runs(_run_id(served, flow_run_id, root))
         failed_tasks = server.task_runs(flow_run_id)
         retried_at = time.monotonic()
@@ -175,6 +232,7 @@ def failed_then_retried(served: Served) -> dict:
         "run_id": run_id,
         "root": root,
         "failed": failed,
+        "failed_name": failed_name,
         "failed_lineage": failed_lineage,
         "failed_tasks": failed_tasks,
         "completed": completed,
@@ -195,6 +253,7 @@ def test_ui_retry_reruns_only_the_failed_stage_and_its_downstream(failed_then_re
     assert "injected fault" in r["failed_lineage"][-1]["error"]
     assert r["completed"]["state_type"] == "COMPLETED", tail(served.log)
     assert r["completed"]["run_count"] == 2  # the same flow run, retried
+    assert r["completed"]["name"] == r["failed_name"]  # and it keeps its name
     retry_rows = r["lineage"][len(r["failed_lineage"]) :]
     assert {s["stage"]: s["status"] for s in retry_rows} == {
         "ingest": "cached",
@@ -301,6 +360,53 @@ def test_nightly_refresh_is_scheduled_and_a_no_change_refresh_does_nothing(faile
     print(f"no-change refresh: {run['total_run_time']:.1f} s of flow run time")
 
 
+def test_a_failed_run_notifies_the_webhook(failed_then_retried: dict, served: Served, alert_receiver: WebhookReceiver):
+    """The automation `tokenmill serve --alerts URL` registered fires on the failed run (before its Retry)."""
+    body = alert_receiver.wait_for(failed_then_retried["failed_name"])
+    assert "failed" in body["subject"].lower() and "injected fault" in body["text"], body
+    assert f"/runs/flow-run/{failed_then_retried['flow_run_id']}" in body["text"]  # a link into the UI
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    (OUTPUT / "failure-notification.json").write_text(json.dumps(body, indent=2) + "\n")
+
+
+def test_a_schedule_made_in_the_ui_produces_valid_runs(failed_then_retried: dict, served: Served):
+    """What the UI's "+ Schedule" stores: fields left untouched as ``{"__prefect_kind": "json"}`` placeholders,
+    which the scheduler copies into its runs unhydrated. The run must validate and use the deployment's defaults."""
+    server = served.server
+    deployment = server.deployment(PIPELINE_DEPLOYMENT)
+    untouched = {"__prefect_kind": "json"}
+    parameters = {"config": untouched, "root": untouched, "seed": 77, "train_steps": untouched, "force": untouched}
+    created = server.request(
+        "POST",
+        f"/deployments/{deployment['id']}/schedules",
+        json=[{"schedule": {"cron": "30 3 * * *", "timezone": "UTC"}, "active": True, "parameters": parameters}],
+    )
+    assert created.status_code == 201, created.text
+    schedule_id = created.json()[0]["id"]
+    try:
+        now = datetime.now(UTC)
+        scheduled = server.request(  # the scheduler service's own code path, without waiting for its loop
+            "POST",
+            f"/deployments/{deployment['id']}/schedule",
+            json={"end_time": (now + timedelta(days=2)).isoformat(), "max_runs": 2},
+        )
+        assert scheduled.status_code in (200, 201), scheduled.text
+        runs = [r for r in server.flow_runs_of(PIPELINE_DEPLOYMENT, "SCHEDULED") if r["parameters"].get("seed") == 77]
+        assert runs and runs[0]["parameters"]["train_steps"] == untouched, runs  # stored unhydrated
+        run_now = {"type": "SCHEDULED", "state_details": {"scheduled_time": now.isoformat()}}
+        server.request("POST", f"/flow_runs/{runs[0]['id']}/set_state", json={"state": run_now, "force": True})
+        run = server.wait(runs[0]["id"], serve_log=served.log)
+        assert run["state_type"] == "COMPLETED", (run["state"], tail(served.log))
+        root = Path(served.config.root)
+        recorded = json.loads(_lineage(root).run(_run_id(served, runs[0]["id"], root))["config"])
+        assert (recorded["seed"], recorded["root"]) == (77, served.config.root)  # the deployment's configuration
+        assert recorded["train"]["max_steps"] == served.config.train.max_steps
+    finally:
+        server.request("DELETE", f"/deployments/{deployment['id']}/schedules/{schedule_id}")
+        for leftover in server.flow_runs_of(PIPELINE_DEPLOYMENT, "SCHEDULED"):
+            server.request("DELETE", f"/flow_runs/{leftover['id']}")
+
+
 def _submit(page, attempts: int = 3) -> str:
     """Click Submit and return the created flow run's id; a 503 (server's SQLite busy) is submitted again."""
     for _ in range(attempts):
@@ -313,17 +419,26 @@ def _submit(page, attempts: int = 3) -> str:
     raise AssertionError(f"create_flow_run answered 503 {attempts} times")
 
 
-def test_browser_custom_run_from_the_ui(failed_then_retried: dict, served: Served):
-    """Headless Chromium: Deployments → pipeline → Run → Custom run → change "Pipeline seed" → Submit → Completed.
+def _field(page, label: str):
+    """The input of a parameter in the v2 run form (its label is not tied to the input, so find it by position)."""
+    group = f"//label[normalize-space()='{label}']/ancestor::div[contains(@class, 'group')][1]"
+    return page.locator(f"xpath={group}//input")
 
-    It runs after the retry scenario on the same data root, so only train and evaluate (which the seed feeds)
-    recompute."""
+
+FORM_FIELDS = "input:visible, textarea:visible, select:visible, [role=combobox]:visible, [role=switch]:visible"
+
+
+def test_browser_short_run_form_then_the_loss_curve_on_the_run(failed_then_retried: dict, served: Served):
+    """Headless Chromium: Deployments → pipeline → Run → Custom run → the short form (Seed and Training steps
+    changed) → Submit → Completed; then the run's evaluation report shows the loss-curve picture.
+
+    It runs after the retry scenario on the same data root, so only train, evaluate and export recompute."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (make test installs it with apt-get; see README)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    screenshot = OUTPUT / "prefect-ui-custom-run.png"
+    shots = {name: OUTPUT / f"prefect-ui-{name}.png" for name in ("run-form", "custom-run", "loss-curve")}
     base = served.server.url
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
@@ -351,12 +466,30 @@ def test_browser_custom_run_from_the_ui(failed_then_retried: dict, served: Serve
             page.get_by_role("link", name="tokenmill", exact=True).first.click()
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_role("menuitem", name="Custom run").click()
-            page.get_by_label("Pipeline seed (Optional)", exact=True).fill("4242")
+            # the served configuration's seed and budget are shown filled in
+            seed, steps = _field(page, "Seed (Optional)"), _field(page, "Training steps (Optional)")
+            try:
+                seed.wait_for(timeout=20_000)
+            except sync_api.TimeoutError:
+                (OUTPUT / "prefect-ui-run-form.html").write_text(page.content())
+                raise
+            assert seed.input_value() == str(served.config.seed)
+            assert steps.input_value() == str(served.config.train.max_steps)
+            seed.fill("4242")
+            steps.fill(str(served.config.train.max_steps + 2))
+            fields = page.locator(FORM_FIELDS).count()
+            height = page.evaluate("document.documentElement.scrollHeight")
+            page.screenshot(path=str(shots["run-form"]), full_page=True)
+            print(f"\n  run form: {fields} visible fields, page {height} px high")
+            assert fields <= 25 and height <= 4000, (fields, height)  # was ~300 fields and ~15,000 px
             flow_run_id = _submit(page)
             page.goto(f"{base}/v2/runs/flow-run/{flow_run_id}")
             run = served.server.wait(flow_run_id, serve_log=served.log)
             assert run["state_type"] == "COMPLETED", tail(served.log)
-            assert run["parameters"]["config"]["seed"] == 4242
+            assert (run["parameters"]["seed"], run["parameters"]["train_steps"]) == (
+                4242,
+                served.config.train.max_steps + 2,
+            )
             root = Path(served.config.root)
             statuses = {r["stage"]: r["status"] for r in _lineage(root).stage_runs(_run_id(served, flow_run_id, root))}
             assert statuses == {
@@ -367,9 +500,18 @@ def test_browser_custom_run_from_the_ui(failed_then_retried: dict, served: Serve
             }
             page.reload()  # the Logs tab does not refetch by itself
             page.get_by_text("Completed").first.wait_for()
-            page.get_by_text("built", exact=False).first.wait_for()  # a stage's log line, through the run logger
+            page.get_by_text("clean: cached", exact=False).first.wait_for()  # cached stages are named in the logs
+            page.screenshot(path=str(shots["custom-run"]), full_page=True)
+
+            page.get_by_role("tab", name="Artifacts").click()
+            page.get_by_text("evaluation-report").first.click()
+            curve = page.locator('img[alt="training loss curve"]').first
+            curve.wait_for(state="visible")
+            curve.scroll_into_view_if_needed()
+            assert curve.evaluate("img => img.complete && img.naturalWidth > 100"), "the loss curve did not load"
         finally:
-            page.screenshot(path=str(screenshot), full_page=True)
+            page.screenshot(path=str(shots["loss-curve"]), full_page=True)
             context.close()
-    assert screenshot.stat().st_size > 0
-    print(f"screenshot: {screenshot}")
+    for shot in shots.values():
+        assert shot.stat().st_size > 0
+        print(f"screenshot: {shot}")

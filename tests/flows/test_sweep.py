@@ -78,7 +78,8 @@ def test_a_sweep_builds_shared_stages_once_retries_a_failed_trial_alone_and_read
     again = sweep(spec_path=str(path))  # a finished sweep reruns from cache and does not read test again
     assert _built(root) == built
     assert again["test"]["reused"] and len(lineage.test_reads(result["sweep_id"])) == 1
-    assert [t["objective"] for t in lineage.trials(result["sweep_id"])] == [t["objective"] for t in trials]
+    replayed = lineage.trials(result["sweep_id"])
+    assert [(t["objective"], t["attempts"]) for t in replayed] == [(t["objective"], t["attempts"]) for t in trials]
 
     wider = _spec(tmp_path, corpus, "lr", space={"train.learning_rate": [1e-3, 3e-3, 1e-2, 3e-2]})
     with pytest.raises(UserError, match="already read its test split"):

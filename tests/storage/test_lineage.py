@@ -169,8 +169,25 @@ def test_takedown_walkthrough_diff_and_rebuild(tmp_path: Path):
     for copy in plan["copies"]:
         assert q.doc(copy, "after")["shard"] is None
         assert q.why(copy, "after")["reason"] == "takedown"
-    diff = {r["source"]: r for r in q.diff("before", "after")["sources"]}
-    assert diff["docs"]["added"] == diff["docs"]["removed"] == 0
+    diff = q.diff("before", "after")
+    assert all(r["added"] == r["removed"] == 0 for r in diff["sources"])  # the sources did not change …
+    removed = sum(r["removed"] for r in diff["training"])  # … but what reached training did
+    assert removed == (1 if plan["placements"][0]["split"] == "train" else 0), diff["training"]
+    assert sum(r["added"] for r in diff["training"]) == 0
+
+
+def test_a_document_is_found_by_path_locator_or_id(tmp_path: Path):
+    write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "corpus", tmp_path / "root")
+    run_all(cfg, log=lambda m: None, run_id="r1")
+    q = LineageQueries(LineageStore(ArtifactStore(cfg.root).lineage_path))
+    doc_id = _doc_id_in(q, "r1", "prose_03.txt")
+    by_path = q.find_docs(str(tmp_path / "corpus" / "docs" / "prose_03.txt"), "r1")
+    assert [d["doc_id"] for d in by_path] == [doc_id]
+    assert [d["doc_id"] for d in q.find_docs("prose_03.txt", "r1")] == [doc_id]
+    assert [d["doc_id"] for d in q.find_docs(doc_id, "r1")] == [doc_id]
+    assert [d["doc_id"] for d in q.find_docs("x", "r1", candidate_ids=[doc_id])] == [doc_id]  # an id-field value
+    assert q.find_docs("no/such/file.txt", "r1") == []
 
 
 def _doc_id_in(q: LineageQueries, run_id: str, locator: str) -> str:
