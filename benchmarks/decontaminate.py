@@ -27,7 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tasks.data.decontaminate import NgramIndex, check_batch, ngram_hasher  # noqa: E402
 
-VOCAB = [f"w{i}" for i in range(20_000)]
+
+def _word(i: int) -> str:
+    """A letters-only word (normalization folds digits, so 'w1' and 'w2' would be one word)."""
+    out = ""
+    while True:
+        i, r = divmod(i, 26)
+        out += chr(97 + r)
+        if not i:
+            return out
+
+
+VOCAB = [_word(i) for i in range(20_000)]
 WEIGHTS = 1.0 / (np.arange(len(VOCAB)) + 10.0)
 WEIGHTS /= WEIGHTS.sum()
 
