@@ -15,7 +15,9 @@ Compared on the same documents, one process (docs/s per core):
 - ``py3langid``: ``langid.classify``;
 - ``lingua``: ``LanguageDetectorBuilder.from_all_languages()`` (high accuracy mode; models bundled).
 
-Libraries that are not installed are skipped. ``python benchmarks/language_id.py --per-lang 150``
+Libraries that are not installed are skipped. ``python benchmarks/language_id.py --per-lang 150``.
+``--clean-share DIR`` instead times clean's batch function with and without language identification on the
+text files under DIR (best of three, one process): the share of clean's time LID adds.
 """
 
 from __future__ import annotations
@@ -138,14 +140,44 @@ def candidates() -> dict[str, Callable[[list[str]], list[str]]]:
     return found
 
 
+def clean_share(folder: Path, repeats: int = 3) -> dict:
+    """The share of clean's batch time that language identification takes, on the text files under ``folder``."""
+    from tasks.config import CleanConfig
+    from tasks.data.clean import clean_batch
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix in {".md", ".rst", ".txt"} and p.is_file())
+    texts = [p.read_text(errors="replace") for p in files]
+    locators = [str(p) for p in files]
+    timings = {}
+    for name, cfg in (("with_lid", CleanConfig()), ("without_lid", CleanConfig(language_id=False))):
+        clean_batch(texts[:8], ["s"] * 8, locators[:8], cfg)  # warm-up (model load, regexes)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for lo in range(0, len(texts), 512):
+                clean_batch(texts[lo : lo + 512], ["s"] * len(texts[lo : lo + 512]), locators[lo : lo + 512], cfg)
+            best = min(best, time.perf_counter() - start)
+        timings[name] = best
+    return {
+        "docs": len(texts),
+        "mb": round(sum(len(t.encode()) for t in texts) / 1e6, 2),
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+        "lid_share": round(1 - timings["without_lid"] / timings["with_lid"], 4),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clean-share", type=Path, help="Folder of .md/.rst/.txt files: LID's share of clean's time")
     parser.add_argument("--locale-root", type=Path, default=Path("/usr/share/locale"))
     parser.add_argument("--per-lang", type=int, default=150)
     parser.add_argument("--doc-chars", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", help="candidate names to run")
     args = parser.parse_args()
+    if args.clean_share:
+        print(json.dumps(clean_share(args.clean_share), indent=1))
+        return
     strings = catalog_strings(args.locale_root)
     rows = build_sample(strings, args.per_lang, args.doc_chars, args.seed)
     labels = sorted({r[0] for r in rows})

@@ -10,7 +10,7 @@ bits-per-byte, which compares models across tokenizers and windows.
 Needs a data root where the quickstart has run up to ``tokenize`` (``tokenmill run`` or ``tokenmill stage``):
 
     python benchmarks/recipe.py --root ./data
-    python benchmarks/recipe.py --root ./data --recipes gpt2-adamw-cosine modern-muon-wsd modern-swiglu-muon-wsd
+    python benchmarks/recipe.py --root ./data --recipes modern-muon-wsd-none modern-swiglu-muon-wsd modern-muon-wsd-bos
 
 Recipes are named overrides of the config's model and train sections (``RECIPES``); ``--set`` adds more.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,26 @@ def quickstart_data(root: Path, cfg: PipelineConfig) -> dict:
     }
 
 
+def baseline_bpb(data: dict) -> dict[str, float]:
+    """Unigram and Kneser-Ney bigram bits-per-byte on the very val tokens the recipes are scored on."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from storage.shards import read_token_shard
+    from tasks.evaluation.baselines import fit_baselines
+    from tasks.evaluation.evaluate import token_byte_lengths
+
+    lengths = token_byte_lengths(Tokenizer.from_file(data["tokenizer"]))
+    baselines = fit_baselines([Path(p) for p in data["train"]], data["vocab"])
+    nats, n_bytes = dict.fromkeys((b.name for b in baselines), 0.0), 0
+    for path in data["val"]:
+        tokens = read_token_shard(Path(path)).astype(np.int64)
+        for b in baselines:
+            nats[b.name] -= float(b.log_prob(tokens[:-1], tokens[1:]).sum())
+        n_bytes += int(lengths[tokens[1:]].sum())
+    return {name: value / math.log(2) / n_bytes for name, value in nats.items()}
+
+
 def recipe_args(name: str, cfg: PipelineConfig, data: dict, steps: int, work: Path, score: bool) -> dict:
     recipe = RECIPES[name]
     model = cfg.model.model_dump() | recipe.get("model", {})
@@ -138,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="data root where the quickstart ran to tokenize")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.yaml")
-    parser.add_argument("--recipes", nargs="+", default=[BASELINE, "modern-muon-wsd"], choices=sorted(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=[BASELINE, "modern-swiglu-muon-wsd"], choices=sorted(RECIPES))
     parser.add_argument("--steps", type=int, default=None, help="baseline steps (default: the config's max_steps)")
     parser.add_argument("--calibrate", type=int, default=40, help="steps of the timing runs")
     parser.add_argument("--equal-steps", action="store_true", help="same steps for every recipe (no calibration)")
@@ -169,7 +190,10 @@ def main() -> None:
             f"{n:28} {r['steps']:>6} {r['train_seconds']:>8.1f} {r['tokens_per_s']:>8,.0f} {r['val_loss']:>9.4f} "
             f"{r['val_bpb']:>8.4f} {r['bpb_vs_baseline']:>+8.1%}"
         )
+    baselines = baseline_bpb(data)
+    print("baselines on the same val tokens: " + ", ".join(f"{k} {v:.4f} bits/byte" for k, v in baselines.items()))
     out = {"baseline_steps": base_steps, "seconds_per_step": seconds_per_step, "results": results}
+    out["baselines_bpb"] = baselines
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))

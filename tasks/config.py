@@ -495,7 +495,7 @@ class ModelConfig(Section):
         description="gpt2: learned positions, LayerNorm, GELU, tied head. modern: rotary positions, RMSNorm, "
         "QK-norm, untied head, zero-initialised residual projections (docs/training.md).",
     )
-    mlp: Literal["relu2", "swiglu"] = Field("relu2", description="MLP of the modern arch: ReLU² or SwiGLU.")
+    mlp: Literal["relu2", "swiglu"] = Field("swiglu", description="MLP of the modern arch: SwiGLU or ReLU².")
 
     @model_validator(mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tasks.config import PipelineConfig, SourceConfig
 from tasks.data import readers
+from tasks.data.decontaminate import set_fingerprint
 from tasks.data.dedup import resolve_previous
 from tasks.errors import UserError
 
@@ -28,6 +29,7 @@ def preflight(cfg: PipelineConfig) -> None:
     for i, source in enumerate(cfg.sources):
         check_source(i, source)
     check_pretrained_tokenizer(cfg)
+    check_evaluation_sets(cfg)
     if cfg.dedup.against not in (None, "latest"):
         try:
             resolve_previous(cfg.dedup.against, cfg.root)
@@ -65,6 +67,13 @@ def found_suffixes(source: SourceConfig) -> Counter[str]:
         if suffixes:
             counts["".join(suffixes[-2:]).lower()] += 1
     return counts
+
+
+def check_evaluation_sets(cfg: PipelineConfig) -> None:
+    """Every ``decontaminate.sets`` entry names JSONL or Parquet files (their content is hashed here too)."""
+    if cfg.decontaminate.enabled:
+        for eval_set in cfg.decontaminate.sets:
+            set_fingerprint(eval_set)
 
 
 def check_pretrained_tokenizer(cfg: PipelineConfig) -> None:

@@ -112,13 +112,21 @@ class Match:
 
 
 def check_batch(
-    doc_ids: list[str], sources: list[str], texts: list[str], indexes: list[NgramIndex], n: int, min_overlap: float
+    doc_ids: list[str],
+    sources: list[str],
+    texts: list[str],
+    indexes: list[NgramIndex],
+    n: int,
+    min_overlap: float,
+    shingles: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[list[Match]]:
-    """Per document: its matches, one per set it overlaps (sets in the given order)."""
+    """Per document: its matches, one per set it overlaps (sets in the given order).
+
+    ``shingles`` — the texts' n-gram hashes and offsets, when the caller has them already."""
     out: list[list[Match]] = [[] for _ in texts]
     if not indexes or not texts:
         return out
-    shingles, offsets = ngram_hasher(n).shingles(texts)
+    shingles, offsets = shingles if shingles is not None else ngram_hasher(n).shingles(texts)
     doc_of = np.repeat(np.arange(len(texts)), np.diff(offsets))
     for index in indexes:
         for d in np.unique(doc_of[index.hits(shingles)]):

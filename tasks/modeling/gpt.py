@@ -27,7 +27,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     arch: str = "gpt2"  # "gpt2" | "modern"
-    mlp: str = "relu2"  # modern only: "relu2" (relu(x)^2) | "swiglu" (silu(gate x) * up x)
+    mlp: str = "swiglu"  # modern only: "relu2" (relu(x)^2) | "swiglu" (silu(gate x) * up x)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS or self.mlp not in MLPS:

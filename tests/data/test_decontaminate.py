@@ -12,6 +12,7 @@ from storage.hashing import stable_id
 from tasks.data.decontaminate import NgramIndex, check_batch
 from tasks.data.tokenize import split_of
 from tasks.errors import UserError
+from tasks.preflight import preflight
 from tasks.stages import SPECS, STAGES, run_stage
 from tests.support.corpus import prose, tiny_config
 
@@ -105,5 +106,7 @@ def test_planted_documents_are_found_against_a_configured_set_and_against_test(t
 def test_a_missing_benchmark_file_is_a_one_line_error_before_any_work(tmp_path: Path):
     corpus, bench, _ = _corpus(tmp_path, [{"qid": "a", "text": ITEM}])
     cfg = _config(tmp_path, corpus, tmp_path / "nope.jsonl", "drop")
+    with pytest.raises(UserError, match=r"decontaminate.sets\[bench\].*nope.jsonl"):
+        preflight(cfg)  # before any stage
     with pytest.raises(UserError, match=r"decontaminate.sets\[bench\].*nope.jsonl"):
         SPECS["tokenize"].params(cfg)  # the parameters hash the set's content: computed before the stage runs

@@ -164,7 +164,7 @@ def test_model_presets_fill_sizes_and_explicit_fields_override():
         "block_size": 1024,
         "dropout": 0.0,
         "arch": "gpt2",
-        "mlp": "relu2",
+        "mlp": "swiglu",
     }
     assert ModelConfig(preset="gpt2-124M", block_size=256).block_size == 256
     with pytest.raises(ValueError, match="preset"):
@@ -186,7 +186,7 @@ def test_muon_moves_the_hidden_matrices_and_adamw_the_rest():
     from tasks.modeling.gpt import GPT, GPTConfig
     from tasks.training.optim import MuonAdamW, build_optimizer
 
-    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32, arch="modern"))
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32, arch="modern", mlp="relu2"))
     optimizer = build_optimizer(model, _cfg(optimizer="muon", learning_rate=1e-3, muon_learning_rate=0.02), "cpu")
     assert isinstance(optimizer, MuonAdamW)
     muon = {id(p) for g in optimizer.muon.param_groups for p in g["params"]}
