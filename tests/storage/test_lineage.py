@@ -133,7 +133,7 @@ def test_cli_answers_in_json(run):
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["doc_id"] == doc_id
     missing = CliRunner().invoke(app, ["lineage", "doc", "docs:0000", "--root", cfg.root])
-    assert missing.exit_code == 1 and "not in run" in missing.output
+    assert missing.exit_code == 1 and "no document 'docs:0000' in run" in missing.output
 
 
 def test_takedown_plan_names_the_exported_model_and_rebuilds_through_export(run):
