@@ -66,10 +66,14 @@ def temporary_server(timeout_s: float = 180) -> Iterator[str]:
         return
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    with tempfile.TemporaryFile(mode="w+") as log:
+    # A database of its own: run without services, the server never expires concurrency leases, so a slot held
+    # by a killed command would stay taken in a shared database and block every later run's training.
+    with tempfile.TemporaryFile(mode="w+") as log, tempfile.TemporaryDirectory(prefix="tokenmill-prefect-") as home:
+        env = server_env("127.0.0.1", port, ui=False) | {"PREFECT_HOME": home}
+        env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
         proc = subprocess.Popen(
             [*server_command("127.0.0.1", port), "--no-services"],
-            env=server_env("127.0.0.1", port, ui=False),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
