@@ -18,9 +18,11 @@ Serve them with ``tokenmill serve --config configs/quickstart.yaml`` (the CLI ca
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
@@ -47,6 +49,12 @@ def default_parameters(config: PipelineConfig, config_file: Path | None = None, 
         return {"config": config.model_dump(mode="json")}
     shown = {"seed": config.seed} | ({"train_steps": config.train.max_steps} if config.train.max_tokens is None else {})
     return {"config": str(config_file.resolve())} | ({"root": root} if root else {}) | shown
+
+
+def accepted_by(flow: Any, parameters: dict) -> dict:
+    """The parameters a flow's signature takes (the refresh has no seed field: its runs keep the config's)."""
+    names = inspect.signature(flow.fn).parameters
+    return {k: v for k, v in parameters.items() if k in names}
 
 
 def build_deployments(
@@ -78,7 +86,7 @@ def build_deployments(
         ),
         nightly_refresh.to_deployment(
             name="nightly",
-            parameters=params,
+            parameters=accepted_by(nightly_refresh, params),
             schedules=[Cron(cron, timezone=timezone)],
             description=f"Nightly data refresh at '{cron}' ({timezone}); one at a time.",
             concurrency_limit=1,

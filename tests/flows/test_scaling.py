@@ -116,13 +116,18 @@ def test_missing_engine_is_a_clear_error(monkeypatch, tmp_path: Path):
 
 def test_without_an_address_a_private_local_cluster_runs_the_stage(tmp_path: Path, monkeypatch):
     calls = []
-    dask_map = DaskExecutor.map
+    dask_map, dask_imap = DaskExecutor.map, DaskExecutor.imap
 
     def counted(self, fn, parts):
         calls.append(fn.__name__)
         return dask_map(self, fn, parts)
 
+    def counted_imap(self, fn, items, window):  # parts reported as they finish (progress) come through imap
+        calls.append(fn.__name__)
+        return dask_imap(self, fn, items, window)
+
     monkeypatch.setattr(DaskExecutor, "map", counted)
+    monkeypatch.setattr(DaskExecutor, "imap", counted_imap)
     write_corpus(tmp_path / "corpus")
     local = tiny_config(tmp_path / "corpus", tmp_path / "local", workers=1)
     private = tiny_config(tmp_path / "corpus", tmp_path / "private", workers=2, executor="dask")
