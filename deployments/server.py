@@ -96,7 +96,7 @@ def temporary_server(timeout_s: float = 180) -> Iterator[str]:
         finally:
             _drain_prefect_queues()
             os.environ.pop("PREFECT_API_URL", None)
-            _stop_group(proc)
+            stop_group(proc)
 
 
 def _die_with_parent() -> None:
@@ -120,8 +120,9 @@ def _drain_prefect_queues(timeout_s: float = 5) -> None:
         worker.drain_all(timeout=timeout_s)
 
 
-def _stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
-    """Stop a process started in its own session, and its children: SIGTERM, then SIGKILL after ``grace_s``."""
+def stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """Stop a process started in its own session, and its children: SIGTERM, then SIGKILL after ``grace_s``;
+    children that outlive the leader (flow runs) are killed with the group."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -129,6 +130,8 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
             return
         try:
             proc.wait(timeout=grace_s)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
             return
         except subprocess.TimeoutExpired:
             continue

@@ -6,8 +6,6 @@ Both run in their own process group (flow runs are children of the serve process
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from deployments.server import stop_group as stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -35,19 +35,7 @@ def start_group(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO
 
 def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
     """SIGTERM the process group, then SIGKILL what is left of it."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout)
-            # children (flow runs) may outlive the leader: make sure the group is gone
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    stop_process_group(proc, timeout)
 
 
 def tail(path: Path, n: int = 4000) -> str:
