@@ -144,17 +144,24 @@ def _training_slot(name: str, cfg: PipelineConfig):
     return training_slot(cfg) if name == "train" else nullcontext()
 
 
-def concurrency_slot(limit_name: str, limit: int):
-    """Hold one slot of a global concurrency limit, creating it with ``limit`` slots if absent."""
+def ensure_limit(limit_name: str, limit: int) -> int:
+    """Create the global concurrency limit ``limit_name`` with ``limit`` slots if absent; returns its width now
+    (an operator may have changed it in the UI)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(limit_name)
+            return client.read_global_concurrency_limit_by_name(limit_name).limit
         except ObjectNotFound:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit_name, limit=limit))
+            return limit
+
+
+def concurrency_slot(limit_name: str, limit: int):
+    """Hold one slot of a global concurrency limit, creating it with ``limit`` slots if absent."""
+    ensure_limit(limit_name, limit)
     return concurrency(limit_name, occupy=1, strict=True)
 
 

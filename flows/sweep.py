@@ -25,7 +25,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.runtime import task_run as task_runtime
 
-from flows.pipeline import retry_unless_unrecoverable, training_slot
+from flows.pipeline import CPU_TRAIN_LIMIT, ensure_limit, retry_unless_unrecoverable, training_slot, uses_gpu
 from storage.artifacts import ArtifactStore, Manifest
 from storage.leaderboard import best, leaderboard_rows
 from storage.lineage import LineageStore
@@ -174,6 +174,19 @@ def trial_task(sweep: dict[str, Any], number: int, params: dict[str, Any], repla
         with _LINEAGE:
             lineage.finish_run(run_id, "failed", f"{type(err).__name__}: {err}")
         raise
+
+
+def _warn_if_slots_are_narrower(cfg: PipelineConfig, spec: SweepSpec) -> None:
+    """Trials train only as wide as the ``cpu-train`` limit, which an earlier run or an operator may have set."""
+    if uses_gpu("train", cfg):
+        return
+    width = ensure_limit(CPU_TRAIN_LIMIT, spec.concurrency)
+    if width < spec.concurrency:
+        get_run_logger().warning(
+            f"concurrency limit {CPU_TRAIN_LIMIT!r} is {width} wide: trials train {width} at a time, not "
+            f"{spec.concurrency}; widen it in the UI (Concurrency) or with "
+            f"`prefect gcl update {CPU_TRAIN_LIMIT} --limit {spec.concurrency}`"
+        )
 
 
 def _failed_row(number: int, params: dict, future: PrefectFuture, sweep: dict) -> dict[str, Any]:
@@ -383,6 +396,7 @@ def sweep(
             "flow_run_id": flow_run_id,
         }
     )
+    _warn_if_slots_are_narrower(base_cfg, spec)
     try:
         _run_trials(info, spec, open_study(spec, journal, sid), lineage)
         winner = best(lineage.trials(sid))

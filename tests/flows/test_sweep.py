@@ -27,6 +27,18 @@ def _spec(tmp_path: Path, corpus: Path, name: str, **fields) -> Path:
     return path
 
 
+def _widen_training_slots(width: int) -> None:
+    """What an operator does in the UI: an earlier flow test may have created ``cpu-train`` 1 wide."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    from flows.pipeline import CPU_TRAIN_LIMIT, ensure_limit
+
+    ensure_limit(CPU_TRAIN_LIMIT, width)
+    with get_client(sync_client=True) as client:
+        client.update_global_concurrency_limit(CPU_TRAIN_LIMIT, GlobalConcurrencyLimitUpdate(limit=width))
+
+
 def _built(root: Path) -> dict[str, int]:
     store = ArtifactStore(root)
     stages = (*DATA_STAGES, "train", "evaluate", "export", EVAL_SET_STAGE, SCORE_STAGE)
@@ -41,6 +53,7 @@ def test_a_sweep_builds_shared_stages_once_retries_a_failed_trial_alone_and_read
     monkeypatch.setenv("TOKENMILL_FAULT", "train:step3")  # the first trial to reach step 3 fails once
     monkeypatch.setenv("TOKENMILL_FAULT_DIR", str(tmp_path / "faults"))
     path = _spec(tmp_path, corpus, "lr", space={"train.learning_rate": [1e-3, 3e-3, 1e-2]})
+    _widen_training_slots(2)
     result = sweep(spec_path=str(path))
     root = tmp_path / "root"
 
