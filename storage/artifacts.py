@@ -240,6 +240,11 @@ class ArtifactStore:
         """Reusable intermediate pieces of a stage across runs (e.g. ingest's per-file fragments)."""
         return self.root / ".cache" / stage
 
+    def shared_cache(self, stage: str) -> str | None:
+        """On a remote root, where a stage's parts keep reusable pieces across runs on the object store itself,
+        ``<root>/.cache/<stage>`` (workers share nothing else with this machine); None on a local root."""
+        return f"{self.remote.uri}/.cache/{stage}" if self.remote else None
+
     @property
     def lineage_path(self) -> Path:
         """The lineage DuckDB file. On a remote root without one (a fresh machine), the latest snapshot in the

@@ -43,17 +43,24 @@ LEDGER_SCHEMA = pa.schema(
 )
 
 
+SHARD_ROWS = 50_000
+
+
 class ParquetShardWriter:
     """Writes rows into ``<folder>/<prefix>-00000.parquet``, ``-00001`` … rolling over every ``rows_per_shard``.
 
     Files are written with fixed settings (zstd, no statistics drift) so identical rows give identical bytes.
+    ``first_shard`` numbers the first file (a part writing shard k of a stage's planned layout).
     """
 
-    def __init__(self, folder: Path, prefix: str, schema: pa.Schema, rows_per_shard: int = 50_000):
+    def __init__(
+        self, folder: Path, prefix: str, schema: pa.Schema, rows_per_shard: int = SHARD_ROWS, first_shard: int = 0
+    ):
         self.folder = folder
         self.prefix = prefix
         self.schema = schema
         self.rows_per_shard = rows_per_shard
+        self.first_shard = first_shard
         self.paths: list[Path] = []
         self.rows = 0
         self._writer: pq.ParquetWriter | None = None
@@ -61,7 +68,7 @@ class ParquetShardWriter:
         folder.mkdir(parents=True, exist_ok=True)
 
     def _open(self) -> pq.ParquetWriter:
-        path = self.folder / f"{self.prefix}-{len(self.paths):05d}.parquet"
+        path = self.folder / f"{self.prefix}-{self.first_shard + len(self.paths):05d}.parquet"
         self.paths.append(path)
         self._rows_in_shard = 0
         return pq.ParquetWriter(path, self.schema, compression="zstd", write_statistics=True)

@@ -92,13 +92,22 @@ def _splits(m: Manifest, split: str) -> list:
 
 
 def _produce_ingest(run: StageRun) -> StageResult:
-    cfg = run.cfg
-    return ingest.ingest(cfg.sources, run.ctx, ArtifactStore(cfg.root).cache_dir("ingest"), cfg.workers)
+    cfg, store = run.cfg, ArtifactStore(run.cfg.root)
+    return ingest.ingest(
+        cfg.sources, run.ctx, store.cache_dir("ingest"), cfg.workers, fragments=store.shared_cache("ingest")
+    )
 
 
 def _produce_clean(run: StageRun) -> StageResult:
-    docs = run.inputs["ingest"].files_under("docs/")
-    return clean.clean(docs, run.cfg.clean, run.ctx, workers=run.cfg.workers, blocked=set(_tombstones(run.cfg)))
+    ingested = run.inputs["ingest"]
+    return clean.clean(
+        ingested.files_under("docs/"),
+        run.cfg.clean,
+        run.ctx,
+        workers=run.cfg.workers,
+        blocked=set(_tombstones(run.cfg)),
+        sources=ingested.sources_under("docs/"),
+    )
 
 
 def _produce_dedup(run: StageRun) -> StageResult:

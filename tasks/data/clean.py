@@ -13,7 +13,8 @@ import ipaddress
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.artifacts import StageContext
+from storage.artifacts import FileEntry, StageContext
 from storage.hashing import text_hash
+from storage.part_outputs import PARTS_PREFIX, fetch_part_files, files_in, part_folder, upload_part_files
+from storage.remote import is_remote, open_input, remove_prefix
 from storage.shards import DOC_SCHEMA, LedgerWriter, ParquetShardWriter
 from tasks.config import C4Config, CleanConfig, PiiConfig
 from tasks.data import filters, language
@@ -408,8 +411,14 @@ def clean_batch(texts: list[str], sources: list[str], locators: list[str], cfg: 
 
 @dataclass(frozen=True)
 class CleanPart:
+    """Row groups of the ingest shards to clean into ``docs/`` and ``ledger/`` under ``out_dir``.
+
+    On a remote root the files are object URIs and ``out_dir`` is the attempt folder: the part writes into a
+    scratch folder of its own, uploads its docs there and its ledger fragments under ``.parts/``.
+    """
+
     index: int
-    units: list[tuple[str, int]]  # (parquet file, row group)
+    units: list[tuple[str, int]]  # (parquet file: path or URI, row group)
     cfg: CleanConfig
     out_dir: str
     batch_rows: int
@@ -433,56 +442,80 @@ class CleanPartResult:
     bytes_in: int
     dropped_bytes: dict[str, int]
     rules: dict[str, list[dict]]
+    uploaded: tuple[FileEntry, ...] = ()  # remote roots: the docs files the part put into the attempt folder
+    ledger: tuple[FileEntry, ...] = ()  # remote roots: its ledger fragments, under the attempt's ``.parts/``
 
 
 def clean_part(part: CleanPart) -> CleanPartResult:
     """Clean the row groups of one part into ``docs/docs-<part>-*.parquet`` and ``ledger/ledger-<part>-*``."""
-    out = Path(part.out_dir)
+    with part_folder(part.out_dir, "clean-part-") as folder:
+        result = _clean_into(part, folder)
+        if not is_remote(part.out_dir):
+            return result
+        docs = upload_part_files(folder, part.out_dir, files_in(folder, "docs"))
+        ledger = upload_part_files(folder, f"{part.out_dir}/{PARTS_PREFIX}", files_in(folder, "ledger"))
+    return replace(result, uploaded=tuple(docs), ledger=tuple(ledger))
+
+
+def _row_groups(units: list[tuple[str, int]], batch_rows: int):
+    """The record batches of ``units``, row group by row group (a batch never spans two), each input file opened
+    once (ranged reads for an object URI)."""
+    for path, group in groupby(units, key=lambda unit: unit[0]):
+        source = open_input(path)
+        try:
+            pf = pq.ParquetFile(source)
+            for _, row_group in group:
+                yield from pf.iter_batches(batch_size=batch_rows, row_groups=[row_group])
+        finally:
+            if not isinstance(source, str | Path):
+                source.close()
+
+
+def _clean_into(part: CleanPart, out: Path) -> CleanPartResult:
     docs = ParquetShardWriter(out / "docs", f"docs-{part.index:05d}", CLEAN_SCHEMA)
     ledger = LedgerWriter(out / "ledger", "clean", prefix=f"ledger-{part.index:05d}")
     reasons: Counter[str] = Counter()
     dropped_bytes: Counter[str] = Counter()
     rules: dict[str, list[dict]] = {}
     docs_in = bytes_in = 0
-    for path, row_group in part.units:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=part.batch_rows, row_groups=[row_group]):
-            docs_in += batch.num_rows
-            sizes = batch.column("n_bytes").to_numpy(zero_copy_only=False)
-            bytes_in += int(sizes.sum())
-            result = clean_batch(
-                batch.column("text").to_pylist(),
-                batch.column("source").to_pylist(),
-                batch.column("locator").to_pylist(),
-                part.cfg,
-            )
-            digests = [text_hash(t) for t in result.texts]
-            if part.blocked:
-                _drop_blocked(result, batch.column("doc_id").to_pylist(), digests, part.blocked)
-            hashes = pa.array(digests, pa.string())
-            texts = pa.array(result.texts, pa.large_string())
-            keep = pa.array(result.keep)
-            reasons.update(r for r in result.reason if r is not None)
-            for i in np.flatnonzero(~result.keep):
-                dropped_bytes[result.reason[i]] += int(sizes[i])
-            for preset, held_to in result.rules.items():
-                rules.setdefault(preset, [r.threshold() | {"reason": r.reason} for r in held_to])
-            ledger.record_columns(
-                {
-                    "doc_id": batch.column("doc_id"),
-                    "source": batch.column("source"),
-                    "locator": batch.column("locator"),
-                    "content_hash": hashes,
-                    "fate": pa.array(np.where(result.keep, "kept", "dropped"), pa.string()),
-                    "reason": pa.array(result.reason, pa.string()),
-                    "score": pa.array(result.score, pa.float64(), mask=np.isnan(result.score)),
-                    "scores": result.scores,
-                }
-            )
-            table = pa.Table.from_batches([batch]).set_column(DOC_SCHEMA.get_field_index("text"), "text", texts)
-            table = table.set_column(
-                DOC_SCHEMA.get_field_index("n_bytes"), "n_bytes", pc.cast(pc.binary_length(texts), pa.int64())
-            )
-            docs.write(table.append_column("content_hash", hashes).filter(keep))
+    for batch in _row_groups(part.units, part.batch_rows):
+        docs_in += batch.num_rows
+        sizes = batch.column("n_bytes").to_numpy(zero_copy_only=False)
+        bytes_in += int(sizes.sum())
+        result = clean_batch(
+            batch.column("text").to_pylist(),
+            batch.column("source").to_pylist(),
+            batch.column("locator").to_pylist(),
+            part.cfg,
+        )
+        digests = [text_hash(t) for t in result.texts]
+        if part.blocked:
+            _drop_blocked(result, batch.column("doc_id").to_pylist(), digests, part.blocked)
+        hashes = pa.array(digests, pa.string())
+        texts = pa.array(result.texts, pa.large_string())
+        keep = pa.array(result.keep)
+        reasons.update(r for r in result.reason if r is not None)
+        for i in np.flatnonzero(~result.keep):
+            dropped_bytes[result.reason[i]] += int(sizes[i])
+        for preset, held_to in result.rules.items():
+            rules.setdefault(preset, [r.threshold() | {"reason": r.reason} for r in held_to])
+        ledger.record_columns(
+            {
+                "doc_id": batch.column("doc_id"),
+                "source": batch.column("source"),
+                "locator": batch.column("locator"),
+                "content_hash": hashes,
+                "fate": pa.array(np.where(result.keep, "kept", "dropped"), pa.string()),
+                "reason": pa.array(result.reason, pa.string()),
+                "score": pa.array(result.score, pa.float64(), mask=np.isnan(result.score)),
+                "scores": result.scores,
+            }
+        )
+        table = pa.Table.from_batches([batch]).set_column(DOC_SCHEMA.get_field_index("text"), "text", texts)
+        table = table.set_column(
+            DOC_SCHEMA.get_field_index("n_bytes"), "n_bytes", pc.cast(pc.binary_length(texts), pa.int64())
+        )
+        docs.write(table.append_column("content_hash", hashes).filter(keep))
     docs.close()
     ledger.close()
     return CleanPartResult(DocCounts(docs_in, docs.rows, reasons), bytes_in, dict(dropped_bytes), rules)
@@ -493,14 +526,16 @@ def _uncompressed_bytes(path: Path) -> int:
     return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
 
 
-def plan_parts(doc_paths: list[Path], part_bytes: int) -> list[list[tuple[str, int]]]:
-    """Split the input row groups into consecutive parts of about ``part_bytes`` (independent of workers)."""
+def plan_parts(doc_paths: list[Path], part_bytes: int, sources: list[str] | None = None) -> list[list[tuple[str, int]]]:
+    """Split the input row groups into consecutive parts of about ``part_bytes`` (independent of workers).
+
+    ``sources``: where the parts read each of ``doc_paths`` (their object URIs on a remote root)."""
     units: list[tuple[str, int]] = []
     sizes: list[int] = []
-    for path in doc_paths:
+    for path, source in zip(doc_paths, sources or [str(p) for p in doc_paths], strict=True):
         meta = pq.ParquetFile(path).metadata
         for rg in range(meta.num_row_groups):
-            units.append((str(path), rg))
+            units.append((source, rg))
             sizes.append(meta.row_group(rg).total_byte_size)
     return [[units[i] for i in group] for group in balanced_groups(sizes, part_bytes, 10_000)]
 
@@ -513,25 +548,36 @@ def clean(
     workers: int | None = None,
     part_bytes: int | None = None,
     blocked: set[str] | None = None,
+    sources: list[str] | None = None,
 ) -> StageResult:
     """Normalize and filter raw documents into ``docs/`` with a ledger row per input document.
 
     The input is cut into parts by size alone (default: about 16 parts, 1–256 MiB each), never by the number
     of workers, so the output files are the same whatever ``workers`` is. ``blocked`` holds doc ids and content
     hashes taken down through lineage: they are dropped as ``takedown``.
+
+    ``sources``: where the parts read ``doc_paths`` (object URIs on a remote root). With ``ctx.attempt_uri`` set
+    the parts upload their docs into the attempt folder themselves and their ledger fragments under ``.parts/``;
+    the flow process fetches only those (no text) and the ledger is compacted here as for a local root.
     """
     check_language_codes(cfg)
     if part_bytes is None:
         total = sum(_uncompressed_bytes(p) for p in doc_paths)
         part_bytes = min(max(total // 16, 2**20), 256 * 2**20)
-    plan = plan_parts(doc_paths, part_bytes)
+    plan = plan_parts(doc_paths, part_bytes, sources if ctx.attempt_uri else None)
     frozen = frozenset(blocked or ())
-    parts = [CleanPart(i, units, cfg, str(ctx.out_dir), batch_rows, frozen) for i, units in enumerate(plan)]
+    out = ctx.attempt_uri or str(ctx.out_dir)
+    parts = [CleanPart(i, units, cfg, out, batch_rows, frozen) for i, units in enumerate(plan)]
     ctx.log(f"clean: {len(parts)} parts")
     results = map_parts(
         clean_part, parts, workers, lambda done, total: ctx.progress(done / total, f"{done}/{total} parts")
     )
     (ctx.out_dir / "docs").mkdir(parents=True, exist_ok=True)
+    if ctx.attempt_uri:
+        for r in results:
+            ctx.uploaded.extend(r.uploaded)
+            fetch_part_files(f"{ctx.attempt_uri}/{PARTS_PREFIX}", r.ledger, ctx.out_dir)
+        remove_prefix(f"{ctx.attempt_uri}/{PARTS_PREFIX}")
     result = merge_part_results(results)
     warnings = dropped_bytes_warnings(result.as_counts(), cfg.warn_dropped_bytes_share)
     for warning in warnings:

@@ -11,8 +11,15 @@ The work is split in three so it can fan out and refresh incrementally:
    hashed and a fragment made from identical bytes (and reader settings) is reused.
 2. ``ingest_part`` reads a group of files into per-file fragments (one Arrow IPC file each) in the cache; parts
    run in parallel processes (``tasks.parts.map_parts``) and are independent, so a Prefect/Dask/Ray
-   mapping over ``plan.parts`` works the same way.
-3. ``merge_fragments`` streams the fragments, in file order, into the artifact's shards and assigns ordinals.
+   mapping over ``plan.parts`` works the same way. Each reports its fragments' batch layout (rows, kept
+   documents and their bytes per batch).
+3. ``merge_fragments`` reads the fragments' columns other than the text, in file order, into the ledger and
+   ``files/`` (ordinals, repeated ids), plans the docs shards exactly as one streaming writer would cut them
+   (``plan_docs_shards``) and has one part per shard write it (``write_docs_shard``).
+
+On an object-store root the fragment cache is a prefix of the root (``<root>/.cache/ingest/``) and the docs
+shards are uploaded into the attempt folder by the parts that write them, so workers need nothing but the
+store; the flow process reads only the fragments' ledger columns.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,9 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.artifacts import StageContext, pid_alive, write_json_atomic
+from storage.artifacts import FileEntry, StageContext, pid_alive, write_json_atomic
 from storage.hashing import canonical_json, stable_id, stream_hash
-from storage.shards import DOC_SCHEMA, LedgerWriter, ParquetShardWriter
+from storage.part_outputs import PARTS_PREFIX, files_in, part_folder, upload_part_files
+from storage.remote import is_remote, object_fs, open_input, put_files, remove_prefix
+from storage.shards import DOC_SCHEMA, SHARD_ROWS, LedgerWriter, ParquetShardWriter
 from tasks.config import SourceConfig
 from tasks.data import readers
 from tasks.data.readers import Record, SourceFile
@@ -93,9 +103,11 @@ class FileJob:
     content_hash: str | None  # planned: of the bytes hashed when listing; after reading: of the bytes read
     fragment: str  # this file's fragment (Arrow IPC); "" until read when nothing is cached for it
     cached: bool
-    cache: str  # the ingest cache folder (fragments/, tmp/)
+    cache: str  # where fragments are cached (fragments/, tmp/): a local folder, or a prefix on the object store
     scratch: bool = False  # the fragment is not a cache entry (the read was interrupted): removed after merging
     rebuilt: str | None = None  # why the cached fragment was not trusted and the file was read again
+    scratch_to: str = ""  # remote cache: where a part puts a fragment that is not a cache entry (.parts/)
+    batches: tuple[tuple[int, int, int], ...] = ()  # once done: records, kept docs, their Arrow bytes per batch
 
 
 def _reader_settings(source: SourceConfig) -> str:
@@ -226,7 +238,22 @@ class IngestPlan:
     notes: list[str]  # cache entries that were not trusted, for the log
 
 
-def plan_ingest(sources: list[SourceConfig], cache_dir: Path) -> IngestPlan:
+def _sealed_fragments(where: str) -> set[str]:
+    """The fragments of a cache on an object store that have their seal beside them (one listing)."""
+    fs, key = object_fs(f"{where}/fragments")
+    try:
+        names = {p.rsplit("/", 1)[1] for p in fs.find(key)}
+    except FileNotFoundError:
+        return set()
+    return {n for n in names if n.endswith(".arrow") and n.removesuffix(".arrow") + ".seal" in names}
+
+
+def plan_ingest(sources: list[SourceConfig], cache_dir: Path, fragments: str | None = None) -> IngestPlan:
+    """Which files to read and which cached fragments to reuse. The per-source state lives in ``cache_dir``;
+    the fragments there too, or under ``fragments`` (a prefix on the object-store root, shared by every worker).
+    """
+    where = fragments or str(cache_dir)
+    sealed = _sealed_fragments(where) if is_remote(where) else None
     jobs: list[FileJob] = []
     problems: list[SourceFile] = []
     status: Counter[str] = Counter()
@@ -252,9 +279,13 @@ def plan_ingest(sources: list[SourceConfig], cache_dir: Path) -> IngestPlan:
             fragment, cached = "", False
             if digest is not None:
                 seen[f.rel] = [f.size, f.mtime, digest]
-                path = fragment_path(cache_dir, source, f.rel, digest)
-                fragment, cached = str(path), path.exists() and _seal_path(path).exists()
-            jobs.append(FileJob(source, f, digest, fragment, cached, str(cache_dir)))
+                if sealed is not None:
+                    name = f"{fragment_key(source, f.rel, digest)}.arrow"
+                    fragment, cached = f"{where}/fragments/{name}", name in sealed
+                else:
+                    path = fragment_path(cache_dir, source, f.rel, digest)
+                    fragment, cached = str(path), path.exists() and _seal_path(path).exists()
+            jobs.append(FileJob(source, f, digest, fragment, cached, where))
         gone = sorted(set(state.files) - {j.file.rel for j in jobs if j.source.name == source.name})
         removed += [f"{source.name}:{rel}" for rel in gone]
         status["removed"] += len(gone)
@@ -341,32 +372,75 @@ def _verified_or_read(job: FileJob) -> FileJob:
 
 def ingest_part(jobs: list[FileJob]) -> list[FileJob]:
     """Verify the cached fragments of one part (reading again those that fail) and read the others into
-    fragments; return the jobs as done, in order."""
-    return [_verified_or_read(job) for job in jobs]
+    fragments; return the jobs as done, in order, each with its fragment's batch layout (``FileJob.batches``).
+
+    With the fragment cache on an object store (a remote root) the part works in a scratch folder of its own: it
+    downloads a cached fragment to check its seal, and uploads a new fragment (then its seal) into the cache.
+    """
+    if not jobs or not is_remote(jobs[0].cache):
+        return [_with_layout(_verified_or_read(job), Path) for job in jobs]
+    with tempfile.TemporaryDirectory(prefix="ingest-part-") as scratch:
+        return [_verified_or_read_remote(job, Path(scratch)) for job in jobs]
 
 
-# --- 3. merge ------------------------------------------------------------------------------------------
+def _verified_or_read_remote(job: FileJob, scratch: Path) -> FileJob:
+    problem = None
+    if job.cached:
+        local = scratch / "cached" / job.fragment.rsplit("/", 1)[1]
+        fs, key = object_fs(job.fragment)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fs.get([key, key.removesuffix(".arrow") + ".seal"], [str(local), str(_seal_path(local))])
+            problem = fragment_problem(local)
+        except FileNotFoundError:
+            problem = "no longer in the cache"
+        if problem is None:
+            done = _with_layout(job, lambda _: local)
+            _remove_fragment(local)
+            return done
+        _remove_fragment(local)
+    done = _read_into_fragment(replace(job, cache=str(scratch)))
+    local = Path(done.fragment)
+    if done.scratch:  # not a cache entry: handed to the merge under the attempt's .parts/, deleted with it
+        where = job.scratch_to
+        put_files(local.parent, where, [local.name])
+    else:
+        where = f"{job.cache}/fragments"
+        put_files(local.parent, where, [local.name])  # the fragment, then its seal: a seal names a whole fragment
+        put_files(local.parent, where, [_seal_path(local).name])
+    done = _with_layout(replace(done, cache=job.cache, fragment=f"{where}/{local.name}"), lambda _: local)
+    _remove_fragment(local)
+    return replace(done, rebuilt=problem) if problem else done
 
 
-class _RowGroupBuffer:
-    """Collects the many small per-file batches into row groups of about FLUSH_ROWS rows / FLUSH_BYTES."""
+def _remove_fragment(local: Path) -> None:
+    local.unlink(missing_ok=True)
+    _seal_path(local).unlink(missing_ok=True)
 
-    def __init__(self, writer: ParquetShardWriter):
-        self.writer = writer
-        self.batches: list[pa.RecordBatch] = []
-        self.rows = self.bytes = 0
 
-    def add(self, batch: pa.RecordBatch) -> None:
-        self.batches.append(batch)
-        self.rows += batch.num_rows
-        self.bytes += batch.nbytes
-        if self.rows >= FLUSH_ROWS or self.bytes >= FLUSH_BYTES:
-            self.flush()
+# --- 3. merge: the flow process writes the ledger; the docs shards are planned, then written by parts ------------
 
-    def flush(self) -> None:
-        if self.batches:
-            self.writer.write(pa.Table.from_batches(self.batches))
-        self.batches, self.rows, self.bytes = [], 0, 0
+
+def _kept_docs(batch: pa.RecordBatch, source: str, ordinal: int) -> pa.RecordBatch:
+    """The documents of one fragment batch that go to ``docs/``: kept rows, ordinals offset to the file's place."""
+    names = pa.array([source] * batch.num_rows, pa.string())
+    ordinals = pc.add(batch.column("ordinal"), pa.scalar(ordinal, pa.int64()))
+    rows = batch.set_column(batch.schema.get_field_index("ordinal"), "ordinal", ordinals)
+    rows = rows.append_column("source", names).filter(pc.is_null(batch.column("reason")))
+    return rows.select(DOC_SCHEMA.names)
+
+
+def _with_layout(job: FileJob, local: Callable[[str], Path]) -> FileJob:
+    """``job`` with its fragment's batch layout: per batch, records, kept documents and their Arrow bytes (what
+    the docs writer's row groups are cut by), computed where the fragment is at hand (in the part)."""
+    layout = []
+    with pa.OSFile(str(local(job.fragment))) as source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i)
+            kept = _kept_docs(batch, job.source.name, 0)
+            layout.append((batch.num_rows, kept.num_rows, kept.nbytes))
+    return replace(job, batches=tuple(layout))
 
 
 class RepeatedIds:
@@ -396,35 +470,162 @@ class RepeatedIds:
         return batch.set_column(batch.schema.get_field_index("doc_id"), "doc_id", pa.array(ids, pa.string()))
 
 
+@dataclass(frozen=True)
+class KeptBatch:
+    """One fragment batch with kept documents: where it is, its source and ordinal offset, and the batch's
+    doc ids when ``RepeatedIds`` renamed some of them."""
+
+    fragment: str
+    batch: int
+    source: str
+    ordinal: int
+    ids: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DocsWrite:
+    """Rows ``[offset, offset + take)`` of one row-group flush (consecutive kept batches): one write of the docs
+    writer, exactly as a single writer streaming every fragment in file order would make it."""
+
+    batches: tuple[KeptBatch, ...]
+    offset: int
+    take: int
+
+
+@dataclass(frozen=True)
+class DocsShard:
+    """Shard ``index`` of ``docs/`` (``SHARD_ROWS`` rows, the last one fewer) and the writes that make it.
+
+    ``out``: the staging folder, or on a remote root the attempt folder the part uploads its shard into."""
+
+    index: int
+    writes: tuple[DocsWrite, ...]
+    out: str
+
+
+def plan_docs_shards(kept: list[tuple[KeptBatch, int, int]], out: str) -> list[DocsShard]:
+    """Cut the kept batches (each with its kept rows and Arrow bytes, in file order) into the row-group flushes
+    and shards a single streaming writer makes: a flush every ``FLUSH_ROWS`` rows or ``FLUSH_BYTES``, a shard
+    every ``SHARD_ROWS`` rows, a flush that straddles two shards written in two pieces."""
+    flushes: list[tuple[tuple[KeptBatch, ...], int]] = []
+    pending: list[KeptBatch] = []
+    rows = size = 0
+    for batch, n, n_bytes in kept:
+        pending.append(batch)
+        rows, size = rows + n, size + n_bytes
+        if rows >= FLUSH_ROWS or size >= FLUSH_BYTES:
+            flushes.append((tuple(pending), rows))
+            pending, rows, size = [], 0, 0
+    if pending:
+        flushes.append((tuple(pending), rows))
+    shards: list[list[DocsWrite]] = []
+    written = 0
+    for batches, n in flushes:
+        offset = 0
+        while offset < n:
+            shard, in_shard = divmod(written, SHARD_ROWS)
+            take = min(SHARD_ROWS - in_shard, n - offset)
+            if shard == len(shards):
+                shards.append([])
+            shards[shard].append(DocsWrite(batches, offset, take))
+            offset, written = offset + take, written + take
+    return [DocsShard(i, tuple(writes), out) for i, writes in enumerate(shards)]
+
+
+def write_docs_shard(shard: DocsShard) -> list[FileEntry]:
+    """Write one planned docs shard from the fragments (paths or URIs); on a remote root upload it and return its
+    entry (size, SHA-256)."""
+    with part_folder(shard.out, "ingest-docs-") as folder:
+        writer = ParquetShardWriter(folder / "docs", "docs", DOC_SCHEMA, first_shard=shard.index)
+        with _FragmentBatches() as fragments:
+            for write in shard.writes:
+                table = pa.Table.from_batches([fragments.kept(b) for b in write.batches])
+                writer.write(table.slice(write.offset, write.take))
+        writer.close()
+        return upload_part_files(folder, shard.out, files_in(folder, "docs")) if is_remote(shard.out) else []
+
+
+class _FragmentBatches:
+    """Reads fragment batches in file order, keeping one fragment open at a time (ranged reads for a URI)."""
+
+    def __init__(self) -> None:
+        self._where: str | None = None
+        self._source = None
+        self._reader = None
+
+    def kept(self, b: KeptBatch) -> pa.RecordBatch:
+        if b.fragment != self._where:
+            self.close()
+            self._where, self._source = b.fragment, _open_fragment(b.fragment)
+            self._reader = pa.ipc.open_file(self._source)
+        batch = self._reader.get_batch(b.batch)
+        if b.ids is not None:
+            batch = batch.set_column(batch.schema.get_field_index("doc_id"), "doc_id", pa.array(b.ids, pa.string()))
+        return _kept_docs(batch, b.source, b.ordinal)
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+        self._where = self._source = self._reader = None
+
+    def __enter__(self) -> _FragmentBatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_fragment(where: str):
+    """A fragment opened for random access: a local file (not a memory map: batches outlive it) or an object."""
+    return pa.OSFile(where) if not is_remote(where) else open_input(where)
+
+
+LEDGER_FIELDS = [FRAGMENT_SCHEMA.get_field_index(n) for n in ("doc_id", "locator", "reason", "score", "scores")]
+
+
 def merge_fragments(
-    jobs: list[FileJob], problems: list[SourceFile], out_dir: Path, sources: Sequence[SourceConfig] = ()
+    jobs: list[FileJob],
+    problems: list[SourceFile],
+    ctx: StageContext,
+    sources: Sequence[SourceConfig] = (),
+    workers: int | None = 1,
 ) -> StageResult:
-    """Stream fragments in file order into ``docs/``, ``ledger/`` and ``files/files.parquet``; return counts."""
+    """Write ``ledger/`` and ``files/files.parquet`` from the fragments' columns other than the text (in file
+    order), then ``docs/`` in planned shards written by parts (``write_docs_shard``); return counts.
+
+    The shards, their row groups and their bytes are those one writer streaming every fragment would make, for
+    any number of parts. On a remote root (``ctx.attempt_uri``) the parts upload their shards themselves.
+    """
+    out_dir = ctx.out_dir
     by_name = {s.name: s for s in sources}
     reasons: Counter[str] = Counter()
     per_source: Counter[str] = Counter()
-    docs = ParquetShardWriter(out_dir / "docs", "docs", DOC_SCHEMA)
     ledger = LedgerWriter(out_dir / "ledger", "ingest")
-    pending = _RowGroupBuffer(docs)
+    (out_dir / "docs").mkdir(parents=True, exist_ok=True)
     file_rows: list[dict] = []
+    kept_batches: list[tuple[KeptBatch, int, int]] = []
     ordinal = 0
     bytes_kept = 0
+    kept_total = 0
     unique_ids = RepeatedIds()
+    options = pa.ipc.IpcReadOptions(included_fields=LEDGER_FIELDS + [FRAGMENT_SCHEMA.get_field_index("n_bytes")])
     for job in jobs:
         name = job.source.name
         records = kept = 0
         file_reasons: Counter[str] = Counter()
-        with pa.OSFile(job.fragment) as source:  # not a memory map: batches outlive the file in the buffer
-            reader = pa.ipc.open_file(source)
+        with _open_fragment(job.fragment) as source:
+            reader = pa.ipc.open_file(source, options=options)
             for i in range(reader.num_record_batches):
-                batch = unique_ids.apply(job.source, reader.get_batch(i))
+                read = reader.get_batch(i)
+                batch = unique_ids.apply(job.source, read)
                 n = batch.num_rows
-                names = pa.array([name] * n, pa.string())
+                n_records, n_kept, n_bytes = job.batches[i]
+                assert n == n_records, f"ingest: fragment {job.fragment} changed while merging"
                 is_kept = pc.is_null(batch.column("reason"))
                 ledger.record_columns(
                     {
                         "doc_id": batch.column("doc_id"),
-                        "source": names,
+                        "source": pa.array([name] * n, pa.string()),
                         "locator": batch.column("locator"),
                         "fate": pc.if_else(is_kept, "kept", "dropped"),
                         "reason": batch.column("reason"),
@@ -432,18 +633,15 @@ def merge_fragments(
                         "scores": batch.column("scores"),
                     }
                 )
-                ordinals = pc.add(batch.column("ordinal"), pa.scalar(ordinal, pa.int64()))
-                rows = batch.set_column(batch.schema.get_field_index("ordinal"), "ordinal", ordinals)
-                rows = rows.append_column("source", names).filter(is_kept)
-                if rows.num_rows:
-                    pending.add(rows.select(DOC_SCHEMA.names))
-                    bytes_kept += pc.sum(rows.column("n_bytes")).as_py() or 0
+                if n_kept:
+                    ids = None if batch is read else tuple(batch.column("doc_id").to_pylist())
+                    kept_batches.append((KeptBatch(job.fragment, i, name, ordinal, ids), n_kept, n_bytes))
+                    bytes_kept += pc.sum(batch.column("n_bytes").filter(is_kept)).as_py() or 0
                 records += n
-                kept += rows.num_rows
+                kept += n_kept
                 file_reasons.update(r for r in batch.column("reason").to_pylist() if r is not None)
-        if job.scratch:
-            Path(job.fragment).unlink(missing_ok=True)
         ordinal += records
+        kept_total += kept
         per_source[name] += records
         reasons.update(file_reasons)
         failure = next((r for r in file_reasons if r.startswith(FILE_FAILURES)), None)
@@ -459,7 +657,6 @@ def merge_fragments(
                 "uri": readers.file_uri(job.source, job.file.path),
             }
         )
-    pending.flush()
     file_rows += [
         {
             "source": p.source,
@@ -471,13 +668,18 @@ def merge_fragments(
         }
         for p in problems
     ]
-    docs.close()
     ledger.close()
+    shards = plan_docs_shards(kept_batches, ctx.attempt_uri or str(out_dir))
+    for entries in map_parts(write_docs_shard, shards, workers if len(shards) > 1 else 1):
+        ctx.uploaded.extend(entries)
+    for job in jobs:
+        if job.scratch and not is_remote(job.fragment):
+            Path(job.fragment).unlink(missing_ok=True)
     (out_dir / "files").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(file_rows, schema=FILES_SCHEMA), out_dir / "files" / "files.parquet")
     assert ledger.rows == ordinal, f"ingest ledger has {ledger.rows} rows for {ordinal} records"
     return StageResult(
-        DocCounts(ordinal, docs.rows, reasons),
+        DocCounts(ordinal, kept_total, reasons),
         {
             "per_source": dict(per_source),
             "bytes_kept": bytes_kept,
@@ -510,15 +712,21 @@ def ingest(
     workers: int | None = None,
     part_bytes: int = 64 * 2**20,
     parallel_min_bytes: int = 4 * 2**20,
+    fragments: str | None = None,
 ) -> StageResult:
     """Read every source into ``docs/docs-*.parquet`` and ``ledger/ledger-*.parquet`` under ``ctx.out_dir``.
 
     ``cache_dir`` keeps per-file fragments and the per-source state across runs (incremental refresh);
-    without it fragments go to the stage's work folder and nothing is reused.
+    without it fragments go to the stage's work folder and nothing is reused. ``fragments``: keep the fragments
+    under this prefix of an object-store root instead, where workers that share nothing with this machine read
+    and write them; the docs shards are then uploaded into ``ctx.attempt_uri`` by the parts that write them.
     """
     cache = cache_dir or ctx.work_dir / "cache"
     _remove_stale_temporaries(cache)
-    plan = plan_ingest(sources, cache)
+    plan = plan_ingest(sources, cache, fragments)
+    remote = fragments is not None and is_remote(fragments)
+    if remote:
+        plan.jobs = [replace(j, scratch_to=f"{ctx.attempt_uri}/{PARTS_PREFIX}/ingest") for j in plan.jobs]
     for note in plan.notes:
         ctx.log(note)
     n_todo = sum(not j.cached for j in plan.jobs)
@@ -532,17 +740,17 @@ def ingest(
         f"verifying {len(plan.jobs) - n_todo} cached in {len(parts)} parts on {min(n_workers, max(len(parts), 1))} "
         "workers"
     )
+    parallel = n_workers if sum(sizes) >= parallel_min_bytes else 1
     done = [
         job
         for part in map_parts(
-            ingest_part,
-            parts,
-            n_workers if sum(sizes) >= parallel_min_bytes else 1,
-            lambda finished, n: ctx.progress(finished / n, f"{finished}/{n} parts"),
+            ingest_part, parts, parallel, lambda finished, n: ctx.progress(finished / n, f"{finished}/{n} parts")
         )
         for job in part
     ]
-    merged = merge_fragments(done, plan.problems, ctx.out_dir, sources)
+    merged = merge_fragments(done, plan.problems, ctx, sources, parallel)
+    if remote:
+        remove_prefix(f"{ctx.attempt_uri}/{PARTS_PREFIX}")
     _settle_states(plan, done)
     files = dict(plan.status) | {"read": n_todo, "reused": len(plan.jobs) - n_todo}
     rebuilt = [j for j in done if j.rebuilt]

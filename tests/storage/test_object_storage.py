@@ -208,8 +208,9 @@ def test_data_stages_publish_to_an_s3_root_and_reuse_it(s3_root_env, tmp_path: P
 
 @pytest.mark.slow
 def test_share_nothing_workers_publish_the_same_artifacts(s3_root_env, tmp_path: Path, monkeypatch):
-    """Dask workers with their own scratch and home get only s3:// URIs for dedup's and tokenize's parts: they
-    read their shards from the store and upload their outputs into the attempt folder; hashes match a local run."""
+    """Dask workers with their own scratch and home get only s3:// URIs for the parts of every data stage (ingest,
+    clean, dedup, tokenize): they read their inputs from the store and upload their outputs into the attempt
+    folder (ingest's fragments into the root's shared cache); hashes match a local run."""
     distributed = pytest.importorskip("distributed")
     from tasks.parts import DaskExecutor
 
@@ -229,13 +230,19 @@ def test_share_nothing_workers_publish_the_same_artifacts(s3_root_env, tmp_path:
     assert local["dedup"][0].counts["near_duplicates"]["verified_pairs"] >= 1  # verification parts run too
 
     sent: dict[str, list] = {}
-    dask_map = DaskExecutor.map
+    dask_map, dask_imap = DaskExecutor.map, DaskExecutor.imap
 
     def recorded(self, fn, parts):
         sent.setdefault(getattr(fn, "__name__", "?"), []).extend(parts)
         return dask_map(self, fn, parts)
 
+    def recorded_stream(self, fn, items, window):  # parts that report progress (ingest, clean)
+        items = list(items)
+        sent.setdefault(getattr(fn, "__name__", "?"), []).extend(items)
+        return dask_imap(self, fn, items, window)
+
     monkeypatch.setattr(DaskExecutor, "map", recorded)
+    monkeypatch.setattr(DaskExecutor, "imap", recorded_stream)
     worker_home = tmp_path / "worker-home"
     cluster_kwargs = {"n_workers": 2, "threads_per_worker": 1, "host": "127.0.0.1", "dashboard_address": None}
     with distributed.LocalCluster(**cluster_kwargs, env={"TOKENMILL_HOME": str(worker_home)}) as cluster:
@@ -249,6 +256,9 @@ def test_share_nothing_workers_publish_the_same_artifacts(s3_root_env, tmp_path:
         remote = _run_data_stages(cfg, "share-1")
     assert {k: m.content_hash for k, (m, _) in remote.items()} == {k: m.content_hash for k, (m, _) in local.items()}
     locations = {
+        "ingest_part": lambda jobs: [loc for j in jobs for loc in (j.cache, j.fragment, j.scratch_to)],
+        "write_docs_shard": lambda shard: [shard.out] + [b.fragment for w in shard.writes for b in w.batches],
+        "clean_part": lambda part: [part.out_dir] + [path for path, _ in part.units],
         "sign_part": lambda part: [part.doc_path, part.out],
         "band_pairs": lambda part: list(part.band_files),
         "verify_part": lambda part: list(part.doc_paths),
@@ -257,8 +267,10 @@ def test_share_nothing_workers_publish_the_same_artifacts(s3_root_env, tmp_path:
     assert set(locations) <= set(sent)
     for name, where in locations.items():
         assert all(loc.startswith("s3://tm-share/root/") for part in sent[name] for loc in where(part)), name
+    assert all(job.source.path.startswith("s3://tm-share/corpus/") for part in sent["ingest_part"] for job in part)
+    assert {f.path.split("/")[0] for f in remote["clean"][0].files} >= {"docs", "ledger", "ledger-index"}
     # Nothing of the workers' is left behind: no scratch prefixes in the attempt folders, no local mirror.
-    for stage in ("dedup", "tokenize"):
+    for stage in ("ingest", "clean", "dedup", "tokenize"):
         m = remote[stage][0]
         listed = fs.find(f"tm-share/root/{stage}/{m.fingerprint}/")
         assert not [f for f in listed if "/.parts/" in f or "/.work/" in f]
@@ -307,10 +319,12 @@ def test_interrupted_publish_is_invisible_and_rebuilt(s3_root_env, tmp_path: Pat
     monkeypatch.setenv("TOKENMILL_FAULT_DIR", str(tmp_path / "faults"))
     with pytest.raises(InjectedFault):
         run_stage("ingest", cfg, {}, log=lambda m: None)
-    assert fs.find("tm-faults/root/") == []  # no manifest, and the failed attempt's uploads were removed
+    # No manifest, and the failed attempt's uploads were removed; only the content-keyed fragment cache stays.
+    assert [f for f in fs.find("tm-faults/root/") if not f.startswith("tm-faults/root/.cache/ingest/")] == []
 
     manifest, reused = run_stage("ingest", cfg, {}, log=lambda m: None)
     assert not reused and fs.exists(f"tm-faults/root/ingest/{manifest.fingerprint}/{MANIFEST}")
+    assert manifest.counts["files"]["read"] == 0  # every file's fragment came from the cache on the root
 
     # A corrupted object (resized) is caught on reuse: the manifest is moved aside and the artifact rebuilt.
     victim = f"tm-faults/root/ingest/{manifest.fingerprint}/{manifest.attempt}/{manifest.files[0].path}"
@@ -318,6 +332,28 @@ def test_interrupted_publish_is_invisible_and_rebuilt(s3_root_env, tmp_path: Pat
     rebuilt, reused = run_stage("ingest", cfg, {}, log=lambda m: None)
     assert not reused and rebuilt.content_hash == manifest.content_hash and rebuilt.attempt != manifest.attempt
     assert any(".corrupt-" in name for name in fs.find(f"tm-faults/root/ingest/{manifest.fingerprint}/"))
+
+
+def test_ingest_fragments_on_the_root_are_reused_by_a_fresh_machine_and_checked(s3_root_env, tmp_path, monkeypatch):
+    """Ingest's per-file fragments live on the root: another machine (empty mirror, no file state) reuses them
+    after hashing the files, and a damaged one is read again, with the same artifact either way."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("tm-frag")
+    write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "corpus", "s3://tm-frag/root")
+    first, _ = run_stage("ingest", cfg, {}, log=lambda m: None)
+    fragments = sorted(f for f in fs.find("tm-frag/root/.cache/ingest/fragments/") if f.endswith(".arrow"))
+    assert first.counts["files"]["read"] == len(fragments) > 0
+    assert not (ArtifactStore(cfg.root).cache_dir("ingest") / "fragments").exists()  # nothing cached locally
+
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "machine-2"))
+    fs.pipe_file(fragments[0], b"not an arrow file")  # damaged in the store (its seal no longer matches)
+    logged: list[str] = []
+    again, reused = run_stage("ingest", cfg, {}, force=True, log=logged.append)
+    assert not reused and again.content_hash == first.content_hash
+    files = again.counts["files"]
+    assert (files["read"], files["reused"], files["rebuilt"]) == (0, len(fragments), 1)
+    assert any("not trusted" in line for line in logged)
 
 
 def test_two_machines_racing_on_one_fingerprint_publish_once(s3_root_env, tmp_path: Path, monkeypatch):
