@@ -37,7 +37,7 @@ def test_data_stages_on_dask_match_one_process(tmp_path: Path, dask_cluster):
     )
     assert _data_stages(on_dask) == _data_stages(local)
     ran = set(dask_cluster.scheduler.task_prefixes)  # the work did go to the cluster
-    assert {"ingest_part", "clean_part", "sign_part", "band_pairs", "tokenize_part"} <= ran, ran
+    assert {"ingest_part", "write_docs_shard", "clean_part", "sign_part", "band_pairs", "tokenize_part"} <= ran, ran
 
 
 def test_many_parts_on_dask_come_back_in_part_order(tmp_path: Path, dask_cluster):
@@ -132,4 +132,4 @@ def test_without_an_address_a_private_local_cluster_runs_the_stage(tmp_path: Pat
     local = tiny_config(tmp_path / "corpus", tmp_path / "local", workers=1)
     private = tiny_config(tmp_path / "corpus", tmp_path / "private", workers=2, executor="dask")
     hashes = [run_stage("ingest", cfg, {}, log=lambda m: None)[0].content_hash for cfg in (local, private)]
-    assert hashes[0] == hashes[1] and calls == ["ingest_part"]
+    assert hashes[0] == hashes[1] and calls == ["ingest_part", "write_docs_shard"]
