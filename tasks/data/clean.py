@@ -528,9 +528,7 @@ def clean(
     frozen = frozenset(blocked or ())
     parts = [CleanPart(i, units, cfg, str(ctx.out_dir), batch_rows, frozen) for i, units in enumerate(plan)]
     ctx.log(f"clean: {len(parts)} parts")
-    results = map_parts(
-        clean_part, parts, workers, lambda done, total: ctx.progress(done / total, f"{done}/{total} parts")
-    )
+    results = map_parts(clean_part, parts, workers, ctx.parts_done)
     (ctx.out_dir / "docs").mkdir(parents=True, exist_ok=True)
     result = merge_part_results(results)
     warnings = dropped_bytes_warnings(result.as_counts(), cfg.warn_dropped_bytes_share)

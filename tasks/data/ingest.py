@@ -538,7 +538,7 @@ def ingest(
             ingest_part,
             parts,
             n_workers if sum(sizes) >= parallel_min_bytes else 1,
-            lambda finished, n: ctx.progress(finished / n, f"{finished}/{n} parts"),
+            ctx.parts_done,
         )
         for job in part
     ]

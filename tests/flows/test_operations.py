@@ -300,6 +300,26 @@ def test_stage_deployment_and_cli_rerun_one_stage_from_lineage(failed_then_retri
     assert missing.exit_code == 1 and "no-such-run" in missing.output, missing.output
 
 
+def test_cli_run_uses_the_running_server_instead_of_starting_one(
+    failed_then_retried: dict, served: Served, monkeypatch
+):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("TOKENMILL_SERVER", served.server.url)
+    root = failed_then_retried["root"]
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # nothing configured: only the running server
+        result = CliRunner().invoke(app, ["run", "--config", str(served.config_path), "--root", str(root)])
+    assert result.exit_code == 0, result.output
+    assert f"using the Prefect server at {served.server.url}/api" in result.output
+    latest = _lineage(root).run(_lineage(root).latest_run_id())
+    assert served.server.flow_run(latest["flow_run_id"])["state_type"] == "COMPLETED"  # recorded by that server
+    assert "PREFECT_API_URL" not in os.environ  # the command put the environment back
+
+
 def _cli(served: Served, *args: str):
     """``tokenmill …`` in this process (no second `import prefect`), talking to the live server."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
