@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
 
 
 def server_env(host: str = "127.0.0.1", port: int = 4200, ui: bool = True, base: dict | None = None) -> dict[str, str]:
@@ -50,8 +53,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def temporary_server(timeout_s: float = 180) -> Iterator[str]:
-    """The Prefect API for one command: ``PREFECT_API_URL`` when configured, else a private server on 127.0.0.1.
+def temporary_server(timeout_s: float = 180, while_starting: Callable[[], object] | None = None) -> Iterator[str]:
+    """The Prefect API for one command: ``PREFECT_API_URL`` when configured, else a private server on 127.0.0.1;
+    ``while_starting`` (e.g. importing the flow's modules) runs while the server starts, on another core.
 
     Unlike Prefect's own temporary server, it runs in a session of its own, so Ctrl-C (SIGINT to the whole
     terminal process group) reaches the flow but not the server: the interrupted flow can still report its
@@ -62,15 +66,50 @@ def temporary_server(timeout_s: float = 180) -> Iterator[str]:
 
     configured = PREFECT_API_URL.value()  # environment, profile (`prefect config set`) or a settings context
     if configured:
+        if while_starting is not None:
+            while_starting()
         yield configured
         return
+    with tempfile.TemporaryDirectory(prefix="tokenmill-prefect-") as home_dir:
+        home = Path(home_dir)
+        seeded = _seed_database(home)
+        try:
+            proc, url = _start_private_server(home, timeout_s, while_starting)
+        except ServerStartError:
+            if not seeded:
+                raise
+            _empty_database_template().unlink(missing_ok=True)  # a copy the server rejects is not trusted again
+            for leftover in home.iterdir():
+                leftover.unlink()
+            proc, url = _start_private_server(home, timeout_s)
+        if not seeded:
+            _save_template(home)
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}):  # this process (settings are loaded once)
+                yield url
+        finally:
+            _drain_prefect_queues()
+            os.environ.pop("PREFECT_API_URL", None)
+            stop_group(proc)
+
+
+class ServerStartError(RuntimeError):
+    """The private Prefect server exited or did not answer in time."""
+
+
+def _start_private_server(
+    home: Path, timeout_s: float, while_starting: Callable[[], object] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """A Prefect server without services on a free port of 127.0.0.1, its state and log in ``home``, answering."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     # A database of its own: run without services, the server never expires concurrency leases, so a slot held
     # by a killed command would stay taken in a shared database and block every later run's training.
-    with tempfile.TemporaryFile(mode="w+") as log, tempfile.TemporaryDirectory(prefix="tokenmill-prefect-") as home:
-        env = server_env("127.0.0.1", port, ui=False) | {"PREFECT_HOME": home}
-        env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    env = server_env("127.0.0.1", port, ui=False) | {"PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    log_path = home / "server.log"
+    with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [*server_command("127.0.0.1", port), "--no-services"],
             env=env,
@@ -79,24 +118,66 @@ def temporary_server(timeout_s: float = 180) -> Iterator[str]:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        os.environ["PREFECT_API_URL"] = url
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"the temporary Prefect server exited ({proc.returncode}): {log.read()[-2000:]}")
-                if api_healthy(url):
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the temporary Prefect server did not answer within {timeout_s:.0f} s")
-                time.sleep(0.2)
-            with temporary_settings(updates={PREFECT_API_URL: url}):  # this process (settings are loaded once)
-                yield url
-        finally:
-            _drain_prefect_queues()
-            os.environ.pop("PREFECT_API_URL", None)
-            stop_group(proc)
+    deadline = time.monotonic() + timeout_s
+    try:
+        if while_starting is not None:
+            while_starting()
+        while not api_healthy(url):
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise ServerStartError(f"the temporary Prefect server exited ({proc.returncode}): {tail}")
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"the temporary Prefect server did not answer within {timeout_s:.0f} s")
+            time.sleep(0.2)
+    except BaseException:  # Ctrl-C while waiting, too
+        stop_group(proc)
+        raise
+    return proc, url
+
+
+def _empty_database_template() -> Path:
+    """Where the migrated, empty server database of this Prefect version is kept (migrating a new database
+    takes most of a temporary server's start-up: ≈20 s against ≈8 s from a copy)."""
+    import prefect
+    from prefect.settings import PREFECT_HOME
+
+    return Path(PREFECT_HOME.value()) / "tokenmill" / f"empty-server-{prefect.__version__}.db"
+
+
+def _seed_database(home: Path) -> bool:
+    """Start ``home`` from a copy of the empty database when a sound one is kept; True when it was."""
+    template = _empty_database_template()
+    if not template.is_file():
+        return False
+    try:
+        with closing(sqlite3.connect(f"file:{template}?mode=ro", uri=True)) as db:
+            sound = db.execute("PRAGMA quick_check").fetchone() == ("ok",)
+    except sqlite3.DatabaseError:
+        sound = False
+    if not sound:
+        template.unlink(missing_ok=True)
+        return False
+    shutil.copyfile(template, home / "prefect.db")
+    return True
+
+
+def _save_template(home: Path) -> None:
+    """Keep a consistent copy of the just-migrated database (nothing has run yet), published by a rename."""
+    template = _empty_database_template()
+    if template.exists() or not (home / "prefect.db").is_file():
+        return
+    template.parent.mkdir(parents=True, exist_ok=True)
+    partial = template.with_name(f".{template.name}.{os.getpid()}.partial")
+    try:
+        with (
+            closing(sqlite3.connect(f"file:{home / 'prefect.db'}?mode=ro", uri=True)) as source,
+            closing(sqlite3.connect(partial)) as copy,
+        ):
+            source.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file; the server turns WAL back on
+        os.replace(partial, template)
+    except (OSError, sqlite3.Error):
+        partial.unlink(missing_ok=True)  # only a start-up speed-up: the next command tries again
 
 
 def _die_with_parent() -> None:
@@ -147,16 +228,22 @@ def running_server_api(url: str | None = None) -> str | None:
     return api if api_healthy(api) else None
 
 
-def use_running_server() -> str | None:
-    """Point this process at a running local server unless an API URL is configured already, so a command-line
-    run skips starting a temporary server (``temporary_server``); ``TOKENMILL_REUSE_SERVER=0`` turns this off."""
-    if os.environ.get("TOKENMILL_REUSE_SERVER", "1") == "0":
-        return None
-    from prefect.settings import PREFECT_API_URL
+@contextmanager
+def running_server() -> Iterator[str | None]:
+    """Point this process and its children at a running local server (``tokenmill server``, or
+    ``TOKENMILL_SERVER``) unless an API URL is configured already, so a command-line run skips starting a
+    temporary server; yields its API URL, or None. ``TOKENMILL_REUSE_SERVER=0`` turns this off."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if PREFECT_API_URL.value():
-        return None
-    api = running_server_api()
-    if api:
-        os.environ["PREFECT_API_URL"] = api
-    return api
+    api = None
+    if os.environ.get("TOKENMILL_REUSE_SERVER", "1") != "0" and not PREFECT_API_URL.value():
+        api = running_server_api()
+    if api is None:
+        yield None
+        return
+    os.environ["PREFECT_API_URL"] = api  # child processes (training, parts)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api}):  # this process: settings are loaded once
+            yield api
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)

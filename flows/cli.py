@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import json
 import os
 import signal
@@ -90,11 +92,12 @@ def load_config(
 @contextmanager
 def prefect_api():
     """Use a running local Prefect server (``tokenmill server``) when one answers; else Prefect starts its own."""
-    from deployments.server import use_running_server
+    from deployments.server import running_server
 
-    if api := use_running_server():
-        console.print(f"using the Prefect server at {api}", highlight=False)
-    yield
+    with running_server() as api:
+        if api:
+            console.print(f"using the Prefect server at {api}", highlight=False)
+        yield
 
 
 def _count(value) -> str:
@@ -129,14 +132,15 @@ def recorded_config(root: str, run_id: str | None) -> PipelineConfig | None:
 
 
 @contextmanager
-def interruptible(root: str) -> Iterator[None]:
+def interruptible(root: str, flow_module: str | None = None) -> Iterator[None]:
     """Run a flow so that Ctrl-C or SIGTERM ends the command within seconds: the flow records the run as
     cancelled in lineage, the Prefect server (private to this command unless PREFECT_API_URL is set) outlives
     the interrupt long enough to hear about it, and the exit code is 128 + the signal's number."""
     from deployments.server import temporary_server
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(temporary_server())
+        preload = None if flow_module is None else functools.partial(importlib.import_module, flow_module)
+        stack.enter_context(temporary_server(while_starting=preload))  # import the flow while the server starts
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # Prefect's flow engine keeps it while a flow runs
         try:
             yield
@@ -266,7 +270,7 @@ def run(
     from tasks.preflight import preflight
 
     preflight(cfg)  # paths and sources, before the Prefect server starts
-    with prefect_api(), interruptible(cfg.root), stage_progress(console):
+    with prefect_api(), interruptible(cfg.root, "flows.pipeline"), stage_progress(console):
         from flows.pipeline import pipeline
 
         result = pipeline(config=cfg, force=force)
@@ -301,7 +305,7 @@ def refresh(
 ) -> None:
     """Run the nightly refresh now: the pipeline on the current sources, plus the per-source document diff."""
     cfg = load_config(config, root, reuse_recorded=True)
-    with prefect_api(), interruptible(cfg.root), stage_progress(console):
+    with prefect_api(), interruptible(cfg.root, "flows.refresh"), stage_progress(console):
         from flows.refresh import nightly_refresh
 
         result = nightly_refresh(config=cfg, train_steps=train_steps)

@@ -33,7 +33,7 @@ from storage.stage_graph import DATA_STAGES, UPSTREAM
 from tasks.config import PipelineConfig
 from tasks.errors import UserError
 from tasks.reporting.report import publish_run_report
-from tasks.reporting.sweep_report import publish_sweep_report
+from tasks.reporting.sweep_report import publish_sweep_report, ui_markdown
 from tasks.run_recorder import error_text
 from tasks.stages import run_stage, stage_key
 from tasks.sweep import evalset
@@ -411,7 +411,8 @@ def sweep(
     trials_now = lineage.trials(sid)
     rows = leaderboard_rows(trials_now, spec.objective)
     paths = publish_sweep_report(store, sid, spec, trials_now, result)
-    create_markdown_artifact(key="sweep-report", markdown=paths["markdown"].read_text(), description=str(paths["html"]))
+    markdown = ui_markdown(sid, spec, trials_now, result, paths["html"])
+    create_markdown_artifact(key="sweep-report", markdown=markdown, description=str(paths["html"]))
     create_table_artifact(key="sweep-leaderboard", table=rows, description=f"sweep {sid}")
     return {
         "sweep_id": sid,

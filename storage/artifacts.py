@@ -156,6 +156,10 @@ class StageContext:
     attempt_uri: str | None = None
     uploaded: list[FileEntry] = field(default_factory=list)
 
+    def parts_done(self, done: int, total: int, start: float = 0.0, share: float = 1.0, what: str = "parts") -> None:
+        """Report ``done`` of ``total`` parts of a pass that covers ``share`` of the stage from ``start``."""
+        self.progress(start + share * done / max(total, 1), f"{what} {done}/{total}")
+
 
 def _fsync_tree(folder: Path) -> None:
     for dirpath, _, filenames in os.walk(folder):

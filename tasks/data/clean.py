@@ -569,9 +569,7 @@ def clean(
     out = ctx.attempt_uri or str(ctx.out_dir)
     parts = [CleanPart(i, units, cfg, out, batch_rows, frozen) for i, units in enumerate(plan)]
     ctx.log(f"clean: {len(parts)} parts")
-    results = map_parts(
-        clean_part, parts, workers, lambda done, total: ctx.progress(done / total, f"{done}/{total} parts")
-    )
+    results = map_parts(clean_part, parts, workers, ctx.parts_done)
     (ctx.out_dir / "docs").mkdir(parents=True, exist_ok=True)
     if ctx.attempt_uri:
         for r in results:

@@ -741,13 +741,7 @@ def ingest(
         "workers"
     )
     parallel = n_workers if sum(sizes) >= parallel_min_bytes else 1
-    done = [
-        job
-        for part in map_parts(
-            ingest_part, parts, parallel, lambda finished, n: ctx.progress(finished / n, f"{finished}/{n} parts")
-        )
-        for job in part
-    ]
+    done = [job for part in map_parts(ingest_part, parts, parallel, ctx.parts_done) for job in part]
     merged = merge_fragments(done, plan.problems, ctx, sources, parallel)
     if remote:
         remove_prefix(f"{ctx.attempt_uri}/{PARTS_PREFIX}")

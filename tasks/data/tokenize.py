@@ -319,7 +319,7 @@ def tokenize(
         )
         for i, path in enumerate(doc_paths)
     ]
-    results = map_parts(tokenize_part, parts, workers)
+    results = map_parts(tokenize_part, parts, workers, ctx.parts_done)
     folder = ctx.out_dir / "tokens"
     folder.mkdir(parents=True)
     ledger = LedgerWriter(ctx.out_dir / "ledger", "tokenize")

@@ -6,6 +6,7 @@ and one self-contained HTML file whose figures are inline SVG drawn with matplot
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 from pathlib import Path
@@ -48,14 +49,20 @@ def test_markdown(test: dict | None) -> str:
     )
 
 
-def _svg(fig) -> str:
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    text = buf.getvalue()
+def _rendered(fig, fmt: str) -> str:
+    """The figure as inline SVG markup, or (``png``) a base64 data URI the Prefect UI's Markdown shows; closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, bbox_inches="tight", dpi=96)
+    plt.close(fig)
+    if fmt == "png":
+        return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
+    text = buf.getvalue().decode()
     return text[text.index("<svg") :]
 
 
-def curves_svg(trials: list[dict], objective: str) -> str:
+def curves_figure(trials: list[dict], objective: str, fmt: str = "svg") -> str:
     """Every trial's periodic validation numbers (objective units) against step, one line per trial."""
     import matplotlib
 
@@ -74,12 +81,10 @@ def curves_svg(trials: list[dict], objective: str) -> str:
     ax.set_ylabel(f"periodic {objective} (own val split)")
     if ax.lines:
         ax.legend(fontsize=7, ncol=2)
-    svg = _svg(fig)
-    plt.close(fig)
-    return svg
+    return _rendered(fig, fmt)
 
 
-def objective_vs_params_svg(trials: list[dict], space: list[str], objective: str) -> str:
+def objective_vs_params_figure(trials: list[dict], space: list[str], objective: str, fmt: str = "svg") -> str:
     """One panel per swept parameter: each completed trial's objective against its value."""
     import matplotlib
 
@@ -100,12 +105,18 @@ def objective_vs_params_svg(trials: list[dict], space: list[str], objective: str
         ax.set_xlabel(path)
         ax.set_ylabel(objective)
     fig.tight_layout()
-    svg = _svg(fig)
-    plt.close(fig)
-    return svg
+    return _rendered(fig, fmt)
 
 
-def render_markdown(sweep_id: str, spec: SweepSpec, trials: list[dict], test: dict | None) -> str:
+def render_markdown(
+    sweep_id: str, spec: SweepSpec, trials: list[dict], test: dict | None, embed_images: bool = False
+) -> str:
+    """The sweep report as Markdown; ``embed_images`` adds both plots as PNG data URIs (for the Prefect UI)."""
+    curves = params = ""
+    if embed_images:
+        curves = f"![validation curves]({curves_figure(trials, spec.objective, 'png')})\n"
+        plot = objective_vs_params_figure(trials, list(spec.space), spec.objective, "png")
+        params = f"![objective against each parameter]({plot})\n"
     space = "\n".join(f"- `{path}`: {values}" for path, values in spec.space.items())
     return "\n".join(
         [
@@ -124,8 +135,10 @@ def render_markdown(sweep_id: str, spec: SweepSpec, trials: list[dict], test: di
             test_markdown(test),
             "## Validation curves",
             "",
+            curves,
             "## Objective against each parameter",
             "",
+            params,
         ]
     )
 
@@ -134,9 +147,9 @@ def render_html(sweep_id: str, spec: SweepSpec, trials: list[dict], test: dict |
     markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
     body = markdown.render(render_markdown(sweep_id, spec, trials, test))
     body = body.replace(
-        "<h2>Validation curves</h2>", f"<h2>Validation curves</h2>\n{curves_svg(trials, spec.objective)}", 1
+        "<h2>Validation curves</h2>", f"<h2>Validation curves</h2>\n{curves_figure(trials, spec.objective)}", 1
     )
-    params = objective_vs_params_svg(trials, list(spec.space), spec.objective)
+    params = objective_vs_params_figure(trials, list(spec.space), spec.objective)
     heading = "<h2>Objective against each parameter</h2>"
     body = body.replace(heading, f"{heading}\n{params}", 1)
     title = html.escape(f"tokenmill sweep {sweep_id}")
@@ -149,10 +162,16 @@ def render_html(sweep_id: str, spec: SweepSpec, trials: list[dict], test: dict |
 def publish_sweep_report(
     store: ArtifactStore, sweep_id: str, spec: SweepSpec, trials: list[dict], test: dict | None
 ) -> dict[str, Path]:
-    """Write ``report.md`` and ``report.html`` for a sweep; return their paths."""
+    """Write ``report.md`` and ``report.html`` for a sweep; return their paths (the UI's copy: ``ui_markdown``)."""
     folder = store.root / "reports" / "sweeps" / sweep_id
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": folder / "report.md", "html": folder / "report.html"}
     paths["markdown"].write_text(render_markdown(sweep_id, spec, trials, test))
     paths["html"].write_text(render_html(sweep_id, spec, trials, test))
     return paths
+
+
+def ui_markdown(sweep_id: str, spec: SweepSpec, trials: list[dict], test: dict | None, html_path: Path) -> str:
+    """The report for the Prefect UI's artifact: plots embedded, and where the HTML file is."""
+    body = render_markdown(sweep_id, spec, trials, test, embed_images=True)
+    return f"{body}\nThe same report as a file: `{html_path}`\n"

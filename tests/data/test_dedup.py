@@ -333,3 +333,20 @@ def test_number_folding_is_an_option():
     # The default keeps the band hashes of earlier indexes comparable; turning it off is checked against them.
     assert "fold_numbers" not in dd.index.index_signature(minhash_params(DedupConfig()))
     assert dd.index.index_signature(minhash_params(DedupConfig(fold_numbers=False)))["fold_numbers"] is False
+
+
+def test_dedup_reports_progress_per_signing_part_then_per_pass(tmp_path: Path):
+    texts = [(f"d{i}", " ".join(words(i))) for i in range(20)]  # 3 input shards of ≤7 rows: 3 signing parts
+    paths = write_docs(tmp_path / "in", texts)
+    seen: list[tuple[float, str]] = []
+    ctx = StageContext(
+        tmp_path / "out", tmp_path / "work", log=lambda m: None, progress=lambda f, m: seen.append((f, m))
+    )
+    ctx.out_dir.mkdir()
+    ctx.work_dir.mkdir()
+    dd.dedup(paths, DedupConfig(), ctx, batch_rows=5)
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    messages = [m for _, m in seen]
+    assert [m for m in messages if m.startswith("sign parts")] == ["sign parts 1/3", "sign parts 2/3", "sign parts 3/3"]
+    assert messages[-1] == "write done"

@@ -271,6 +271,28 @@ def test_ui_retry_reruns_only_the_failed_stage_and_its_downstream(failed_then_re
     assert (served.work / "faults" / "tokenmill-fault-dedup-start").read_text().endswith(" 2")
 
 
+def test_a_killed_run_retried_from_the_ui_closes_the_attempt_it_left_running(failed_then_retried: dict, served: Served):
+    server, root = served.server, Path(served.config.root)
+    served.fault_file.write_text("tokenize:start:kill:1")  # SIGKILL the flow run's process as tokenize starts
+    try:
+        flow_run_id = server.run(PIPELINE_DEPLOYMENT, {"config": served.config_for("root"), "force": ["tokenize"]})
+        crashed = server.wait(flow_run_id, serve_log=served.log)
+        assert crashed["state_type"] == "CRASHED", crashed["state"]
+        left = [t["name"] for t in server.task_runs(flow_run_id) if t["state_type"] in ("RUNNING", "PENDING")]
+        assert left == ["tokenize"], left  # what the killed process left behind
+        server.retry(flow_run_id)
+        completed = server.wait(flow_run_id, serve_log=served.log)
+    finally:
+        served.fault_file.unlink(missing_ok=True)
+    assert completed["state_type"] == "COMPLETED", tail(served.log)
+    tasks = server.task_runs(flow_run_id)
+    assert not [t["name"] for t in tasks if t["state_type"] in ("RUNNING", "PENDING")]
+    closed = [t for t in tasks if t["state_name"] == "Crashed"]
+    assert [t["name"] for t in closed] == ["tokenize"] and "ended before it finished" in closed[0]["state"]["message"]
+    rows = [(s["stage"], s["status"]) for s in _lineage(root).stage_runs(_run_id(served, flow_run_id, root))]
+    assert rows.count(("tokenize", "crashed")) == 1 and rows[-1] == ("export", "cached"), rows
+
+
 def test_force_from_the_api_recomputes_that_stage_only(failed_then_retried: dict, served: Served):
     config = served.config_for("root")
     flow_run_id = served.server.run(PIPELINE_DEPLOYMENT, {"config": config, "force": ["tokenize"]})
@@ -298,6 +320,26 @@ def test_stage_deployment_and_cli_rerun_one_stage_from_lineage(failed_then_retri
     assert added == [("evaluate", "completed"), ("tokenizer", "completed")]
     missing = _cli(served, "stage", "train", "--run", "no-such-run", "--root", str(root))
     assert missing.exit_code == 1 and "no-such-run" in missing.output, missing.output
+
+
+def test_cli_run_uses_the_running_server_instead_of_starting_one(
+    failed_then_retried: dict, served: Served, monkeypatch
+):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("TOKENMILL_SERVER", served.server.url)
+    root = failed_then_retried["root"]
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # nothing configured: only the running server
+        result = CliRunner().invoke(app, ["run", "--config", str(served.config_path), "--root", str(root)])
+    assert result.exit_code == 0, result.output
+    assert f"using the Prefect server at {served.server.url}/api" in result.output
+    latest = _lineage(root).run(_lineage(root).latest_run_id())
+    assert served.server.flow_run(latest["flow_run_id"])["state_type"] == "COMPLETED"  # recorded by that server
+    assert "PREFECT_API_URL" not in os.environ  # the command put the environment back
 
 
 def _cli(served: Served, *args: str):

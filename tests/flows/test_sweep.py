@@ -39,6 +39,18 @@ def _widen_training_slots(width: int) -> None:
         client.update_global_concurrency_limit(CPU_TRAIN_LIMIT, GlobalConcurrencyLimitUpdate(limit=width))
 
 
+def _latest_artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+        )
+    return found[0].data
+
+
 def _built(root: Path) -> dict[str, int]:
     store = ArtifactStore(root)
     stages = (*DATA_STAGES, "train", "evaluate", "export", EVAL_SET_STAGE, SCORE_STAGE)
@@ -86,6 +98,7 @@ def test_a_sweep_builds_shared_stages_once_retries_a_failed_trial_alone_and_read
     evaluated = ArtifactStore(root).published("evaluate")[0]
     assert [i.fingerprint for i in evaluated.inputs if i.stage == "train"] == [winner["fingerprints"]["train"]]
     assert Path(result["report"]).read_text().count("<svg") >= 2
+    assert _latest_artifact("sweep-report").count("](data:image/png;base64,") == 2  # both plots in the UI
 
     monkeypatch.delenv("TOKENMILL_FAULT")
     again = sweep(spec_path=str(path))  # a finished sweep reruns from cache and does not read test again

@@ -8,6 +8,7 @@ input order, whatever the executor or worker count.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def sign(
     workers: int | None,
     out: str,
     log,
+    on_done: Callable[[int, int], None] | None = None,
 ) -> tuple[list[str], int]:
     """Sign every document to sign, one part per input shard (read from ``sources``, the shards' paths or URIs):
     (the band files in input order, documents signed). ``out``: a folder, or an object-store prefix."""
@@ -110,7 +112,7 @@ def sign(
         nodes = node_of_row[start : start + rows]
         parts.append(SignPart(source, nodes, params, cfg.batch_docs, f"{out}/bands-{i:05d}.parquet"))
         start += rows
-    signed = sum(map_parts(sign_part, parts, workers))
+    signed = sum(map_parts(sign_part, parts, workers, on_done))
     executor = active_executor()
     n_workers = min(default_workers(workers), len(parts))
     where = f"on the {executor.name} cluster" if executor else f"with {n_workers} worker(s)"

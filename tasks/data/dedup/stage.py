@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -43,6 +44,10 @@ def stage_params(cfg: PipelineConfig) -> dict[str, Any]:
     return params
 
 
+# How far through the stage each pass ends (for progress displays; signing is most of a near-dedup run).
+PASS_DONE_AT = {"plan": 0.05, "sign": 0.6, "candidates": 0.7, "verify": 0.85, "cluster": 0.9, "write": 1.0}
+
+
 def dedup(
     doc_paths: list[Path],
     cfg: DedupConfig,
@@ -65,6 +70,7 @@ def dedup(
         now = time.perf_counter()
         timings[name] = round(now - clock, 3)
         clock = now
+        ctx.progress(PASS_DONE_AT[name], f"{name} done")
 
     params = minhash_params(cfg)
     index = PreviousIndex(Path(previous.path)) if previous is not None else None
@@ -85,7 +91,9 @@ def dedup(
         workers = 1 if int(p.to_sign.sum()) <= 2 * cfg.batch_docs else cfg.workers
         sources = sources or [str(d) for d in doc_paths]
         work = f"{ctx.attempt_uri}/.work" if ctx.attempt_uri else str(ctx.work_dir)
-        band_files, signed = sign(doc_paths, sources, p, params, cfg, workers, f"{work}/bands", ctx.log)
+        start, end = PASS_DONE_AT["plan"], PASS_DONE_AT["sign"]
+        on_done = functools.partial(ctx.parts_done, start=start, share=end - start, what="sign parts")
+        band_files, signed = sign(doc_paths, sources, p, params, cfg, workers, f"{work}/bands", ctx.log, on_done)
         lap("sign")
         spill = ctx.work_dir / "duckdb-spill"
         edges = candidate_pairs(band_files, params.bands, cfg.bucket_partners, workers, spill)
