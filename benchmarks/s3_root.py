@@ -3,8 +3,13 @@
 Starts ``moto_server`` on 127.0.0.1 (its own process group, stopped by pid), generates a JSONL corpus
 (``benchmarks.part_costs``' generator; sources stay local so only the root differs), and runs ingest → clean →
 dedup → tokenizer → tokenize through ``run_stage`` twice in this process: once with a local root, once with
-``s3://bench/root``. Reports per stage the wall seconds of both, the seconds spent uploading and the MB uploaded;
-then a fully cached rerun on the S3 root, and a "fresh machine" (empty mirror) downloading every artifact into
+``s3://bench/root``. Reports per stage the wall seconds of both and the bytes that crossed to and from the store:
+uploaded by the flow process at publish (``RemoteRoot.upload``), uploaded by the stage's parts themselves
+(every ``put`` of the S3 file system that is not the flow's publish: docs, token shards, band files, ledger
+fragments, ingest's fragment cache), copied server-side (tokenize's shard renames) and downloaded by the flow
+process (``RemoteRoot.download``: the inputs it materializes). ``workers: 1`` runs every part in this process,
+which is what lets one process count the parts' uploads; on a cluster they are the workers' traffic. Then a
+fully cached rerun on the S3 root, and a "fresh machine" (empty mirror) downloading every artifact into
 verified local copies. moto is an in-process Python server, so the MB/s are a floor for real S3, not a forecast.
 Last, lineage questions on a third machine: looking documents up in the clean ledger after downloading its
 ledger files (what lineage does) against reading the ledger parts in place with ranged GETs (DuckDB over fsspec).
@@ -14,6 +19,7 @@ ledger files (what lineage does) against reading the ledger parts in place with 
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 import time
@@ -28,38 +34,111 @@ from storage.remote import RemoteRoot, register_object_fs
 from tasks.config import PipelineConfig
 from tasks.stages import UPSTREAM, run_stage
 
+PART_FUNCTIONS = {
+    "tasks.data.ingest": ("ingest_part", "write_docs_shard"),
+    "tasks.data.clean": ("clean_part",),
+    "tasks.data.dedup.sign": ("sign_part",),
+    "tasks.data.dedup.candidates": ("band_pairs",),
+    "tasks.data.dedup.clusters": ("verify_part",),
+    "tasks.data.tokenize": ("own_split_part", "tokenize_part"),
+}
 
-class UploadClock:
-    """Seconds and bytes that ``RemoteRoot.upload`` spent, per stage (patched on the class while active)."""
+
+class Traffic:
+    """Bytes that crossed to and from the store while active, per stage and kind: ``flow_upload``
+    (``RemoteRoot.upload``, the publish), ``part_upload`` (files put while a part function runs: what the parts
+    upload themselves), ``flow_direct_upload`` (other puts of the flow process: tokenize's saved n-gram indexes),
+    ``server_copy`` (object copies inside the store) and ``flow_download`` (``RemoteRoot.download``: the inputs
+    the flow process materializes); and the seconds of the flow's publish uploads. Patched while active (s3fs's
+    per-file coroutines, since its sync methods are bound per instance; the part functions of ``PART_FUNCTIONS``
+    in their modules); the parts must run in this process (``workers: 1``) to be counted.
+    """
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.bytes: dict[str, int] = {}
-        self._original = RemoteRoot.upload
+        import s3fs
 
-    def __enter__(self) -> UploadClock:
-        clock, original = self, self._original
+        self.stage = "?"
+        self.bytes: dict[str, dict[str, int]] = {}
+        self.publish_s: dict[str, float] = {}
+        self._originals = [
+            (RemoteRoot, "upload", RemoteRoot.upload),
+            (RemoteRoot, "download", RemoteRoot.download),
+            (s3fs.S3FileSystem, "_put_file", s3fs.S3FileSystem._put_file),
+            (s3fs.S3FileSystem, "_cp_file", s3fs.S3FileSystem._cp_file),
+        ]
+        for module, names in PART_FUNCTIONS.items():
+            owner = importlib.import_module(module)
+            self._originals += [(owner, name, getattr(owner, name)) for name in names]
+        self._publishing = self._in_part = False
 
-        def upload(remote: RemoteRoot, folder: Path, stage: str, fp: str, attempt: str, files) -> None:
-            files = list(files)
+    def add(self, kind: str, n_bytes: int) -> None:
+        sizes = self.bytes.setdefault(self.stage, {})
+        sizes[kind] = sizes.get(kind, 0) + n_bytes
+
+    def __enter__(self) -> Traffic:
+        import s3fs
+
+        (_, _, upload), (_, _, download), (_, _, put_file), (_, _, cp_file), *parts = self._originals
+
+        def flow_upload(remote, folder: Path, stage, fp, attempt, files) -> None:
+            files, self._publishing = list(files), True
             started = time.perf_counter()
-            original(remote, folder, stage, fp, attempt, files)
-            clock.seconds[stage] = clock.seconds.get(stage, 0.0) + time.perf_counter() - started
-            clock.bytes[stage] = clock.bytes.get(stage, 0) + sum((folder / f).stat().st_size for f in files)
+            try:
+                upload(remote, folder, stage, fp, attempt, files)
+            finally:
+                self._publishing = False
+            self.publish_s[self.stage] = self.publish_s.get(self.stage, 0.0) + time.perf_counter() - started
+            self.add("flow_upload", sum((folder / f).stat().st_size for f in files))
 
-        RemoteRoot.upload = upload
+        def flow_download(remote, stage, fp, attempt, files, dest: Path) -> None:
+            files = list(files)
+            download(remote, stage, fp, attempt, files, dest)
+            self.add("flow_download", sum((dest / f).stat().st_size for f in files))
+
+        async def any_put_file(fs, lpath, rpath, *args, **kwargs):
+            if not self._publishing:
+                self.add("part_upload" if self._in_part else "flow_direct_upload", os.path.getsize(lpath))
+            return await put_file(fs, lpath, rpath, *args, **kwargs)
+
+        def in_part(fn):
+            def run(part):
+                self._in_part = True
+                try:
+                    return fn(part)
+                finally:
+                    self._in_part = False
+
+            return run
+
+        for owner, name, fn in parts:
+            setattr(owner, name, in_part(fn))
+
+        async def server_copy(fs, path1, path2, *args, **kwargs):
+            self.add("server_copy", (await fs._info(path1))["size"])
+            return await cp_file(fs, path1, path2, *args, **kwargs)
+
+        RemoteRoot.upload, RemoteRoot.download = flow_upload, flow_download
+        s3fs.S3FileSystem._put_file, s3fs.S3FileSystem._cp_file = any_put_file, server_copy
         return self
 
     def __exit__(self, *exc: object) -> None:
-        RemoteRoot.upload = self._original
+        for owner, name, original in self._originals:
+            setattr(owner, name, original)
+
+    def total(self, kind: str) -> int:
+        return sum(by_kind.get(kind, 0) for by_kind in self.bytes.values())
 
 
-def run_data_stages(cfg: PipelineConfig) -> tuple[dict[str, Manifest], dict[str, float], int]:
+def run_data_stages(
+    cfg: PipelineConfig, traffic: Traffic | None = None
+) -> tuple[dict[str, Manifest], dict[str, float], int]:
     """Run the data stages; return manifests, wall seconds per stage, and how many were reused."""
     manifests: dict[str, Manifest] = {}
     walls: dict[str, float] = {}
     reused_n = 0
     for name in DATA_STAGES:
+        if traffic is not None:
+            traffic.stage = name
         started = time.perf_counter()
         manifests[name], reused = run_stage(name, cfg, {u: manifests[u] for u in UPSTREAM[name]}, log=lambda m: None)
         walls[name] = round(time.perf_counter() - started, 2)
@@ -120,8 +199,8 @@ def measure(mb: float, files: int, work: Path, endpoint: str) -> dict:
     local, local_walls, _ = run_data_stages(PipelineConfig.model_validate(settings | {"root": str(work / "local")}))
     cfg = PipelineConfig.model_validate(settings | {"root": "s3://bench/root"})
     ArtifactStore(cfg.root).remote.fs.mkdir("bench")
-    with UploadClock() as uploads:
-        remote, remote_walls, _ = run_data_stages(cfg)
+    with Traffic() as traffic:
+        remote, remote_walls, _ = run_data_stages(cfg, traffic)
     assert all(remote[k].content_hash == local[k].content_hash for k in DATA_STAGES), "hashes differ"
     started = time.perf_counter()
     _, _, reused = run_data_stages(cfg)
@@ -134,7 +213,7 @@ def measure(mb: float, files: int, work: Path, endpoint: str) -> dict:
         fresh.materialize(fresh.load(name, remote[name].fingerprint))
     download_s = time.perf_counter() - started
     questions = ledger_questions(cfg, remote["clean"], work / "home3")
-    total_bytes = sum(uploads.bytes.values())
+    published_bytes = sum(f.bytes for m in remote.values() for f in m.files)
     return {
         "corpus_docs": n_docs,
         "corpus_mb": round(n_bytes / 1e6, 2),
@@ -142,19 +221,31 @@ def measure(mb: float, files: int, work: Path, endpoint: str) -> dict:
             name: {
                 "local_root_s": local_walls[name],
                 "s3_root_s": remote_walls[name],
-                "upload_s": round(uploads.seconds.get(name, 0.0), 2),
-                "uploaded_mb": round(uploads.bytes.get(name, 0) / 1e6, 2),
+                "published_mb": round(sum(f.bytes for f in remote[name].files) / 1e6, 2),
+                **{
+                    f"{kind}_mb": round(traffic.bytes.get(name, {}).get(kind, 0) / 1e6, 2)
+                    for kind in ("flow_upload", "part_upload", "flow_direct_upload", "server_copy", "flow_download")
+                },
+                "publish_upload_s": round(traffic.publish_s.get(name, 0.0), 2),
                 "files": len(remote[name].files),
             }
             for name in DATA_STAGES
         },
         "total_local_root_s": round(sum(local_walls.values()), 2),
         "total_s3_root_s": round(sum(remote_walls.values()), 2),
-        "upload_mb_per_s": round(total_bytes / 1e6 / max(sum(uploads.seconds.values()), 1e-9), 1),
+        "published_mb": round(published_bytes / 1e6, 2),
+        "flow_upload_mb": round(traffic.total("flow_upload") / 1e6, 2),
+        "part_upload_mb": round(traffic.total("part_upload") / 1e6, 2),
+        "flow_direct_upload_mb": round(traffic.total("flow_direct_upload") / 1e6, 2),
+        "server_copy_mb": round(traffic.total("server_copy") / 1e6, 2),
+        "flow_download_mb": round(traffic.total("flow_download") / 1e6, 2),
+        "publish_upload_mb_per_s": round(
+            traffic.total("flow_upload") / 1e6 / max(sum(traffic.publish_s.values()), 1e-9), 1
+        ),
         "cached_rerun_s": round(cached_s, 2),
         "cached_rerun_reused": f"{reused}/{len(DATA_STAGES)}",
         "fresh_mirror_download_s": round(download_s, 2),
-        "download_verify_mb_per_s": round(total_bytes / 1e6 / max(download_s, 1e-9), 1),
+        "download_verify_mb_per_s": round(published_bytes / 1e6 / max(download_s, 1e-9), 1),
         "content_hashes_equal": True,
         "lineage_questions_clean_ledger": questions,
     }

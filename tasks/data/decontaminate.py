@@ -66,6 +66,17 @@ class NgramIndex:
         item_grams = np.asarray(counts, dtype=np.int64)
         return cls(name, g[order], i[order], ids, item_grams, int((item_grams == 0).sum()))
 
+    @classmethod
+    def combine(cls, name: str, parts: list[NgramIndex]) -> NgramIndex:
+        """One index of the items of ``parts`` in order: what ``build`` makes from all their batches at once."""
+        offsets = np.cumsum([0] + [len(p.item_ids) for p in parts])
+        g = np.concatenate([np.zeros(0, np.uint64)] + [p.grams for p in parts])
+        i = np.concatenate([np.zeros(0, np.int64)] + [p.items + o for p, o in zip(parts, offsets, strict=False)])
+        item_grams = np.concatenate([np.zeros(0, np.int64)] + [p.item_grams for p in parts])
+        order = np.lexsort((i, g))
+        ids = [item for p in parts for item in p.item_ids]
+        return cls(name, g[order], i[order], ids, item_grams, sum(p.skipped for p in parts))
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")

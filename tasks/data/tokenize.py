@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 
 from storage.artifacts import FileEntry, StageContext
 from storage.hashing import file_sha256, unit_interval
+from storage.part_outputs import part_folder
 from storage.remote import copy_object, is_remote, open_input, put_files, remove_prefix
 from storage.shards import LedgerWriter, ParquetShardWriter, token_dtype, write_token_shard
 from tasks.config import DecontaminateConfig, TokenizeConfig, TokenizerConfig
@@ -84,24 +85,55 @@ class _SplitShards:
         self.pending, self.pending_tokens = [], 0
 
 
-def _own_split_indexes(doc_paths: list[str], columns: list[str], cfg: TokenizeConfig, n: int) -> list[NgramIndex]:
-    """N-gram indexes of this run's val and test documents (one pass over the documents)."""
+OWN_SPLITS = ("val", "test")
 
-    def batches(split: str):
-        sources = (pq.ParquetFile(open_input(p)) for p in doc_paths)
-        for batch in (b for f in sources for b in f.iter_batches(columns=columns, batch_size=cfg.batch_docs)):
-            keys = batch.column("split_key" if "split_key" in columns else "doc_id").to_pylist()
-            ids = batch.column("doc_id").to_pylist()
-            picked = [
-                i
-                for i, (key, doc_id) in enumerate(zip(keys, ids, strict=True))
-                if split_of(key or doc_id, cfg) == split
-            ]
-            if picked:
-                texts = batch.column("text").to_pylist()
-                yield [texts[i] for i in picked], [ids[i] for i in picked]
 
-    return [NgramIndex.build(split, batches(split), n) for split in ("val", "test")]
+@dataclass(frozen=True)
+class OwnSplitPart:
+    """One dedup shard whose val and test documents to index (``<out>/val.npz``, ``<out>/test.npz``; ``out`` a
+    folder, or a prefix under the attempt's ``.parts/`` that the part uploads into)."""
+
+    doc_path: str
+    columns: tuple[str, ...]
+    cfg: TokenizeConfig
+    n: int
+    out: str
+
+
+def own_split_part(part: OwnSplitPart) -> list[str]:
+    """Index the val and test documents of one shard (one read of it); return where each split's index is."""
+    picked: dict[str, list[tuple[list[str], list[str]]]] = {split: [] for split in OWN_SPLITS}
+    key = "split_key" if "split_key" in part.columns else "doc_id"
+    source = pq.ParquetFile(open_input(part.doc_path))
+    for batch in source.iter_batches(columns=list(part.columns), batch_size=part.cfg.batch_docs):
+        ids, texts = batch.column("doc_id").to_pylist(), batch.column("text").to_pylist()
+        splits = [split_of(k or d, part.cfg) for k, d in zip(batch.column(key).to_pylist(), ids, strict=True)]
+        for split in OWN_SPLITS:
+            rows = [i for i, s in enumerate(splits) if s == split]
+            if rows:
+                picked[split].append(([texts[i] for i in rows], [ids[i] for i in rows]))
+    with part_folder(part.out, "own-split-part-") as folder:
+        for split in OWN_SPLITS:
+            NgramIndex.build(split, picked[split], part.n).save(folder / f"{split}.npz")
+        if is_remote(part.out):
+            put_files(folder, part.out, [f"{split}.npz" for split in OWN_SPLITS])
+    return [f"{part.out}/{split}.npz" for split in OWN_SPLITS]
+
+
+def _own_split_indexes(
+    doc_paths: list[str], columns: list[str], cfg: TokenizeConfig, n: int, workers: int | None, where: str
+) -> list[NgramIndex]:
+    """N-gram indexes of this run's val and test documents: one part per shard indexes its own documents, and
+    the partial indexes are combined in part order (the same index one pass over every shard would build)."""
+    parts = [
+        OwnSplitPart(path, tuple(columns), cfg, n, f"{where}/own-splits/part-{i:05d}")
+        for i, path in enumerate(doc_paths)
+    ]
+    found = map_parts(own_split_part, parts, workers)
+    return [
+        NgramIndex.combine(split, [NgramIndex.load(split, open_input(locations[k])) for locations in found])
+        for k, split in enumerate(OWN_SPLITS)
+    ]
 
 
 class _Contamination:
@@ -298,9 +330,9 @@ def tokenize(
 
     With ``decontaminate`` enabled, every train-bound document is first checked for n-gram overlap with this
     run's val/test documents and the named evaluation sets; a contaminated one is dropped (or flagged) with
-    reason ``contaminated:<set>`` and its matches go to ``contamination/matches.parquet``. The flow process
-    builds the n-gram indexes once (one pass over the val/test documents) and saves them where the parts
-    load them (once per worker process).
+    reason ``contaminated:<set>`` and its matches go to ``contamination/matches.parquet``. The own splits' n-gram
+    indexes are built by one part per shard (``own_split_part``) and combined here; every index is saved where
+    the tokenize parts load it (once per worker process).
     """
     remote = ctx.attempt_uri is not None
     parts_dir = f"{ctx.attempt_uri}/.parts" if remote else str(ctx.work_dir / "parts")
@@ -309,7 +341,8 @@ def tokenize(
     if decontaminate is not None and decontaminate.enabled:
         columns = ["doc_id", "text"] + (["split_key"] if _has_split_key(doc_paths) else [])
         own = decontaminate.own_splits
-        indexes = _own_split_indexes([str(p) for p in doc_paths], columns, cfg, decontaminate.ngram) if own else []
+        paths = [str(p) for p in doc_paths]
+        indexes = _own_split_indexes(paths, columns, cfg, decontaminate.ngram, workers, parts_dir) if own else []
         indexes += [set_index(s, decontaminate.ngram, cache_dir) for s in decontaminate.sets]
         contamination = _Contamination(decontaminate, indexes)
         saved = tuple((index.name, _save_index(index, i, ctx, parts_dir)) for i, index in enumerate(indexes))

@@ -34,6 +34,18 @@ def test_index_finds_an_item_inside_a_document_whatever_its_case_and_punctuation
     assert 0.2 <= partial.overlap < 0.5
 
 
+def test_partial_indexes_combined_in_order_equal_one_index_of_everything():
+    """Tokenize's parts index their own shard's val/test documents; combined, that is the one-pass index."""
+    batches = [([prose(i), ITEM if i == 3 else prose(50 + i), "short"], [f"a{i}", f"b{i}", f"c{i}"]) for i in range(5)]
+    whole = NgramIndex.build("val", batches, n=8)
+    parts = [NgramIndex.build("val", batches[:2], n=8), NgramIndex.build("val", [], n=8)]
+    combined = NgramIndex.combine("val", parts + [NgramIndex.build("val", batches[2:], n=8)])
+    assert combined.item_ids == whole.item_ids and combined.skipped == whole.skipped == 5
+    for field in ("grams", "items", "item_grams"):
+        assert getattr(combined, field).tobytes() == getattr(whole, field).tobytes(), field
+        assert getattr(combined, field).dtype == getattr(whole, field).dtype, field
+
+
 def _doc_id(source: str, key: str) -> str:
     return f"{source}:{stable_id(source, 'id', key)}"
 

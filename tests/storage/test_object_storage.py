@@ -209,8 +209,9 @@ def test_data_stages_publish_to_an_s3_root_and_reuse_it(s3_root_env, tmp_path: P
 @pytest.mark.slow
 def test_share_nothing_workers_publish_the_same_artifacts(s3_root_env, tmp_path: Path, monkeypatch):
     """Dask workers with their own scratch and home get only s3:// URIs for the parts of every data stage (ingest,
-    clean, dedup, tokenize): they read their inputs from the store and upload their outputs into the attempt
-    folder (ingest's fragments into the root's shared cache); hashes match a local run."""
+    clean, dedup, tokenize and its own-split decontamination index): they read their inputs from the store and
+    upload their outputs into the attempt folder (ingest's fragments into the root's cache); hashes match a
+    local run."""
     distributed = pytest.importorskip("distributed")
     from tasks.parts import DaskExecutor
 
@@ -262,6 +263,7 @@ def test_share_nothing_workers_publish_the_same_artifacts(s3_root_env, tmp_path:
         "sign_part": lambda part: [part.doc_path, part.out],
         "band_pairs": lambda part: list(part.band_files),
         "verify_part": lambda part: list(part.doc_paths),
+        "own_split_part": lambda part: [part.doc_path, part.out],
         "tokenize_part": lambda part: [part.doc_path, part.tokenizer, part.out],
     }
     assert set(locations) <= set(sent)
