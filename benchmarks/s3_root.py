@@ -247,6 +247,10 @@ def measure(mb: float, files: int, work: Path, endpoint: str) -> dict:
         "fresh_mirror_download_s": round(download_s, 2),
         "download_verify_mb_per_s": round(published_bytes / 1e6 / max(download_s, 1e-9), 1),
         "content_hashes_equal": True,
+        "dedup_passes_s": {
+            "local_root": local["dedup"].counts["timings_s"],
+            "s3_root": remote["dedup"].counts["timings_s"],
+        },
         "lineage_questions_clean_ledger": questions,
     }
 

@@ -18,7 +18,8 @@ the lineage DuckDB file (DuckDB needs a local file to write). Credentials come f
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,17 @@ def open_input(path: str | Path) -> Any:
         return path
     fs, key = object_fs(str(path))
     return fs.open(key, "rb")
+
+
+@contextmanager
+def opened_input(path: str | Path) -> Iterator[Any]:
+    """``open_input`` for a block: an object opened for reading is closed afterwards."""
+    source = open_input(path)
+    try:
+        yield source
+    finally:
+        if source is not path:
+            source.close()
 
 
 def put_files(folder: Path, uri: str, names: Iterable[str]) -> None:

@@ -36,6 +36,9 @@ class StageSpec:
     params: Callable[[PipelineConfig], dict[str, Any]]
     produce: Callable[[StageRun], StageResult]
     ledger_links: tuple[str, ...] = ()  # ledger columns indexed for reverse lookup (lineage takedown)
+    # The inputs ``produce`` reads from local files (None: all). On a remote root only those are downloaded; the
+    # others are read by object URI, by the parts and (footers, ledger columns) by this process.
+    local_inputs: tuple[str, ...] | None = None
 
 
 def _source_snapshot(cfg: PipelineConfig) -> dict[str, Any]:
@@ -210,7 +213,9 @@ def _produce_export(run: StageRun) -> StageResult:
 SPECS: dict[str, StageSpec] = {
     "ingest": StageSpec("ingest", ingest.VERSION, _ingest_params, _produce_ingest),
     # the stage that first hashes content
-    "clean": StageSpec("clean", clean.VERSION, _clean_params, _produce_clean, ledger_links=("content_hash",)),
+    "clean": StageSpec(
+        "clean", clean.VERSION, _clean_params, _produce_clean, ledger_links=("content_hash",), local_inputs=()
+    ),
     "dedup": StageSpec("dedup", dedup.VERSION, dedup.stage_params, _produce_dedup, ledger_links=("duplicate_of",)),
     "tokenizer": StageSpec("tokenizer", tokenizer.VERSION, lambda c: c.tokenizer.model_dump(), _produce_tokenizer),
     "tokenize": StageSpec(
@@ -218,6 +223,7 @@ SPECS: dict[str, StageSpec] = {
         tokenize.VERSION,
         _tokenize_params,
         _produce_tokenize,
+        local_inputs=("tokenizer",),
     ),
     "train": StageSpec(
         "train",
@@ -285,7 +291,8 @@ def run_stage(
             ctx.should_stop = should_stop
         maybe_fail(name, "start")
         for upstream in UPSTREAM[name]:  # remote roots: a verified local copy of each input, downloaded once
-            store.materialize(inputs[upstream])
+            if spec.local_inputs is None or upstream in spec.local_inputs:
+                store.materialize(inputs[upstream])
         with executor_for(cfg):
             result = spec.produce(StageRun(cfg, inputs, ctx))
         compact_ledger_folder(ctx.out_dir / "ledger", spec.ledger_links)

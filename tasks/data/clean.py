@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from storage.artifacts import FileEntry, StageContext
 from storage.hashing import text_hash
 from storage.part_outputs import PARTS_PREFIX, fetch_part_files, files_in, part_folder, upload_part_files
-from storage.remote import is_remote, open_input, remove_prefix
+from storage.remote import is_remote, opened_input, remove_prefix
 from storage.shards import DOC_SCHEMA, LedgerWriter, ParquetShardWriter
 from tasks.config import C4Config, CleanConfig, PiiConfig
 from tasks.data import filters, language
@@ -461,14 +461,15 @@ def _row_groups(units: list[tuple[str, int]], batch_rows: int):
     """The record batches of ``units``, row group by row group (a batch never spans two), each input file opened
     once (ranged reads for an object URI)."""
     for path, group in groupby(units, key=lambda unit: unit[0]):
-        source = open_input(path)
-        try:
+        with opened_input(path) as source:
             pf = pq.ParquetFile(source)
             for _, row_group in group:
                 yield from pf.iter_batches(batch_size=batch_rows, row_groups=[row_group])
-        finally:
-            if not isinstance(source, str | Path):
-                source.close()
+
+
+def _footer(location: str) -> pq.FileMetaData:
+    with opened_input(location) as source:
+        return pq.read_metadata(source)
 
 
 def _clean_into(part: CleanPart, out: Path) -> CleanPartResult:
@@ -521,21 +522,21 @@ def _clean_into(part: CleanPart, out: Path) -> CleanPartResult:
     return CleanPartResult(DocCounts(docs_in, docs.rows, reasons), bytes_in, dict(dropped_bytes), rules)
 
 
-def _uncompressed_bytes(path: Path) -> int:
-    meta = pq.ParquetFile(path).metadata
+def _uncompressed_bytes(meta: pq.FileMetaData) -> int:
     return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
 
 
-def plan_parts(doc_paths: list[Path], part_bytes: int, sources: list[str] | None = None) -> list[list[tuple[str, int]]]:
+def plan_parts(
+    locations: list[str], part_bytes: int, footers: list[pq.FileMetaData] | None = None
+) -> list[list[tuple[str, int]]]:
     """Split the input row groups into consecutive parts of about ``part_bytes`` (independent of workers).
 
-    ``sources``: where the parts read each of ``doc_paths`` (their object URIs on a remote root)."""
+    ``locations``: the input files' paths or object URIs; ``footers``: their Parquet metadata, if already read."""
     units: list[tuple[str, int]] = []
     sizes: list[int] = []
-    for path, source in zip(doc_paths, sources or [str(p) for p in doc_paths], strict=True):
-        meta = pq.ParquetFile(path).metadata
+    for location, meta in zip(locations, footers or [_footer(loc) for loc in locations], strict=True):
         for rg in range(meta.num_row_groups):
-            units.append((source, rg))
+            units.append((location, rg))
             sizes.append(meta.row_group(rg).total_byte_size)
     return [[units[i] for i in group] for group in balanced_groups(sizes, part_bytes, 10_000)]
 
@@ -556,15 +557,18 @@ def clean(
     of workers, so the output files are the same whatever ``workers`` is. ``blocked`` holds doc ids and content
     hashes taken down through lineage: they are dropped as ``takedown``.
 
-    ``sources``: where the parts read ``doc_paths`` (object URIs on a remote root). With ``ctx.attempt_uri`` set
-    the parts upload their docs into the attempt folder themselves and their ledger fragments under ``.parts/``;
-    the flow process fetches only those (no text) and the ledger is compacted here as for a local root.
+    ``sources``: where the parts read ``doc_paths`` (object URIs on a remote root; this process then reads only
+    their footers, with ranged reads). With ``ctx.attempt_uri`` set the parts upload their docs into the attempt
+    folder themselves and their ledger fragments under ``.parts/``; the flow process fetches only those (no
+    text) and the ledger is compacted here as for a local root.
     """
     check_language_codes(cfg)
+    locations = sources if ctx.attempt_uri and sources is not None else [str(p) for p in doc_paths]
+    footers = [_footer(loc) for loc in locations]
     if part_bytes is None:
-        total = sum(_uncompressed_bytes(p) for p in doc_paths)
+        total = sum(_uncompressed_bytes(meta) for meta in footers)
         part_bytes = min(max(total // 16, 2**20), 256 * 2**20)
-    plan = plan_parts(doc_paths, part_bytes, sources if ctx.attempt_uri else None)
+    plan = plan_parts(locations, part_bytes, footers)
     frozen = frozenset(blocked or ())
     out = ctx.attempt_uri or str(ctx.out_dir)
     parts = [CleanPart(i, units, cfg, out, batch_rows, frozen) for i, units in enumerate(plan)]
