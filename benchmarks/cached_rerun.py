@@ -6,12 +6,14 @@ then an all-cached rerun while ``tokenmill server`` is running (the CLI finds an
 
     python benchmarks/cached_rerun.py                       # the tests' tiny corpus
     python benchmarks/cached_rerun.py --config my.yaml      # any configuration (its root is replaced)
+    python benchmarks/cached_rerun.py --against ../other    # the same rows for another checkout, interleaved
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,29 +41,39 @@ def _config(work: Path, config: Path | None) -> Path:
     return path
 
 
-def _timed_run(config: Path, env: dict[str, str], log: Path) -> float:
+def _timed_run(config: Path, env: dict[str, str], log: Path, checkout: Path = REPO) -> float:
     started = time.perf_counter()
     with open(log, "wb") as out:
         cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(config)]
-        subprocess.run(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, check=True)
+        env = env | {"PYTHONPATH": str(checkout)}
+        subprocess.run(cmd, env=env, cwd=checkout, stdout=out, stderr=subprocess.STDOUT, check=True)
     return time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--against", type=Path, default=None, help="another checkout, measured alongside")
+    parser.add_argument("--repeat", type=int, default=3, help="all-cached runs per row (the median is shown)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tokenmill-cached-rerun-"))
-    config = _config(work, args.config)
+    checkouts = {"this checkout": REPO} | ({"other checkout": args.against.resolve()} if args.against else {})
     base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    base |= {"PREFECT_HOME": str(work / "prefect-home"), "PYTHONPATH": str(REPO), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    base |= {"PREFECT_HOME": str(work / "prefect-home"), "PREFECT_LOGGING_LEVEL": "WARNING"}
     own_server = base | {"TOKENMILL_REUSE_SERVER": "0"}
-    rows = [
-        ("first run (builds every stage)", _timed_run(config, own_server, work / "first.log")),
-        ("all cached, temporary server", _timed_run(config, own_server, work / "ephemeral.log")),
-    ]
+    configs = {name: _config(work / f"c{i}", args.config) for i, name in enumerate(checkouts)}
+    times: dict[tuple[str, str], list[float]] = {}
+
+    def measure(label: str, env: dict[str, str]) -> None:
+        for name, checkout in checkouts.items():  # interleaved, so load changes hit every checkout alike
+            log = configs[name].parent / f"{label.split(',')[0].replace(' ', '-')}-{len(times)}.log"
+            times.setdefault((label, name), []).append(_timed_run(configs[name], env, log, checkout))
+
+    measure("first run (builds every stage)", own_server)
+    for _ in range(args.repeat):
+        measure("all cached, temporary server", own_server)
     port = free_port()
-    server_env = base | {"PREFECT_HOME": str(work / "server-home")}
+    server_env = base | {"PREFECT_HOME": str(work / "server-home"), "PYTHONPATH": str(REPO)}
     server = start_group(
         [sys.executable, "-m", "flows.cli", "server", "--port", str(port)], server_env, work / "server.log"
     )
@@ -70,13 +82,13 @@ def main() -> None:
         while running_server_api(f"http://127.0.0.1:{port}") is None:
             assert time.monotonic() < deadline, (work / "server.log").read_text()[-2000:]
             time.sleep(1)
-        reuse = base | {"TOKENMILL_SERVER": f"http://127.0.0.1:{port}"}
-        rows.append(("all cached, running tokenmill server", _timed_run(config, reuse, work / "reuse.log")))
+        for _ in range(args.repeat):
+            measure("all cached, running tokenmill server", base | {"TOKENMILL_SERVER": f"http://127.0.0.1:{port}"})
     finally:
         stop_group(server)
-    print(f"\n{'run':<40} {'wall s':>7}   (logs in {work})")
-    for label, seconds in rows:
-        print(f"{label:<40} {seconds:7.1f}")
+    print(f"\n{'run':<40} {'checkout':<16} {'median s':>8}  all (s)   (logs in {work})")
+    for (label, name), seconds in times.items():
+        print(f"{label:<40} {name:<16} {statistics.median(seconds):8.1f}  {' '.join(f'{x:.1f}' for x in seconds)}")
 
 
 if __name__ == "__main__":

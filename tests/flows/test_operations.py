@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -424,29 +425,117 @@ def test_a_schedule_made_in_the_ui_produces_valid_runs(failed_then_retried: dict
         json=[{"schedule": {"cron": "30 3 * * *", "timezone": "UTC"}, "active": True, "parameters": parameters}],
     )
     assert created.status_code == 201, created.text
-    schedule_id = created.json()[0]["id"]
+    recorded, run = _run_one_scheduled(served, deployment["id"], created.json()[0]["id"], seed=77)
+    assert run["parameters"]["train_steps"] == untouched  # stored unhydrated
+    assert recorded["root"] == served.config.root  # the deployment's configuration
+    assert recorded["train"]["max_steps"] == served.config.train.max_steps
+
+
+def _run_one_scheduled(served: Served, deployment_id: str, schedule_id: str, seed: int) -> tuple[dict, dict]:
+    """Have the server schedule runs from its schedules, start the one with ``seed`` now, wait for it to complete;
+    the configuration lineage recorded for it, and the flow run. Deletes the schedule and scheduled runs."""
+    server = served.server
     try:
         now = datetime.now(UTC)
         scheduled = server.request(  # the scheduler service's own code path, without waiting for its loop
             "POST",
-            f"/deployments/{deployment['id']}/schedule",
+            f"/deployments/{deployment_id}/schedule",
             json={"end_time": (now + timedelta(days=2)).isoformat(), "max_runs": 2},
         )
         assert scheduled.status_code in (200, 201), scheduled.text
-        runs = [r for r in server.flow_runs_of(PIPELINE_DEPLOYMENT, "SCHEDULED") if r["parameters"].get("seed") == 77]
-        assert runs and runs[0]["parameters"]["train_steps"] == untouched, runs  # stored unhydrated
+        runs = [r for r in server.flow_runs_of(PIPELINE_DEPLOYMENT, "SCHEDULED") if r["parameters"].get("seed") == seed]
+        assert runs, server.flow_runs_of(PIPELINE_DEPLOYMENT, "SCHEDULED")
         run_now = {"type": "SCHEDULED", "state_details": {"scheduled_time": now.isoformat()}}
         server.request("POST", f"/flow_runs/{runs[0]['id']}/set_state", json={"state": run_now, "force": True})
         run = server.wait(runs[0]["id"], serve_log=served.log)
         assert run["state_type"] == "COMPLETED", (run["state"], tail(served.log))
         root = Path(served.config.root)
         recorded = json.loads(_lineage(root).run(_run_id(served, runs[0]["id"], root))["config"])
-        assert (recorded["seed"], recorded["root"]) == (77, served.config.root)  # the deployment's configuration
-        assert recorded["train"]["max_steps"] == served.config.train.max_steps
+        assert recorded["seed"] == seed
+        return recorded, runs[0]
     finally:
-        server.request("DELETE", f"/deployments/{deployment['id']}/schedules/{schedule_id}")
+        server.request("DELETE", f"/deployments/{deployment_id}/schedules/{schedule_id}")
         for leftover in server.flow_runs_of(PIPELINE_DEPLOYMENT, "SCHEDULED"):
             server.request("DELETE", f"/flow_runs/{leftover['id']}")
+
+
+def test_browser_add_schedule_dialog_makes_a_schedule_whose_runs_validate(failed_then_retried: dict, served: Served):
+    """Headless Chromium: the deployment's "+ Schedule" dialog, overrides for the configuration, seed and training
+    steps chosen and only the seed changed, Save; the runs the server makes from that schedule complete."""
+    server = served.server
+    deployment = server.deployment(PIPELINE_DEPLOYMENT)
+    shot = OUTPUT / "prefect-ui-add-schedule.png"
+    with _browser_page(served, "chromium-profile-schedule") as page:
+        try:
+            page.goto(f"{server.url}/deployments/deployment/{deployment['id']}")
+            page.get_by_role("button", name="Schedule", exact=True).click()
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_placeholder("Enter a unique identifier for this schedule").fill("ui-hourly")
+            overrides = dialog.locator("button.p-select-button__control").last  # "Select parameters to override"
+            overrides.scroll_into_view_if_needed()
+            overrides.focus()
+            page.keyboard.press("ArrowDown")
+            for name in ("config", "seed", "train_steps"):
+                page.get_by_role("option", name=name, exact=True).click()
+            page.keyboard.press("Escape")
+            dialog.locator(".p-label", has_text="Seed (Optional)").locator("input").fill("78")
+            page.screenshot(path=str(shot), full_page=True)
+            with page.expect_response(lambda r: r.url.endswith("/schedules") and r.request.method == "POST") as saved:
+                dialog.get_by_role("button", name="Save", exact=True).click()
+            assert saved.value.status == 201, saved.value.text()
+        finally:
+            print(f"screenshot: {shot}")
+    schedule = next(
+        s
+        for s in server.request("GET", f"/deployments/{deployment['id']}/schedules").json()
+        if s["slug"] == "ui-hourly"
+    )
+    assert schedule["parameters"]["seed"] == 78, schedule
+    recorded, _ = _run_one_scheduled(served, deployment["id"], schedule["id"], seed=78)
+    assert recorded["train"]["max_steps"] == served.config.train.max_steps  # the fields left as they were
+
+
+def _playwright():
+    """Playwright's sync API, or a skip when the system Chromium or playwright is missing."""
+    if _chromium() is None:
+        pytest.skip("chromium is not installed (make test installs it with apt-get; see README)")
+    return pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@contextmanager
+def _browser_page(served: Served, profile: str):
+    """A headless Chromium page on the live server's UI that can reach nothing else."""
+    sync_api = _playwright()
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    base = served.server.url
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            user_data_dir=str(served.work / profile),  # fresh: passed to Chromium as --user-data-dir
+            executable_path=_chromium(),
+            headless=True,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+            viewport={"width": 1400, "height": 1000},
+        )
+        # the UI calls an analytics host even with DO_NOT_TRACK: nothing may leave the machine
+        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base) else route.abort())
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        try:
+            yield page
+        finally:
+            context.close()
 
 
 def _submit(page, attempts: int = 3) -> str:
@@ -475,33 +564,10 @@ def test_browser_short_run_form_then_the_loss_curve_on_the_run(failed_then_retri
     changed) → Submit → Completed; then the run's evaluation report shows the loss-curve picture.
 
     It runs after the retry scenario on the same data root, so only train, evaluate and export recompute."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (make test installs it with apt-get; see README)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
-    OUTPUT.mkdir(parents=True, exist_ok=True)
+    sync_api = _playwright()
     shots = {name: OUTPUT / f"prefect-ui-{name}.png" for name in ("run-form", "custom-run", "loss-curve")}
     base = served.server.url
-    with sync_api.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            user_data_dir=str(served.work / "chromium-profile"),  # fresh: passed to Chromium as --user-data-dir
-            executable_path=chromium,
-            headless=True,
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-            viewport={"width": 1400, "height": 1000},
-        )
-        # the UI calls an analytics host even with DO_NOT_TRACK: nothing may leave the machine
-        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base) else route.abort())
-        page = context.new_page()
-        page.set_default_timeout(60_000)
+    with _browser_page(served, "chromium-profile") as page:
         try:
             page.goto(f"{base}/")
             page.get_by_role("link", name="Deployments").first.click()
@@ -553,7 +619,6 @@ def test_browser_short_run_form_then_the_loss_curve_on_the_run(failed_then_retri
             assert curve.evaluate("img => img.complete && img.naturalWidth > 100"), "the loss curve did not load"
         finally:
             page.screenshot(path=str(shots["loss-curve"]), full_page=True)
-            context.close()
     for shot in shots.values():
         assert shot.stat().st_size > 0
         print(f"screenshot: {shot}")
