@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +45,7 @@ LEDGER_SCHEMA = pa.schema(
 
 
 SHARD_ROWS = 50_000
+T = TypeVar("T")
 
 
 class ParquetShardWriter:
@@ -106,6 +108,26 @@ class ParquetShardWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def plan_shard_writes(
+    writes: Iterable[tuple[T, int]], rows_per_shard: int = SHARD_ROWS
+) -> list[list[tuple[T, int, int]]]:
+    """Where a ``ParquetShardWriter`` puts a sequence of writes of ``(item, rows)``: per shard, in order, the
+    pieces ``(item, offset, take)`` it writes (a write that straddles two shards is written in two pieces). Lets
+    parts write the shards of one writer's layout, each its own."""
+    shards: list[list[tuple[T, int, int]]] = []
+    written = 0
+    for item, rows in writes:
+        offset = 0
+        while offset < rows:
+            shard, in_shard = divmod(written, rows_per_shard)
+            take = min(rows_per_shard - in_shard, rows - offset)
+            if shard == len(shards):
+                shards.append([])
+            shards[shard].append((item, offset, take))
+            offset, written = offset + take, written + take
+    return shards
 
 
 def iter_batches(

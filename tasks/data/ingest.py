@@ -42,7 +42,7 @@ from storage.artifacts import FileEntry, StageContext, pid_alive, write_json_ato
 from storage.hashing import canonical_json, stable_id, stream_hash
 from storage.part_outputs import PARTS_PREFIX, files_in, part_folder, upload_part_files
 from storage.remote import is_remote, object_fs, open_input, put_files, remove_prefix
-from storage.shards import DOC_SCHEMA, SHARD_ROWS, LedgerWriter, ParquetShardWriter
+from storage.shards import DOC_SCHEMA, LedgerWriter, ParquetShardWriter, plan_shard_writes
 from tasks.config import SourceConfig
 from tasks.data import readers
 from tasks.data.readers import Record, SourceFile
@@ -518,18 +518,8 @@ def plan_docs_shards(kept: list[tuple[KeptBatch, int, int]], out: str) -> list[D
             pending, rows, size = [], 0, 0
     if pending:
         flushes.append((tuple(pending), rows))
-    shards: list[list[DocsWrite]] = []
-    written = 0
-    for batches, n in flushes:
-        offset = 0
-        while offset < n:
-            shard, in_shard = divmod(written, SHARD_ROWS)
-            take = min(SHARD_ROWS - in_shard, n - offset)
-            if shard == len(shards):
-                shards.append([])
-            shards[shard].append(DocsWrite(batches, offset, take))
-            offset, written = offset + take, written + take
-    return [DocsShard(i, tuple(writes), out) for i, writes in enumerate(shards)]
+    shards = plan_shard_writes(flushes)
+    return [DocsShard(i, tuple(DocsWrite(*piece) for piece in pieces), out) for i, pieces in enumerate(shards)]
 
 
 def write_docs_shard(shard: DocsShard) -> list[FileEntry]:

@@ -265,6 +265,7 @@ def test_share_nothing_workers_publish_the_same_artifacts(s3_root_env, tmp_path:
         "sign_part": lambda part: [part.doc_path, part.out],
         "band_pairs": lambda part: list(part.band_files),
         "verify_part": lambda part: list(part.doc_paths),
+        "write_kept_shard": lambda shard: [shard.out] + [batch.source for batch, _, _ in shard.pieces],
         "own_split_part": lambda part: [part.doc_path, part.out],
         "tokenize_part": lambda part: [part.doc_path, part.tokenizer, part.out],
     }

@@ -21,14 +21,16 @@ from storage.shards import LedgerWriter, ParquetShardWriter, iter_batches
 from tasks.config import DedupConfig, PipelineConfig
 from tasks.data.dedup.candidates import candidate_pairs, index_matches
 from tasks.data.dedup.clusters import Clusters, cluster, old_texts, similarities
+from tasks.data.dedup.docs import KeptRows, plan_kept_shards, write_kept_shard
 from tasks.data.dedup.index import PreviousIndex, index_signature, resolve_previous
 from tasks.data.dedup.plan import Plan, plan
-from tasks.data.dedup.schema import DEDUP_SCHEMA, INDEX_BANDS_SCHEMA, INDEX_EXACT_SCHEMA, minhash_params
+from tasks.data.dedup.schema import INDEX_BANDS_SCHEMA, INDEX_EXACT_SCHEMA, minhash_params
 from tasks.data.dedup.sign import sign
 from tasks.data.minhash import (
     MinHashParams,
     s_curve_table,
 )
+from tasks.parts import map_parts
 from tasks.stage_contract import DocCounts, StageResult
 
 VERSION = "4"  # 4: every bucket pair can be verified (bucket_partners); duplicate_of names the linking pair
@@ -112,7 +114,9 @@ def dedup(
         clusters = cluster(graph, sims, n_old, cfg.threshold)
         lap("cluster")
 
-    docs, matched_index, examples = _write(doc_paths, p, cfg, old_ids, clusters, index, ctx, batch_rows, band_files)
+    docs, matched_index, examples = _write(
+        doc_paths, sources or [str(d) for d in doc_paths], p, cfg, old_ids, clusters, index, ctx, batch_rows, band_files
+    )
     lap("write")
     if ctx.attempt_uri:
         remove_prefix(f"{ctx.attempt_uri}/.work")
@@ -143,10 +147,11 @@ def dedup(
 
 
 def _write(
-    doc_paths, p: Plan | None, cfg, old_ids, clusters: Clusters, index, ctx, batch_rows, band_files
+    doc_paths, sources, p: Plan | None, cfg, old_ids, clusters: Clusters, index, ctx, batch_rows, band_files
 ) -> tuple[DocCounts, int, list[dict]]:
-    """Stream the input once more, in order: kept documents, ledger rows and the index of the kept corpus."""
-    docs = ParquetShardWriter(ctx.out_dir / "docs", "docs", DEDUP_SCHEMA)
+    """Stream the input's id columns once more, in order, into the ledger rows and the index of the kept corpus;
+    the kept documents are then written by one part per output shard (``dedup.docs``), which reads the texts
+    from ``sources`` (the input shards' paths or object URIs)."""
     ledger = LedgerWriter(ctx.out_dir / "ledger", "dedup")
     exact_index = ParquetShardWriter(ctx.out_dir / "index", "exact", INDEX_EXACT_SCHEMA, rows_per_shard=5_000_000)
     holders = ["."]
@@ -162,17 +167,18 @@ def _write(
     decide = _Verdicts(p, clusters, old_ids) if p is not None else None
 
     pos = 0
-    for batch in iter_batches(doc_paths, batch_size=batch_rows):
-        kept: list[dict] = []
+    kept_batches: list[KeptRows] = []
+    for batch, source, start in _id_batches(doc_paths, sources, batch_rows):
+        kept: list[int] = []
         rows: list[dict] = []
         index_rows: list[dict] = []
-        for doc in batch.to_pylist():
+        for row, doc in enumerate(batch.to_pylist()):
             node = int(p.node_of_pos[pos])  # type: ignore[union-attr]
             pos += 1
-            base = {k: doc[k] for k in ("doc_id", "source", "locator", "content_hash")}
+            base = {k: doc[k] for k in ID_COLUMNS}
             verdict = decide(node)  # type: ignore[misc]
             if verdict is None:
-                kept.append(doc | {"split_key": doc["doc_id"]})
+                kept.append(row)
                 rows.append(base | {"fate": "kept", "cluster_id": doc["doc_id"]})
                 if not p.indexed[node]:  # type: ignore[union-attr]
                     index_rows.append(
@@ -196,16 +202,32 @@ def _write(
                 examples.append(
                     {"removed": doc["locator"], "duplicate_of": verdict.duplicate_of, "similarity": verdict.similarity}
                 )
-        docs.write_rows(kept)
+        kept_batches.append(KeptRows(source, start, batch.num_rows, tuple(kept)))
         ledger.record(rows)
         exact_index.write_rows(index_rows)
-    docs.close()
     ledger.close()
     exact_index.close()
+    (ctx.out_dir / "docs").mkdir(parents=True, exist_ok=True)
+    shards = plan_kept_shards(kept_batches, ctx.attempt_uri or str(ctx.out_dir))
+    for entries in map_parts(write_kept_shard, shards, cfg.workers if len(shards) > 1 else 1):
+        ctx.uploaded.extend(entries)
     _write_band_index(ctx, index, p, removed, band_files)
     meta = {"minhash": index_signature(minhash_params(cfg)), "holders": holders}
     (ctx.out_dir / "index" / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return DocCounts(pos, docs.rows, reasons), matched_index, examples
+    return DocCounts(pos, sum(len(b.kept) for b in kept_batches), reasons), matched_index, examples
+
+
+ID_COLUMNS = ("doc_id", "source", "locator", "content_hash")
+
+
+def _id_batches(doc_paths, sources, batch_rows: int):
+    """The input's id columns in batches of ``batch_rows`` (per file, as the docs were read before), with the
+    file each batch is in (where parts read it) and the batch's first row in that file."""
+    for path, source in zip(doc_paths, sources, strict=True):
+        start = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=list(ID_COLUMNS)):
+            yield batch, source, start
+            start += batch.num_rows
 
 
 @dataclass(frozen=True)
