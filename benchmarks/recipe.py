@@ -12,7 +12,9 @@ Needs a data root where the quickstart has run up to ``tokenize`` (``tokenmill r
     python benchmarks/recipe.py --root ./data
     python benchmarks/recipe.py --root ./data --recipes modern-muon-wsd-none modern-swiglu-muon-wsd modern-muon-wsd-bos
 
-Recipes are named overrides of the config's model and train sections (``RECIPES``); ``--set`` adds more.
+Recipes are named overrides of the config's model and train sections (``RECIPES``); ``--variant`` adds more:
+
+    python benchmarks/recipe.py --root ./data --variant no-wd modern-swiglu-muon-wsd train.weight_decay=0
 """
 
 from __future__ import annotations
@@ -125,6 +127,20 @@ def baseline_bpb(data: dict) -> dict[str, float]:
     return {name: value / math.log(2) / n_bytes for name, value in nats.items()}
 
 
+def variant(base: dict[str, dict], changes: list[str]) -> dict[str, dict]:
+    """``base`` with ``section.field=value`` changes (values read as YAML: numbers, booleans, strings)."""
+    import yaml
+
+    recipe = {section: dict(fields) for section, fields in base.items()}
+    for change in changes:
+        path, _, value = change.partition("=")
+        section, _, field = path.partition(".")
+        if section not in ("model", "train") or not field or not _:
+            raise SystemExit(f"--variant: {change!r} is not model.FIELD=VALUE or train.FIELD=VALUE")
+        recipe.setdefault(section, {})[field] = yaml.safe_load(value)
+    return recipe
+
+
 def recipe_args(name: str, cfg: PipelineConfig, data: dict, steps: int, work: Path, score: bool) -> dict:
     recipe = RECIPES[name]
     model = cfg.model.model_dump() | recipe.get("model", {})
@@ -165,12 +181,22 @@ def main() -> None:
     parser.add_argument("--equal-steps", action="store_true", help="same steps for every recipe (no calibration)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME BASE SECTION.FIELD=VALUE",
+        help="a recipe NAME: recipe BASE with these model/train fields changed (repeatable; runs with --recipes)",
+    )
     args = parser.parse_args()
+    for name, base, *changes in args.variant:
+        RECIPES[name] = variant(RECIPES[base], changes)
     cfg = PipelineConfig.from_yaml(args.config)
     data = quickstart_data(args.root, cfg)
     work = args.work or Path(tempfile.mkdtemp(prefix="tokenmill-recipe-"))
     base_steps = args.steps or cfg.train.max_steps
-    names = [BASELINE] + [n for n in args.recipes if n != BASELINE]
+    names = [BASELINE] + [n for n in [*args.recipes, *(v[0] for v in args.variant)] if n != BASELINE]
     steps = {n: base_steps for n in names}
     seconds_per_step = {}
     if not args.equal_steps:
