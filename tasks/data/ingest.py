@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -378,7 +378,7 @@ def ingest_part(jobs: list[FileJob]) -> list[FileJob]:
     downloads a cached fragment to check its seal, and uploads a new fragment (then its seal) into the cache.
     """
     if not jobs or not is_remote(jobs[0].cache):
-        return [_with_layout(_verified_or_read(job), Path) for job in jobs]
+        return [_with_layout(done, Path(done.fragment)) for done in map(_verified_or_read, jobs)]
     with tempfile.TemporaryDirectory(prefix="ingest-part-") as scratch:
         return [_verified_or_read_remote(job, Path(scratch)) for job in jobs]
 
@@ -395,7 +395,7 @@ def _verified_or_read_remote(job: FileJob, scratch: Path) -> FileJob:
         except FileNotFoundError:
             problem = "no longer in the cache"
         if problem is None:
-            done = _with_layout(job, lambda _: local)
+            done = _with_layout(job, local)
             _remove_fragment(local)
             return done
         _remove_fragment(local)
@@ -408,7 +408,7 @@ def _verified_or_read_remote(job: FileJob, scratch: Path) -> FileJob:
         where = f"{job.cache}/fragments"
         put_files(local.parent, where, [local.name])  # the fragment, then its seal: a seal names a whole fragment
         put_files(local.parent, where, [_seal_path(local).name])
-    done = _with_layout(replace(done, cache=job.cache, fragment=f"{where}/{local.name}"), lambda _: local)
+    done = _with_layout(replace(done, cache=job.cache, fragment=f"{where}/{local.name}"), local)
     _remove_fragment(local)
     return replace(done, rebuilt=problem) if problem else done
 
@@ -430,11 +430,11 @@ def _kept_docs(batch: pa.RecordBatch, source: str, ordinal: int) -> pa.RecordBat
     return rows.select(DOC_SCHEMA.names)
 
 
-def _with_layout(job: FileJob, local: Callable[[str], Path]) -> FileJob:
+def _with_layout(job: FileJob, local: Path) -> FileJob:
     """``job`` with its fragment's batch layout: per batch, records, kept documents and their Arrow bytes (what
     the docs writer's row groups are cut by), computed where the fragment is at hand (in the part)."""
     layout = []
-    with pa.OSFile(str(local(job.fragment))) as source:
+    with pa.OSFile(str(local)) as source:
         reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
