@@ -40,6 +40,7 @@ PART_FUNCTIONS = {
     "tasks.data.dedup.sign": ("sign_part",),
     "tasks.data.dedup.candidates": ("band_pairs",),
     "tasks.data.dedup.clusters": ("verify_part",),
+    "tasks.data.dedup.stage": ("write_kept_shard",),
     "tasks.data.tokenize": ("own_split_part", "tokenize_part"),
 }
 
