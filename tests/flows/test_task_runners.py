@@ -25,7 +25,16 @@ distributed = pytest.importorskip("distributed")
 pytest.importorskip("prefect_dask")
 
 DATA_STAGES = ("ingest", "clean", "dedup", "tokenizer", "tokenize")
-PART_FUNCTIONS = ("ingest_part", "clean_part", "sign_part", "band_pairs", "tokenize_part")
+PART_FUNCTIONS = (
+    "ingest_part",
+    "write_docs_shard",
+    "clean_part",
+    "sign_part",
+    "band_pairs",
+    "write_kept_shard",
+    "own_split_part",
+    "tokenize_part",
+)
 
 
 def _one_process_hashes(cfg: PipelineConfig) -> dict[str, str]:
@@ -69,9 +78,12 @@ def test_pipeline_on_a_dask_task_runner_matches_one_process(
     parents = {_part_name(r): {stages[p.id] for p in r.task_inputs["__parents__"]} for r in parts}
     assert parents == {
         "ingest_part": {"ingest"},
+        "write_docs_shard": {"ingest"},
         "clean_part": {"clean"},
         "sign_part": {"dedup"},
         "band_pairs": {"dedup"},
+        "write_kept_shard": {"dedup"},
+        "own_split_part": {"tokenize"},
         "tokenize_part": {"tokenize"},
     }
     assert "part_task" in dask_cluster.scheduler.task_prefixes  # the parts reached the Dask scheduler
