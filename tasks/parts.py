@@ -9,8 +9,9 @@ runs their parts; in a Prefect flow run ``flows.runners`` activates a Prefect ta
 so artifacts do not depend on the engine.
 
 Part functions and parts must be picklable, and every worker must see the paths in them (a shared file
-system, or URIs such as ``s3://``). Workers write Parquet fragments only; the flow process alone writes the
-lineage DuckDB file.
+system, or URIs such as ``s3://``). On an object-store root the parts read and upload by URI themselves
+(``storage.part_outputs``), so workers share nothing with the flow process but the store; the flow process
+alone writes the lineage DuckDB file.
 """
 
 from __future__ import annotations
