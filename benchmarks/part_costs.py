@@ -140,7 +140,7 @@ def _timed_parts(modules: dict[str, object]) -> tuple[ExitStack, dict[str, list[
     """Replace ``map_parts`` in ``modules`` by an inline map that records each part's CPU seconds."""
     costs: dict[str, list[float]] = {}
 
-    def timed(fn: Callable, parts, workers) -> list:
+    def timed(fn: Callable, parts, workers, on_done: Callable | None = None) -> list:
         out = []
         for part in parts:
             cpu = time.process_time()
