@@ -179,6 +179,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="baseline steps (default: the config's max_steps)")
     parser.add_argument("--calibrate", type=int, default=40, help="steps of the timing runs")
     parser.add_argument("--equal-steps", action="store_true", help="same steps for every recipe (no calibration)")
+    parser.add_argument(
+        "--steps-of",
+        nargs="+",
+        default=[],
+        metavar="NAME=STEPS",
+        help="steps for these recipes instead of calibrating (e.g. from an earlier calibration of the same models)",
+    )
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
@@ -199,7 +206,10 @@ def main() -> None:
     names = [BASELINE] + [n for n in [*args.recipes, *(v[0] for v in args.variant)] if n != BASELINE]
     steps = {n: base_steps for n in names}
     seconds_per_step = {}
-    if not args.equal_steps:
+    fixed = {name: int(value) for name, _, value in (s.partition("=") for s in args.steps_of)}
+    if fixed:
+        steps |= fixed
+    elif not args.equal_steps:
         timing = run_together(
             {n: recipe_args(n, cfg, data, args.calibrate, work / f"calibrate-{n}", False) for n in names}
         )
