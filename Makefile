@@ -23,8 +23,9 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/tokenmill run --config configs/quickstart.yaml
 
+# Every test, the slow ones too (a plain `pytest` skips tests marked slow).
 test: setup chromium
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
 
 # The browser test drives the Prefect UI with the system Chromium (Debian packages; Playwright's own browser
 # download is not used). Installed when missing and apt-get is usable (CI runs as root); else the test skips.

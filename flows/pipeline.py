@@ -413,10 +413,20 @@ def close_crashed_attempts(record: RunRecorder) -> None:
         for task_run in leftovers:
             message = "the process running this attempt ended before it finished (crash or kill)"
             client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
-            if task_run.name in STAGES:
+            stage = stage_of_task_run(task_run.name)
+            if stage is not None:
                 started = task_run.start_time or task_run.expected_start_time or datetime.now(UTC)
-                record.lineage.record_stage(record.run_id, task_run.name, "crashed", started, error=message)
-            get_run_logger().warning(f"{task_run.name}: the previous attempt's task run is marked Crashed")
+                record.lineage.record_stage(record.run_id, stage, "crashed", started, error=message)
+            get_run_logger().warning(f"{stage or task_run.name}: the previous attempt's task run is marked Crashed")
+
+
+def stage_of_task_run(name: str) -> str | None:
+    """The stage a task run ran: its name, or ``<stage>-<n>`` when the process died before Prefect gave the run
+    its templated name."""
+    for candidate in (name, name.rsplit("-", 1)[0]):
+        if candidate in STAGES:
+            return candidate
+    return None
 
 
 def run_pipeline(config: PipelineConfig, force: list[str] | None = None) -> dict[str, Any]:

@@ -232,3 +232,12 @@ def test_terminal_progress_bars_show_each_stage():
             publish(StageEvent(stage, "done", 1.0, "cached"))
     text = out.getvalue()
     assert "ingest" in text and "train" in text and "100%" in text and "cached" in text
+
+
+def test_a_leftover_task_run_is_traced_to_its_stage_by_its_name_or_prefects_first_name():
+    from flows.pipeline import stage_of_task_run
+
+    assert stage_of_task_run("tokenize") == "tokenize"
+    assert stage_of_task_run("tokenize-398") == "tokenize"  # killed before the templated name was applied
+    assert stage_of_task_run("tokenizer-12") == "tokenizer"
+    assert stage_of_task_run("trial-3") is None and stage_of_task_run("sweep-tokenize") is None
