@@ -89,7 +89,7 @@ def temporary_server(timeout_s: float = 180, while_starting: Callable[[], object
             with temporary_settings(updates={PREFECT_API_URL: url}):  # this process (settings are loaded once)
                 yield url
         finally:
-            _drain_prefect_queues()
+            drain_prefect_queues()
             os.environ.pop("PREFECT_API_URL", None)
             stop_group(proc)
 
@@ -190,7 +190,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _drain_prefect_queues(timeout_s: float = 5) -> None:
+def drain_prefect_queues(timeout_s: float = 5) -> None:
     """Send Prefect's queued logs and events now, while the server is up (at exit it would be gone)."""
     if "prefect" not in sys.modules:
         return

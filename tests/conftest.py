@@ -36,8 +36,11 @@ def prefect_harness():
     """One ephemeral Prefect API server for the session's flow tests (≈20 s to start)."""
     from prefect.testing.utilities import prefect_test_harness
 
+    from deployments.server import drain_prefect_queues
+
     with prefect_test_harness(server_startup_timeout=120):
         yield
+        drain_prefect_queues()  # logs and events sent while the server is still up, not retried at exit
 
 
 @pytest.fixture(scope="module")
