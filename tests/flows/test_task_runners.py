@@ -5,6 +5,7 @@ One local Dask cluster of 2 worker processes on 127.0.0.1 serves the module and 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -53,6 +54,19 @@ def _task_runs(flow_run_id) -> list:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
+def _settled_task_runs(flow_run_id, timeout_s: float = 60) -> list:
+    """The flow run's task runs once every part's parent task run is on the server too: the server records task
+    runs from their events, so a part can be listed before the stage task run that submitted it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = _task_runs(flow_run_id)
+        ids = {r.id for r in runs}
+        parents = {p.id for r in runs if _part_name(r) in PART_FUNCTIONS for p in r.task_inputs["__parents__"]}
+        if parents <= ids or time.monotonic() > deadline:
+            return runs
+        time.sleep(1)
+
+
 def _part_name(task_run) -> str:
     return task_run.name.rsplit("-", 1)[0]
 
@@ -71,7 +85,7 @@ def test_pipeline_on_a_dask_task_runner_matches_one_process(
     recorded = {a["stage"]: a["content_hash"] for a in lineage.run_artifacts(state.result()["run_id"])}
     assert {n: recorded[n] for n in DATA_STAGES} == reference
 
-    runs = _task_runs(state.state_details.flow_run_id)
+    runs = _settled_task_runs(state.state_details.flow_run_id)
     # a task run's templated name can reach the server after its first name (``dedup-123``): trace either
     stages = {r.id: stage_of_task_run(r.name) for r in runs if stage_of_task_run(r.name) in DATA_STAGES}
     parts = [r for r in runs if _part_name(r) in PART_FUNCTIONS]
