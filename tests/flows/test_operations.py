@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from deployments.serve import NIGHTLY_DEPLOYMENT, PIPELINE_DEPLOYMENT
-from deployments.server import server_env
+from deployments.server import drain_prefect_queues, server_env
 from flows.pipeline import stage_of_task_run
 from storage.artifacts import ArtifactStore
 from storage.lineage import LineageStore
@@ -337,6 +337,7 @@ def test_cli_run_uses_the_running_server_instead_of_starting_one(
     root = failed_then_retried["root"]
     with temporary_settings(restore_defaults={PREFECT_API_URL}):  # nothing configured: only the running server
         result = CliRunner().invoke(app, ["run", "--config", str(served.config_path), "--root", str(root)])
+    drain_prefect_queues()  # this process's event and log workers must not stay bound to the live server
     assert result.exit_code == 0, result.output
     assert f"using the Prefect server at {served.server.url}/api" in result.output
     latest = _lineage(root).run(_lineage(root).latest_run_id())
@@ -353,6 +354,7 @@ def _cli(served: Served, *args: str):
 
     with temporary_settings(updates={PREFECT_API_URL: f"{served.server.url}/api"}):
         result = CliRunner().invoke(app, list(args))
+        drain_prefect_queues()  # this process's event and log workers must not stay bound to the live server
     from storage.lineage import _READERS
 
     for stores in list(_READERS.values()):  # close the CLI's cached lineage readers now (see _LineageReader)
