@@ -79,8 +79,8 @@ def temporary_server(timeout_s: float = 180, while_starting: Callable[[], object
             if not seeded:
                 raise
             _empty_database_template().unlink(missing_ok=True)  # a copy the server rejects is not trusted again
-            for leftover in home.iterdir():
-                leftover.unlink()
+            for leftover in home.iterdir():  # start again from an empty home
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             proc, url = _start_private_server(home, timeout_s)
         if not seeded:
             _save_template(home)
